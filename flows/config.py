@@ -1,0 +1,190 @@
+"""PipelineConfig: the one typed configuration that flows through every stage.
+
+Loaded from YAML in ``deployments/``; unknown keys and wrong types are refused with the file and the
+dotted key. Relative paths in a config file are relative to that file's folder (as in docker-compose),
+so a config works from any working directory. ``--set a.b=value`` overrides apply on top.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
+
+from tasks.records import TuneloopError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = PROJECT_ROOT / "deployments" / "demo.yaml"
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    path = path.expanduser()
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return Path(str(path)) if not path.is_absolute() else path.resolve()
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class SourceConfig(Strict):
+    """Where new records land. ``landing`` unset means ``$TUNELOOP_HOME/landing``."""
+
+    kind: Literal["folder"] = "folder"
+    landing: ConfigPath | None = None
+    patterns: list[str] = Field(default_factory=lambda: ["*.jsonl", "*.csv"])
+
+
+class MappingConfig(Strict):
+    """How a raw record becomes a chat example: templates over the record's fields."""
+
+    system: str | None = None
+    user: str = "{text}"
+    assistant: str = "{answer}"
+    label: str | None = Field(None, description="field holding the class label, for classification tasks")
+    id: str = Field("id", description="field that identifies a record in its source")
+
+
+class QualityConfig(Strict):
+    suite: ConfigPath = PROJECT_ROOT / "expectations" / "raw_records.json"
+    max_quarantine_fraction: float = Field(0.05, ge=0, le=1)
+    min_examples: int = Field(10, ge=1)
+    pii: Literal["redact", "quarantine"] = "redact"
+
+
+class ExportConfig(Strict):
+    validation_fraction: float = Field(0.1, gt=0, lt=0.5)
+    seed: int = 0
+
+
+class LoraSettings(Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class LocalTrainConfig(Strict):
+    max_steps: int = Field(300, ge=0, description="optimizer steps; 0 saves the untrained adapter (= base)")
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    max_length: int = Field(256, ge=16)
+    seed: int = 0
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+
+
+class TinyBaseConfig(Strict):
+    """Settings of the tiny offline base model used when ``train.base_model`` is ``tiny``."""
+
+    corpus: list[ConfigPath] = Field(default_factory=list)
+    vocab_size: int = Field(1024, ge=300)
+    hidden_size: int = Field(128, ge=16)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    max_position_embeddings: int = 512
+    initializer_range: float = Field(0.1, gt=0, description="larger than Llama's 0.02: a tiny random model needs it")
+    seed: int = 0
+
+
+class TrainConfig(Strict):
+    backend: Literal["local"] = "local"
+    base_model: str = Field("tiny", description="'tiny' (built offline), a local folder or a hub id")
+    tiny: TinyBaseConfig = Field(default_factory=TinyBaseConfig)
+    local: LocalTrainConfig = Field(default_factory=LocalTrainConfig)
+
+
+class EvaluateConfig(Strict):
+    holdout: ConfigPath
+    label_pattern: str = Field(r"^\s*(\S+)", description="regex whose first group is the predicted label")
+    max_new_tokens: int = Field(8, ge=1)
+    batch_size: int = Field(64, ge=1)
+    max_examples: int | None = Field(None, ge=1)
+
+
+class RegisterConfig(Strict):
+    model_name: str = "tuneloop-model"
+    experiment: str = "tuneloop"
+    tracking_uri: str | None = Field(None, description="unset: sqlite under $TUNELOOP_HOME")
+    min_improvement: float = Field(0.0, ge=0)
+
+
+class PipelineConfig(Strict):
+    name: str = "tuneloop"
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    mapping: MappingConfig = Field(default_factory=MappingConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig
+    # "register" would shadow pydantic's ABCMeta.register; the YAML key stays "register".
+    registry: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(self.model_dump_json(by_alias=True).encode()).hexdigest()[:16]
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise TuneloopError(f"--set {key}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b.c=value`` with the value read as YAML, so numbers, booleans and lists keep their types."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise TuneloopError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. train.local.max_steps=20")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _describe(err: ValidationError, origin: str, overrides: dict[str, Any]) -> str:
+    lines = []
+    for e in err.errors():
+        dotted = ".".join(str(p) for p in e["loc"])
+        where = f"--set {dotted}" if dotted in overrides else origin
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{where}: {dotted}: {msg}")
+    return "invalid configuration\n  " + "\n  ".join(lines)
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read, override, validate. Every failure is a TuneloopError naming the file and the key."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise TuneloopError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise TuneloopError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise TuneloopError(f"{path}: expected a mapping of sections at the top level")
+    applied = dict(parse_override(o) for o in overrides or [])
+    for key, value in applied.items():
+        _set_dotted(data, key, value)
+    try:
+        return PipelineConfig.model_validate(data, context={"base_dir": path.resolve().parent})
+    except ValidationError as exc:
+        raise TuneloopError(_describe(exc, str(path), applied)) from None

@@ -1,0 +1,116 @@
+"""Evaluate: base, champion and candidate answer the same held-out examples in one run.
+
+All three share one copy of the base weights: the candidate and the champion are LoRA adapters loaded
+side by side, and the base is the same model with adapters disabled. Decoding is greedy.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import orjson
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.config import EvaluateConfig
+from tasks.base_model import load_causal_lm, load_tokenizer, quiet_libraries
+from tasks.heldout import HeldOutExample
+from tasks.records import Champion, EvalReport, ModelScore, TrainedModel, TuneloopError
+
+
+def parse_label(text: str, pattern: re.Pattern[str]) -> str | None:
+    match = pattern.search(text)
+    return match.group(1) if match else None
+
+
+def generate(model, tokenizer, examples: list[HeldOutExample], max_new_tokens: int, batch_size: int) -> list[str]:
+    import torch
+
+    tokenizer.padding_side = "left"
+    prompts = [tokenizer.apply_chat_template(e.prompt, tokenize=False, add_generation_prompt=True) for e in examples]
+    outputs: list[str] = []
+    model.eval()
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(model.device) for k, v in enc.items()}
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        new = out[:, enc["input_ids"].shape[1]:]
+        outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    return outputs
+
+
+def score(predicted: list[str | None], examples: list[HeldOutExample]) -> ModelScore:
+    correct = sum(p is not None and p == e.label for p, e in zip(predicted, examples, strict=True))
+    return ModelScore(accuracy=round(correct / len(examples), 4), n_examples=len(examples),
+                      n_unparsed=sum(p is None for p in predicted))
+
+
+def evaluate_models(
+    trained: TrainedModel, champion: Champion | None, heldout: list[HeldOutExample],
+    evaluate: EvaluateConfig, run_dir: Path,
+) -> EvalReport:
+    from peft import PeftModel
+
+    if any(e.label is None for e in heldout):
+        raise TuneloopError("evaluate: held-out examples need a label (mapping.label) for exact-match accuracy")
+    quiet_libraries()
+    pattern = re.compile(evaluate.label_pattern, re.MULTILINE)
+    tokenizer = load_tokenizer(trained.adapter_path)
+    base = load_causal_lm(trained.base_model)
+    model = PeftModel.from_pretrained(base, str(trained.adapter_path), adapter_name="candidate")
+    texts: dict[str, list[str]] = {}
+    run = lambda: generate(model, tokenizer, heldout, evaluate.max_new_tokens, evaluate.batch_size)  # noqa: E731
+    with model.disable_adapter():
+        texts["base"] = run()
+    model.set_adapter("candidate")
+    texts["candidate"] = run()
+    if champion is not None:
+        if champion.base_model == trained.base_model:
+            model.load_adapter(str(champion.adapter_path), adapter_name="champion")
+            model.set_adapter("champion")
+            texts["champion"] = run()
+        else:  # a champion on another base model is scored on its own base
+            other = PeftModel.from_pretrained(load_causal_lm(champion.base_model), str(champion.adapter_path))
+            texts["champion"] = generate(other, load_tokenizer(champion.adapter_path), heldout,
+                                         evaluate.max_new_tokens, evaluate.batch_size)
+
+    labels = {name: [parse_label(t, pattern) for t in outs] for name, outs in texts.items()}
+    predictions_path = run_dir / "predictions.jsonl"
+    with predictions_path.open("wb") as fh:
+        for i, e in enumerate(heldout):
+            row = {"record_id": e.record_id, "expected": e.label}
+            row.update({name: {"label": labels[name][i], "text": texts[name][i]} for name in texts})
+            fh.write(orjson.dumps(row) + b"\n")
+    return EvalReport(
+        n_examples=len(heldout),
+        base=score(labels["base"], heldout),
+        candidate=score(labels["candidate"], heldout),
+        champion=score(labels["champion"], heldout) if "champion" in labels else None,
+        champion_version=champion.version if champion else None,
+        predictions_path=predictions_path,
+    )
+
+
+def comparison_markdown(report: EvalReport) -> str:
+    rows = [("base", report.base), ("champion" + (f" (v{report.champion_version})" if report.champion_version else ""),
+                                      report.champion), ("candidate", report.candidate)]
+    lines = [f"## Evaluation on {report.n_examples} held-out examples", "",
+             "| model | accuracy | unparsed answers |", "|---|---:|---:|"]
+    for name, s in rows:
+        lines.append(f"| {name} | {s.accuracy:.3f} | {s.n_unparsed} |" if s else f"| {name} | none yet | |")
+    return "\n".join(lines)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(trained: TrainedModel, champion: Champion | None, heldout: list[HeldOutExample],
+                  evaluate: EvaluateConfig, run_dir: Path) -> EvalReport:
+    report = evaluate_models(trained, champion, heldout, evaluate, run_dir)
+    create_markdown_artifact(comparison_markdown(report), key="evaluation", description="base vs champion vs candidate")
+    champ = f", champion {report.champion.accuracy:.3f}" if report.champion else ""
+    get_run_logger().info(f"evaluate: base {report.base.accuracy:.3f}{champ}, candidate {report.candidate.accuracy:.3f}"
+          f" on {report.n_examples} held-out examples")
+    return report

@@ -1,0 +1,192 @@
+"""Register: every candidate becomes an MLflow model version; only a better one becomes ``champion``.
+
+The run holds the config as params, the scores as metrics, the exported data, the adapter and the
+predictions as artifacts, and the dataset version as a tag, so any model leads back to its data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.config import PipelineConfig, RegisterConfig
+from tasks.records import (
+    Champion,
+    CheckedBatch,
+    EvalReport,
+    ExportedDataset,
+    ModelVersion,
+    PromotionDecision,
+    TrainedModel,
+)
+
+CHAMPION = "champion"
+MAX_PARAM_CHARS = 6000
+
+
+def client_for(tracking_uri: str):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri)
+
+
+def experiment_id(client, name: str, artifacts_dir: Path | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # A local SQLite store would otherwise put artifacts under the current working directory.
+    location = artifacts_dir.resolve().as_uri() if artifacts_dir else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def find_champion(registry: RegisterConfig, tracking_uri: str, dst: Path) -> Champion | None:
+    """The current champion's adapter, downloaded from the registry, or None before the first promotion."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(tracking_uri)
+    try:
+        version = client.get_model_version_by_alias(registry.model_name, CHAMPION)
+    except MlflowException:
+        return None
+    dst.mkdir(parents=True, exist_ok=True)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dst),
+                                                tracking_uri=tracking_uri)
+    return Champion(version=str(version.version), adapter_path=Path(local),
+                    base_model=version.tags.get("base_model", ""), dataset_version=version.tags.get("dataset_version"))
+
+
+def decide_promotion(report: EvalReport, min_improvement: float) -> PromotionDecision:
+    """Strictly better by at least ``min_improvement``: a tie never replaces the champion."""
+    baseline, reference = ("champion", report.champion) if report.champion else ("base", report.base)
+    delta = round(report.candidate.accuracy - reference.accuracy, 4)
+    promoted = delta > 0 and delta >= min_improvement
+    verdict = "beats" if promoted else "does not beat"
+    reason = (f"candidate accuracy {report.candidate.accuracy:.3f} {verdict} {baseline} {reference.accuracy:.3f}"
+              f" (delta {delta:+.3f}, required > 0 and >= {min_improvement:.3f})")
+    return PromotionDecision(promoted=promoted, reason=reason, baseline=baseline, delta=delta)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = str(value)[:MAX_PARAM_CHARS]
+    return flat
+
+
+def register_candidate(
+    config: PipelineConfig,
+    checked: CheckedBatch,
+    exported: ExportedDataset,
+    trained: TrainedModel,
+    report: EvalReport,
+    tracking_uri: str,
+    artifacts_dir: Path | None,
+    flow_run_id: str | None = None,
+) -> ModelVersion:
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.exceptions import MlflowException
+
+    registry = config.registry
+    client = client_for(tracking_uri)
+    exp = experiment_id(client, registry.experiment, artifacts_dir)
+    decision = decide_promotion(report, registry.min_improvement)
+    tags = {
+        "dataset_version": trained.dataset_version,
+        "backend": trained.backend,
+        "base_model": trained.base_model,
+        "config_hash": config.config_hash(),
+        "prefect_flow_run_id": flow_run_id or "",
+    }
+    run = client.create_run(exp, run_name=f"retrain-{trained.dataset_version[:8]}", tags=tags)
+    run_id = run.info.run_id
+    try:
+        import time
+
+        now = int(time.time() * 1000)
+        params = flatten(config.model_dump(mode="json", by_alias=True))
+        metrics = {
+            "base_accuracy": report.base.accuracy,
+            "candidate_accuracy": report.candidate.accuracy,
+            "n_train": exported.n_train,
+            "n_validation": exported.n_validation,
+            "n_read": checked.n_read,
+            "n_quarantined": checked.n_quarantined,
+            "n_duplicates": checked.n_duplicates,
+            "train_seconds": trained.train_seconds,
+            "promotion_delta": decision.delta,
+        }
+        if report.champion:
+            metrics["champion_accuracy"] = report.champion.accuracy
+        if trained.train_loss is not None:
+            metrics["train_loss"] = trained.train_loss
+        batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        batch += [Metric("loss", loss, now, step) for step, loss in trained.loss_history]
+        items = list(params.items())
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
+        for i in range(0, len(batch), 1000):
+            client.log_batch(run_id, metrics=batch[i:i + 1000])
+        client.log_batch(run_id, tags=[RunTag("promoted", str(decision.promoted).lower()),
+                                       RunTag("promotion_reason", decision.reason)])
+        client.log_artifacts(run_id, str(exported.directory), "dataset")
+        client.log_artifacts(run_id, str(trained.adapter_path), "adapter")
+        client.log_artifact(run_id, str(report.predictions_path), "evaluation")
+        client.log_artifact(run_id, str(checked.quarantine_path), "quality")
+        client.log_artifact(run_id, str(checked.duplicates_path), "quality")
+
+        try:
+            client.create_registered_model(registry.model_name, description="Managed by tuneloop.")
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = client.create_model_version(
+            registry.model_name,
+            source=f"{run.info.artifact_uri}/adapter",
+            run_id=run_id,
+            tags={**tags, "candidate_accuracy": str(report.candidate.accuracy), "promoted": str(decision.promoted),
+                  "promotion_reason": decision.reason},
+            description=decision.reason,
+        )
+        if decision.promoted:
+            client.set_registered_model_alias(registry.model_name, CHAMPION, version.version)
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    aliases = [CHAMPION] if decision.promoted else []
+    return ModelVersion(name=registry.model_name, version=str(version.version), run_id=run_id, aliases=aliases,
+                        decision=decision, tracking_uri=tracking_uri)
+
+
+def decision_markdown(mv: ModelVersion) -> str:
+    verdict = "promoted to `champion`" if mv.decision.promoted else "not promoted; `champion` unchanged"
+    return (f"## Registration\n\nModel `{mv.name}` version **{mv.version}**: {verdict}.\n\n"
+            f"Reason: {mv.decision.reason}\n\nMLflow run `{mv.run_id}` at `{mv.tracking_uri}`")
+
+
+@task(name="find-champion", cache_policy=NO_CACHE)
+def find_champion_task(registry: RegisterConfig, tracking_uri: str, dst: Path) -> Champion | None:
+    champion = find_champion(registry, tracking_uri, dst)
+    get_run_logger().info(f"registry: champion is version {champion.version}" if champion else "registry: no champion yet")
+    return champion
+
+
+@task(name="register", cache_policy=NO_CACHE)
+def register_task(config: PipelineConfig, checked: CheckedBatch, exported: ExportedDataset, trained: TrainedModel,
+                  report: EvalReport, tracking_uri: str, artifacts_dir: Path | None,
+                  flow_run_id: str | None) -> ModelVersion:
+    mv = register_candidate(config, checked, exported, trained, report, tracking_uri, artifacts_dir, flow_run_id)
+    create_markdown_artifact(decision_markdown(mv), key="registration", description="promotion decision")
+    get_run_logger().info(f"register: {mv.name} version {mv.version}; {mv.decision.reason}")
+    return mv

@@ -1,0 +1,89 @@
+"""The state folder: where every run's files, the registry and Prefect's database live.
+
+Everything tuneloop writes goes under ``$TUNELOOP_HOME`` (default ``./.tuneloop``), so a demo or a test
+is one folder to inspect or delete.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# Set before prefect/mlflow/transformers are imported: each reads its settings at import time.
+OFFLINE_AND_QUIET = {
+    "DO_NOT_TRACK": "true",  # Prefect client and MLflow telemetry ("1" is not honoured by MLflow)
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "GX_ANALYTICS_ENABLED": "false",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "PREFECT_UI_ENABLED": "true",
+}
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    home: Path
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.home / "prefect"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.home / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.home / "mlartifacts"
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.mlflow_db}"
+
+    @property
+    def runs(self) -> Path:
+        return self.home / "runs"
+
+    @property
+    def landing(self) -> Path:
+        return self.home / "landing"
+
+    @property
+    def datasets(self) -> Path:
+        return self.home / "datasets"
+
+    @property
+    def models(self) -> Path:
+        return self.home / "models"
+
+
+def tuneloop_home() -> Path:
+    return Path(os.environ.get("TUNELOOP_HOME") or Path.cwd() / ".tuneloop").expanduser().resolve()
+
+
+def prepare_state(home: Path | None = None) -> StateLayout:
+    """Create the state folder and point Prefect at it; telemetry off unless the user set otherwise."""
+    layout = StateLayout(home or tuneloop_home())
+    for folder in (layout.home, layout.prefect_home, layout.runs, layout.landing, layout.datasets, layout.models):
+        folder.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TUNELOOP_HOME", str(layout.home))
+    os.environ.setdefault("PREFECT_HOME", str(layout.prefect_home))
+    for key, value in OFFLINE_AND_QUIET.items():
+        os.environ.setdefault(key, value)
+    return layout
+
+
+def stage_logger():
+    """The Prefect run logger inside a flow or task; a plain logger when a stage is called on its own."""
+    import logging
+
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("tuneloop")
