@@ -17,7 +17,7 @@ import argparse
 import json
 import random
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 PLANS = ["Personal", "Plus", "Team", "Business"]
@@ -164,14 +164,14 @@ def plant_bad_records(tickets: list[dict], rng: random.Random) -> list[str]:
     for i, record in enumerate(bad):
         lines.insert(300 + 250 * i, json.dumps(record, ensure_ascii=False))
     lines.insert(1500, lines[40])  # exact duplicate of an earlier ticket, as a re-export would produce
-    truncated = json.dumps(make_ticket(rng, 9999, datetime(2026, 10, 1, tzinfo=timezone.utc)))
+    truncated = json.dumps(make_ticket(rng, 9999, datetime(2026, 10, 1, tzinfo=UTC)))
     lines.insert(1800, truncated[: len(truncated) // 2])  # a writer crashed mid-line
     return lines
 
 
 def generate(out: Path, seed: int = 7, n: int = 2400, holdout: int = 300) -> dict[str, Path]:
     rng = random.Random(seed)
-    start = datetime(2026, 9, 1, tzinfo=timezone.utc)
+    start = datetime(2026, 9, 1, tzinfo=UTC)
     tickets = [make_ticket(rng, i, start) for i in range(n + holdout)]
     train, held = tickets[:n], tickets[n:]
     out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ It only composes stages; each stage is a plain function in ``tasks/`` behind a t
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from prefect import flow
 from prefect.runtime import flow_run
@@ -29,10 +29,11 @@ def retrain(config: PipelineConfig) -> RetrainResult:
 
     state = prepare_state()
     run_id = flow_run.get_id() or "local"
-    run_dir = state.runs / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{run_id[:8]}"
+    run_dir = state.runs / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{run_id[:8]}"
     run_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = config.registry.tracking_uri or state.tracking_uri
-    artifacts_dir = None if config.registry.tracking_uri else state.mlflow_artifacts
+    # A local store keeps artifacts in the state folder; a tracking server decides for itself.
+    artifacts_dir = None if tracking_uri.startswith(("http://", "https://", "databricks")) else state.mlflow_artifacts
 
     landing = config.source.landing or state.landing
     heldout = read_heldout(config.evaluate.holdout, config.mapping, config.evaluate.max_examples)

@@ -79,6 +79,9 @@ READERS = {".jsonl": read_jsonl, ".json": read_jsonl, ".csv": read_csv}
 def collect_landing(source: SourceConfig, landing: Path) -> RawBatch:
     """Read every complete file of the landing folder. Files are never modified, moved or deleted."""
     files = landing_files(landing, source.patterns)
+    if not files:
+        raise TuneloopError(f"nothing to collect: no complete file matching {', '.join(source.patterns)}"
+                            f" in the landing folder {landing}")
     records: list[Record] = []
     unreadable: list[QuarantineEntry] = []
     for path in files:

@@ -6,6 +6,7 @@ is one folder to inspect or delete.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,29 @@ def tuneloop_home() -> Path:
     return Path(os.environ.get("TUNELOOP_HOME") or Path.cwd() / ".tuneloop").expanduser().resolve()
 
 
+class _UserErrorFilter(logging.Filter):
+    """A TuneloopError is a message for the user (bad config, failed gate): log it without a traceback.
+
+    Prefect's engines log every failure with its stack; for these errors the stack only hides the
+    one line that says what to fix. Any other exception is a bug and keeps its traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from tasks.records import TuneloopError
+
+        if record.exc_info and isinstance(record.exc_info[1], TuneloopError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_user_errors() -> None:
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _UserErrorFilter) for f in logger.filters):
+            logger.addFilter(_UserErrorFilter())
+
+
 def prepare_state(home: Path | None = None) -> StateLayout:
     """Create the state folder and point Prefect at it; telemetry off unless the user set otherwise."""
     layout = StateLayout(home or tuneloop_home())
@@ -73,13 +97,12 @@ def prepare_state(home: Path | None = None) -> StateLayout:
     os.environ.setdefault("PREFECT_HOME", str(layout.prefect_home))
     for key, value in OFFLINE_AND_QUIET.items():
         os.environ.setdefault(key, value)
+    quiet_user_errors()
     return layout
 
 
 def stage_logger():
     """The Prefect run logger inside a flow or task; a plain logger when a stage is called on its own."""
-    import logging
-
     from prefect.exceptions import MissingContextError
     from prefect.logging import get_run_logger
 

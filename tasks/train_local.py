@@ -15,8 +15,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import TrainConfig
 from tasks.base_model import load_causal_lm, load_tokenizer, quiet_libraries, resolve_base_model
-from tasks.state import stage_logger
 from tasks.records import ExportedDataset, TrainedModel, TuneloopError
+from tasks.state import stage_logger
 
 
 def _read_messages(path: Path) -> list[dict]:

@@ -1,0 +1,55 @@
+"""Shared fixtures. Everything runs offline and writes only under pytest's temporary folders."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before prefect, mlflow or transformers are imported by any test module.
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="tuneloop-tests-"))
+os.environ.update({
+    "TUNELOOP_HOME": str(_SESSION_HOME / "home"),
+    "PREFECT_HOME": str(_SESSION_HOME / "prefect"),
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "GX_ANALYTICS_ENABLED": "false",
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+})
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "data" / "demo"
+DEMO_CONFIG = ROOT / "deployments" / "demo.yaml"
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line if line.endswith("\n") else line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def demo_lines() -> list[str]:
+    return (DEMO / "tickets.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh state folder for one test."""
+    path = tmp_path / "state"
+    monkeypatch.setenv("TUNELOOP_HOME", str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server for the whole session (it takes ~12 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,73 @@
+"""The whole retrain flow under Prefect's test harness, with MLflow on a temporary SQLite store."""
+
+import pytest
+
+from conftest import DEMO, DEMO_CONFIG
+from flows.config import load_config
+from tasks.quality import QualityGateFailed
+
+pytestmark = pytest.mark.slow
+
+
+def small_config(tracking_uri: str, *extra: str):
+    return load_config(DEMO_CONFIG, [
+        "train.local.max_steps=60",
+        "evaluate.max_examples=60",
+        f"register.tracking_uri={tracking_uri}",
+        *extra,
+    ])
+
+
+def test_retrain_registers_promotes_and_a_worse_run_leaves_the_champion(prefect_harness, home, tmp_path):
+    from mlflow import MlflowClient
+
+    from flows.retrain import retrain
+
+    landing = home / "landing"
+    landing.mkdir(parents=True)
+    (landing / "tickets.jsonl").write_text("".join((DEMO / "tickets.jsonl").read_text().splitlines(True)[:800]))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    first = retrain(small_config(uri))
+    client = MlflowClient(uri)
+    name = first.model_version.name
+    assert first.n_read == first.n_accepted + first.n_quarantined + first.n_duplicates
+    assert first.n_quarantined == 2  # the empty and the overlong body are in the first 800 lines
+    assert first.report.candidate.accuracy > first.report.base.accuracy
+    assert first.model_version.decision.promoted
+    assert str(client.get_model_version_by_alias(name, "champion").version) == first.model_version.version == "1"
+    run = client.get_run(first.model_version.run_id)
+    assert run.data.metrics["candidate_accuracy"] == first.report.candidate.accuracy
+    assert run.data.metrics["base_accuracy"] == first.report.base.accuracy
+    assert run.data.tags["dataset_version"] == first.dataset_version
+    assert len(client.get_metric_history(run.info.run_id, "loss")) >= 2
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"adapter", "dataset", "evaluation", "quality"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "dataset")} >= {
+        "dataset/train.jsonl", "dataset/validation.jsonl", "dataset/manifest.json"}
+    assert str(home) in run.info.artifact_uri  # artifacts live in the state folder, not the cwd
+
+    worse = retrain(small_config(uri, "train.local.max_steps=0"))
+    assert not worse.model_version.decision.promoted
+    assert worse.model_version.version == "2"
+    assert "does not beat champion" in worse.model_version.decision.reason
+    # the champion was re-scored on the same examples and scored what it scored when it was promoted
+    assert worse.report.champion.accuracy == first.report.candidate.accuracy
+    assert worse.report.champion_version == "1"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert client.get_model_version(name, "2").tags["promoted"] == "False"
+
+
+def test_quality_gate_failure_stops_the_flow_before_training(prefect_harness, home, tmp_path):
+    from mlflow import MlflowClient
+
+    from flows.retrain import retrain
+
+    landing = home / "landing"
+    landing.mkdir(parents=True)
+    (landing / "tickets.jsonl").write_bytes((DEMO / "tickets.jsonl").read_bytes())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(QualityGateFailed, match="quality gate failed: 4 of 2407 records quarantined"):
+        retrain(small_config(uri, "quality.max_quarantine_fraction=0.0"))
+    assert MlflowClient(uri).search_registered_models() == []
+    assert not (home / "models").exists() or not any((home / "models").iterdir())
