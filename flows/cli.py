@@ -63,6 +63,59 @@ def run(config: ConfigOption = None, set_: SetOption = None) -> None:
     print_retrain_summary(result, state)
 
 
+@app.command()
+def check(
+    path: Annotated[Path, typer.Argument(help="a JSONL, CSV or Parquet file")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
+    out: Annotated[Path | None, typer.Option(help="keep quarantine, duplicates and Data Docs in this folder")] = None,
+) -> None:
+    """Run the quality gate on one file without consuming it. Exit 0: passes, 1: fails, 2: unusable input."""
+    import tempfile
+
+    from tasks.state import prepare_state
+
+    prepare_state()
+    from flows.config import load_config
+    from flows.report import print_check_report
+
+    try:
+        cfg = load_config(config, set_ or [])
+    except TuneloopError as exc:
+        fail(str(exc), 2)
+    from tasks.collect import FORMATS, check_columns, read_chunks, sha256_file
+    from tasks.quality import QualityGateFailed, check_batch, enforce_gate, required_fields
+    from tasks.records import LandingFile, RawBatch
+
+    if not path.is_file():
+        fail(f"{path}: no such file", 2)
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        fail(f"{path}: unknown format {path.suffix!r} (known: {', '.join(sorted(FORMATS))})", 2)
+    try:
+        check_columns(path, fmt, required_fields(cfg.mapping))
+    except TuneloopError as exc:
+        fail(str(exc), 2)
+    except Exception as exc:  # e.g. a corrupt Parquet footer
+        fail(f"{path}: unreadable {fmt} file ({type(exc).__name__}: {exc})", 2)
+    raw = RawBatch(files=[LandingFile(path=str(path), sha256=sha256_file(path), size=path.stat().st_size, format=fmt)])
+    with tempfile.TemporaryDirectory(prefix="tuneloop-check-") as tmp:
+        run_dir = out or Path(tmp)
+        quality = cfg.quality.model_copy(update={"data_docs": cfg.quality.data_docs and out is not None})
+        try:
+            checked = check_batch(read_chunks(raw, cfg.source), cfg.mapping, quality, run_dir)
+        except TuneloopError as exc:
+            fail(str(exc), 2)
+        try:
+            enforce_gate(checked, cfg.quality)
+            verdict = None
+        except QualityGateFailed as exc:
+            verdict = str(exc).split("; reasons in")[0]
+        print_check_report(path, checked, verdict, as_json)
+    raise typer.Exit(0 if verdict is None else 1)
+
+
 def main() -> None:
     try:
         app()

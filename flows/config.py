@@ -12,7 +12,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from tasks.records import TuneloopError
 
@@ -35,29 +45,76 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
-class SourceConfig(Strict):
-    """Where new records land. ``landing`` unset means ``$TUNELOOP_HOME/landing``."""
+class FolderSource(Strict):
+    """Files dropped into a landing folder. ``landing`` unset means ``$TUNELOOP_HOME/landing``.
+
+    A file is complete, and so collected, when its name does not end in .part/.tmp/.partial, it is not
+    hidden, it was last modified at least ``min_age_seconds`` ago, and (if ``marker_suffix`` is set) a
+    marker file ``<name><marker_suffix>`` exists beside it.
+    """
 
     kind: Literal["folder"] = "folder"
     landing: ConfigPath | None = None
-    patterns: list[str] = Field(default_factory=lambda: ["*.jsonl", "*.csv"])
+    patterns: list[str] = Field(default_factory=lambda: ["*.jsonl", "*.csv", "*.parquet"])
+    min_age_seconds: float = Field(0.0, ge=0)
+    marker_suffix: str | None = Field(None, description="e.g. '.done' or '_SUCCESS'-style markers")
+    chunk_size: int = Field(50_000, ge=1)
+
+
+class SqlSource(Strict):
+    """Rows of a table or query through SQLAlchemy, taken incrementally by a watermark column."""
+
+    kind: Literal["sql"] = "sql"
+    url: str = Field(description="SQLAlchemy URL, e.g. sqlite:///data.db or postgresql+psycopg://host/db")
+    table: str | None = None
+    query: str | None = Field(None, description="a SELECT; wrapped as a subquery and filtered by watermark")
+    watermark: str = "updated_at"
+    chunk_size: int = Field(50_000, ge=1)
+
+    @model_validator(mode="after")
+    def _one_of_table_or_query(self):
+        if (self.table is None) == (self.query is None):
+            raise ValueError("set exactly one of source.table and source.query")
+        return self
+
+
+def _source_kind(value: Any) -> str:
+    return (value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)) or "folder"
+
+
+SourceConfig = Annotated[
+    Annotated[FolderSource, Tag("folder")] | Annotated[SqlSource, Tag("sql")], Discriminator(_source_kind)
+]
 
 
 class MappingConfig(Strict):
-    """How a raw record becomes a chat example: templates over the record's fields."""
+    """How a raw record becomes a chat example: templates over the record's fields, or a column that
+    already holds the chat ``messages`` (a list of {role, content} objects, or that list as JSON text)."""
 
     system: str | None = None
-    user: str = "{text}"
-    assistant: str = "{answer}"
+    user: str | None = "{text}"
+    assistant: str | None = "{answer}"
+    messages: str | None = Field(None, description="column holding chat messages; replaces the templates")
     label: str | None = Field(None, description="field holding the class label, for classification tasks")
     id: str = Field("id", description="field that identifies a record in its source")
+    metadata: list[str] = Field(default_factory=list, description="columns kept with each example for lineage")
+
+    @model_validator(mode="after")
+    def _templates_or_messages(self):
+        if self.messages is None and not (self.user and self.assistant):
+            raise ValueError("set mapping.user and mapping.assistant templates, or mapping.messages")
+        return self
 
 
 class QualityConfig(Strict):
     suite: ConfigPath = PROJECT_ROOT / "expectations" / "raw_records.json"
+    chat_suite: ConfigPath = PROJECT_ROOT / "expectations" / "chat_examples.json"
     max_quarantine_fraction: float = Field(0.05, ge=0, le=1)
-    min_examples: int = Field(10, ge=1)
+    min_examples: int = Field(10, ge=1, description="OpenAI requires at least 10")
     pii: Literal["redact", "quarantine"] = "redact"
+    pii_patterns: dict[str, str] = Field(
+        default_factory=dict, description="extra PII: NAME -> RE2 regex; redacted as [NAME]")
+    data_docs: bool = Field(True, description="build Great Expectations Data Docs in the run folder")
 
 
 class ExportConfig(Strict):
@@ -119,7 +176,7 @@ class RegisterConfig(Strict):
 
 class PipelineConfig(Strict):
     name: str = "tuneloop"
-    source: SourceConfig = Field(default_factory=SourceConfig)
+    source: SourceConfig = Field(default_factory=FolderSource)
     mapping: MappingConfig = Field(default_factory=MappingConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)

@@ -24,6 +24,9 @@ def print_retrain_summary(result: RetrainResult, state: StateLayout) -> None:
     from rich.table import Table
 
     console = Console(width=max(100, int(os.environ.get("COLUMNS", "100"))))
+    if result.status == "nothing_new" or result.report is None or result.model_version is None:
+        console.print(f"\n{result.message or 'nothing to do'}; the champion is unchanged.", highlight=False)
+        return
     r = result.report
     table = Table(title=f"Held-out accuracy ({r.n_examples} examples)", title_justify="left")
     table.add_column("model")
@@ -45,3 +48,46 @@ def print_retrain_summary(result: RetrainResult, state: StateLayout) -> None:
     console.print(f"Run folder: {result.run_dir}", highlight=False)
     for name, command in ui_commands(state, mv.tracking_uri):
         console.print(f"{name}: {command}", highlight=False, soft_wrap=True)
+
+
+def print_check_report(path, checked, verdict: str | None, as_json: bool) -> None:
+    """``tuneloop check``: counts, failed expectations, and each rejected record with its reasons."""
+    import orjson
+
+    rejected = [
+        {"source": q["source"], "line": q["line"], "reasons": q["reasons"]}
+        for q in map(orjson.loads, checked.quarantine_path.read_bytes().splitlines())
+    ]
+    duplicates = [orjson.loads(line) for line in checked.duplicates_path.read_bytes().splitlines()]
+    if as_json:
+        report = {
+            "file": str(path), "passed": verdict is None, "reason": verdict,
+            "read": checked.n_read, "accepted": checked.n_accepted, "quarantined": checked.n_quarantined,
+            "duplicates": checked.n_duplicates, "pii_redacted": checked.n_redacted,
+            "expectations": [o.model_dump() for o in checked.expectations],
+            "rejected": rejected, "duplicate_records": duplicates,
+        }
+        print(orjson.dumps(report).decode())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(100, int(os.environ.get("COLUMNS", "100"))))
+    console.print(f"{path}: read {checked.n_read} = accepted {checked.n_accepted} + quarantined "
+                  f"{checked.n_quarantined} + duplicates {checked.n_duplicates}; {checked.n_redacted} PII matches "
+                  "would be redacted", highlight=False)
+    failed = [o for o in checked.expectations if not o.success]
+    if failed:
+        table = Table(title="Failed expectations", title_justify="left")
+        for col in ("suite", "expectation", "column", "rows"):
+            table.add_column(col, justify="right" if col == "rows" else "left")
+        for o in failed:
+            table.add_row(o.suite, o.expectation, o.column or "", str(o.unexpected_count))
+        console.print(table)
+    for r in rejected[:20]:
+        console.print(f"  line {r['line']}: {'; '.join(r['reasons'])}", highlight=False)
+    if len(rejected) > 20:
+        console.print(f"  ... and {len(rejected) - 20} more (use --json for all)")
+    for d in duplicates[:5]:
+        console.print(f"  line {d['line']}: duplicate of line {d['duplicate_of']['line']}", highlight=False)
+    console.print("[bold green]gate passes[/]" if verdict is None else f"[bold red]gate fails:[/] {verdict}")

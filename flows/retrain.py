@@ -1,13 +1,16 @@
 """The retrain flow: collect → quality → snapshot → export → train → evaluate → register.
 
 It only composes stages; each stage is a plain function in ``tasks/`` behind a thin Prefect task.
+The consumption ledger is committed right after the snapshot is written: a run that fails later has
+still produced a dataset version, and the next run trains on it instead of re-reading the files. With
+nothing new and the newest version already trained, the run ends early.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig
@@ -15,19 +18,21 @@ from tasks.collect import collect_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.heldout import read_heldout
-from tasks.quality import quality_task
+from tasks.ledger import commit_ledger, consume, load_ledger
+from tasks.quality import enforce_min_examples, quality_task, required_fields
 from tasks.records import RetrainResult
 from tasks.register import find_champion_task, register_task
-from tasks.snapshot import snapshot_task
+from tasks.snapshot import load_snapshot, snapshot_task
 from tasks.state import prepare_state
 
 
 @flow(name="retrain")
 def retrain(config: PipelineConfig) -> RetrainResult:
-    """Retrain on everything in the landing folder; promote the result only if it is better."""
+    """Retrain on everything new in the source; promote the result only if it is better."""
     from tasks.train_local import train_task
 
     state = prepare_state()
+    log = get_run_logger()
     run_id = flow_run.get_id() or "local"
     run_dir = state.runs / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{run_id[:8]}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -35,18 +40,32 @@ def retrain(config: PipelineConfig) -> RetrainResult:
     # A local store keeps artifacts in the state folder; a tracking server decides for itself.
     artifacts_dir = None if tracking_uri.startswith(("http://", "https://", "databricks")) else state.mlflow_artifacts
 
-    landing = config.source.landing or state.landing
     heldout = read_heldout(config.evaluate.holdout, config.mapping, config.evaluate.max_examples)
-    raw = collect_task(config.source, landing)
-    checked = quality_task(raw, config.mapping, config.quality, run_dir)
-    dataset = snapshot_task(checked, state.datasets)
+    ledger = load_ledger(state.ledger)
+    landing = getattr(config.source, "landing", None) or state.landing
+    raw = collect_task(config.source, landing, required_fields(config.mapping), ledger)
+    checked = None
+    if not raw.nothing_new:
+        checked = quality_task(raw, config.source, config.mapping, config.quality, run_dir)
+        dataset = snapshot_task(checked, state.datasets, ledger.dataset_version)
+        enforce_min_examples(dataset.n_examples, config.quality, "examples in the dataset")
+        ledger = consume(ledger, raw, dataset)
+        commit_ledger(ledger, state.ledger)
+    elif ledger.untrained:
+        dataset = load_snapshot(state.datasets, ledger.dataset_version)
+        log.info(f"nothing new collected; dataset version {dataset.version} was never trained on: training now")
+    else:
+        message = f"nothing new since dataset version {ledger.dataset_version or '(none yet)'}"
+        log.info(message)
+        return RetrainResult(status="nothing_new", message=message, dataset_version=ledger.dataset_version,
+                             run_dir=run_dir)
+
     exported = export_task(dataset, config.export, heldout, state.home / "exports")
     trained = train_task(exported, config.train, state.models, run_dir)
     champion = find_champion_task(config.registry, tracking_uri, run_dir / "champion")
     report = evaluate_task(trained, champion, heldout, config.evaluate, run_dir)
     version = register_task(config, checked, exported, trained, report, tracking_uri, artifacts_dir, run_id)
-    return RetrainResult(
-        n_read=checked.n_read, n_accepted=checked.n_accepted, n_quarantined=checked.n_quarantined,
-        n_duplicates=checked.n_duplicates, dataset_version=dataset.version, report=report,
-        model_version=version, run_dir=run_dir,
-    )
+    commit_ledger(ledger.model_copy(update={"trained_version": dataset.version}), state.ledger)
+    counts = checked.model_dump(include={"n_read", "n_accepted", "n_quarantined", "n_duplicates"}) if checked else {}
+    return RetrainResult(status="trained", dataset_version=dataset.version, report=report, model_version=version,
+                         run_dir=run_dir, **counts)

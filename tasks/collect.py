@@ -1,41 +1,246 @@
-"""Collect: read the records in the landing folder, keeping where each one came from.
+"""Collect: find what is new in a source; stream its records, in chunks, with their lineage.
 
-A line that cannot be parsed is not dropped: it becomes an ``unreadable`` quarantine entry naming the
-file, the line and what is wrong, and the quality stage counts it with the rest.
+Two sources, each a small class whose one method, ``collect(ledger)``, says what is new:
+- ``LandingFolder``: complete JSONL / CSV / Parquet files whose content hash is not in the ledger (a
+  renamed or touched file is not new, a changed one is). Files are never modified, moved or deleted.
+- ``SqlTable``: rows of a table or query past the ledger's watermark, up to the newest at collect time.
+
+Reading is separate (``read_chunks``) so the quality stage can stream a million records in bounded
+memory. A line that cannot be parsed is not dropped: it becomes a quarantine entry with its reason.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import date, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import SourceConfig
-from tasks.records import QuarantineEntry, RawBatch, Record, TuneloopError
+from flows.config import FolderSource, SourceConfig, SqlSource
+from tasks.ledger import Ledger
+from tasks.records import LandingFile, QuarantineEntry, RawBatch, SqlSlice, TuneloopError
 
-# Files being written are not complete: writers use these suffixes and rename when done.
 INCOMPLETE_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet",
+           ".pq": "parquet"}
+SNIFF_RECORDS = 100  # a JSONL field absent from all of a file's first records is a mapping error
+csv.field_size_limit(sys.maxsize)  # a 10 MB field is a quality problem (quarantine), not a crash
 
 
-def landing_files(landing: Path, patterns: list[str]) -> list[Path]:
-    """Complete files matching the patterns, in a stable order (name), hidden and partial files skipped."""
-    if not landing.is_dir():
-        raise TuneloopError(f"landing folder does not exist: {landing}")
-    found = {p for pattern in patterns for p in landing.glob(pattern) if p.is_file()}
-    return sorted(
-        (p for p in found if not p.name.startswith(".") and not p.name.endswith(INCOMPLETE_SUFFIXES)),
-        key=lambda p: p.name,
+@dataclass
+class RecordChunk:
+    """Up to chunk_size records of one source, column-friendly: rows plus their lineage."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+    unreadable: list[QuarantineEntry] = field(default_factory=list)
+
+    def add(self, row: dict[str, Any], source: str, line: int) -> None:
+        self.rows.append(row)
+        self.sources.append(source)
+        self.lines.append(line)
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.unreadable)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _missing_columns_error(path: Path, missing: list[str], seen: list[str]) -> TuneloopError:
+    return TuneloopError(
+        f"{path}: no column {', '.join(repr(m) for m in missing)} (named in the mapping config);"
+        f" columns in this file: {', '.join(seen) or 'none'}"
     )
 
 
-def read_jsonl(path: Path) -> tuple[list[Record], list[QuarantineEntry]]:
-    records: list[Record] = []
-    bad: list[QuarantineEntry] = []
-    with path.open("rb") as fh:
+def check_columns(path: Path, fmt: str, required: list[str]) -> None:
+    """Fail before any work when a file lacks a column the mapping needs (a config error, not bad rows)."""
+    if not required or path.stat().st_size == 0:
+        return
+    if fmt == "csv":
+        with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as fh:
+            header = next(csv.reader(fh), [])
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise _missing_columns_error(path, missing, header)
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.ParquetFile(path).schema_arrow.names
+        missing = [c for c in required if c not in names]
+        if missing:
+            raise _missing_columns_error(path, missing, names)
+    else:
+        seen: dict[str, None] = {}
+        parsed = 0
+        with path.open("rb") as fh:
+            for raw in fh:
+                try:
+                    row = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(row, dict):
+                    seen.update(dict.fromkeys(row))
+                    parsed += 1
+                    if parsed >= SNIFF_RECORDS:
+                        break
+        missing = [c for c in required if c not in seen]
+        if parsed and missing:
+            raise _missing_columns_error(path, missing, list(seen))
+
+
+class LandingFolder:
+    """Complete files of a landing folder that no earlier dataset version consumed."""
+
+    def __init__(self, config: FolderSource, landing: Path, required: list[str]):
+        self.config, self.landing, self.required = config, landing, required
+
+    def _complete(self, path: Path, now: float) -> str | None:
+        """None when the file is complete, else why it is not (yet)."""
+        if path.name.endswith(INCOMPLETE_SUFFIXES):
+            return f"{path.name}: still being written (temporary suffix)"
+        age = now - path.stat().st_mtime
+        if age < self.config.min_age_seconds:
+            return f"{path.name}: modified {age:.0f}s ago (source.min_age_seconds is {self.config.min_age_seconds:g})"
+        marker = self.config.marker_suffix
+        if marker and not path.with_name(path.name + marker).exists():
+            return f"{path.name}: waiting for its marker {path.name + marker}"
+        return None
+
+    def collect(self, ledger: Ledger) -> RawBatch:
+        if not self.landing.is_dir():
+            raise TuneloopError(f"landing folder does not exist: {self.landing}")
+        now = time.time()
+        candidates = sorted(
+            {p for pattern in self.config.patterns for p in self.landing.glob(pattern)
+             if p.is_file() and not p.name.startswith(".")},
+            key=lambda p: p.name,
+        )
+        batch = RawBatch()
+        for path in candidates:
+            if (why := self._complete(path, now)) is not None:
+                batch.skipped.append(why)
+                continue
+            fmt = FORMATS.get(path.suffix.lower())
+            if fmt is None:
+                batch.skipped.append(f"{path.name}: unknown format (known: {', '.join(sorted(FORMATS))})")
+                continue
+            digest = sha256_file(path)
+            if digest in ledger.files:
+                batch.already_consumed += 1
+                continue
+            try:
+                check_columns(path, fmt, self.required)
+            except TuneloopError:
+                raise
+            except Exception as exc:  # a corrupt Parquet footer, for one: the whole file is quarantined
+                batch.rejected.append(QuarantineEntry(
+                    source=str(path), line=0, reasons=[f"parse: unreadable {fmt} file ({type(exc).__name__}: {exc})"],
+                    record={"sha256": digest, "size": path.stat().st_size}))
+                continue
+            batch.files.append(LandingFile(path=str(path), sha256=digest, size=path.stat().st_size, format=fmt))
+        return batch
+
+
+def _engine(source: SqlSource):
+    from sqlalchemy import create_engine
+
+    return create_engine(os.path.expandvars(source.url))
+
+
+def redacted_url(url: str) -> str:
+    """The URL without its password, for logs, artifacts and MLflow."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(os.path.expandvars(url)).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparsable SQLAlchemy URL>"
+
+
+def _selectable(source: SqlSource):
+    from sqlalchemy import column, table, text
+
+    if source.table:
+        return table(source.table, column(source.watermark)).alias("src")
+    return text(source.query).columns(column(source.watermark)).subquery("src")
+
+
+def _to_json_value(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return {"type": "datetime" if isinstance(value, datetime) else "date", "value": value.isoformat()}
+    return value
+
+
+def _from_json_value(value: Any) -> Any:
+    if isinstance(value, dict) and value.get("type") == "datetime":
+        return datetime.fromisoformat(value["value"])
+    if isinstance(value, dict) and value.get("type") == "date":
+        return date.fromisoformat(value["value"])
+    return value
+
+
+class SqlTable:
+    """Rows of a table or query newer than the last watermark this source was consumed up to."""
+
+    def __init__(self, config: SqlSource):
+        self.config = config
+
+    @property
+    def key(self) -> str:
+        what = self.config.table or self.config.query or ""
+        return hashlib.sha256(f"{redacted_url(self.config.url)}|{what}|{self.config.watermark}".encode()).hexdigest()[:16]
+
+    def collect(self, ledger: Ledger) -> RawBatch:
+        from sqlalchemy import func, select
+        from sqlalchemy.exc import SQLAlchemyError
+
+        src = _selectable(self.config)
+        mark = src.c[self.config.watermark]
+        after = _from_json_value(ledger.watermarks.get(self.key))
+        where = [mark > after] if after is not None else []
+        try:
+            with _engine(self.config).connect() as conn:
+                n_rows, up_to = conn.execute(select(func.count(), func.max(mark)).select_from(src).where(*where)).one()
+        except SQLAlchemyError as exc:
+            raise TuneloopError(f"source {redacted_url(self.config.url)}: {type(exc).__name__}: "
+                                f"{str(exc.orig if hasattr(exc, 'orig') and exc.orig else exc).splitlines()[0]}") from None
+        return RawBatch(sql=SqlSlice(
+            source_key=self.key, url=redacted_url(self.config.url),
+            selectable=self.config.table or self.config.query or "", watermark=self.config.watermark,
+            after=_to_json_value(after), up_to=_to_json_value(up_to) if n_rows else ledger.watermarks.get(self.key),
+            n_rows=int(n_rows)))
+
+
+def make_source(config: SourceConfig, landing: Path, required: list[str]) -> LandingFolder | SqlTable:
+    return LandingFolder(config, landing, required) if isinstance(config, FolderSource) else SqlTable(config)
+
+
+# ---- reading, in chunks -------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: str, chunk_size: int) -> Iterator[RecordChunk]:
+    chunk = RecordChunk()
+    with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             if not raw.strip():
                 continue
@@ -43,60 +248,132 @@ def read_jsonl(path: Path) -> tuple[list[Record], list[QuarantineEntry]]:
                 row = orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
                 reason = "not UTF-8" if "utf-8" in str(exc).lower() else f"not valid JSON ({exc})"
-                bad.append(QuarantineEntry(source=str(path), line=lineno, reasons=[f"parse: {reason}"],
-                                           record=raw.decode("utf-8", errors="replace").rstrip("\n")))
-                continue
-            if not isinstance(row, dict):
-                bad.append(QuarantineEntry(source=str(path), line=lineno,
-                                           reasons=[f"parse: expected a JSON object, got {type(row).__name__}"],
-                                           record=raw.decode("utf-8", errors="replace").rstrip("\n")))
-                continue
-            records.append(Record(source=str(path), line=lineno, fields=row))
-    return records, bad
+                chunk.unreadable.append(QuarantineEntry(
+                    source=path, line=lineno, reasons=[f"parse: {reason}"],
+                    record=raw.decode("utf-8", errors="replace").rstrip("\r\n")[:10_000]))
+            else:
+                if isinstance(row, dict):
+                    chunk.add(row, path, lineno)
+                else:
+                    chunk.unreadable.append(QuarantineEntry(
+                        source=path, line=lineno, reasons=[f"parse: expected a JSON object, got {type(row).__name__}"],
+                        record=raw.decode("utf-8", errors="replace").rstrip("\r\n")[:10_000]))
+            if len(chunk) >= chunk_size:
+                yield chunk
+                chunk = RecordChunk()
+    if len(chunk):
+        yield chunk
 
 
-def read_csv(path: Path) -> tuple[list[Record], list[QuarantineEntry]]:
+def _has_surrogates(values) -> bool:
+    return any(isinstance(v, str) and any("\udc80" <= ch <= "\udcff" for ch in v) for v in values)
+
+
+def _read_csv(path: str, chunk_size: int) -> Iterator[RecordChunk]:
+    chunk = RecordChunk()
+    with open(path, "rb") as raw_fh:
+        # surrogateescape keeps undecodable bytes visible, so the row (not the file) is rejected
+        fh = io.TextIOWrapper(raw_fh, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        reader = csv.reader(fh, strict=True)  # strict: an unterminated quote is an error, not a field
+        header: list[str] | None = None
+        start = 1
+        while True:
+            try:
+                values = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                chunk.unreadable.append(QuarantineEntry(source=path, line=start, reasons=[f"parse: {exc}"], record=""))
+                start = reader.line_num + 1
+                continue
+            line, start = start, reader.line_num + 1
+            if header is None:
+                header = values
+                continue
+            if not values:
+                continue
+            if len(values) != len(header):
+                chunk.unreadable.append(QuarantineEntry(
+                    source=path, line=line,
+                    reasons=[f"parse: {len(values)} fields, the header has {len(header)}"],
+                    record=",".join(values).encode("utf-8", "surrogateescape").decode("utf-8", "replace")[:10_000]))
+            elif _has_surrogates(values):
+                chunk.unreadable.append(QuarantineEntry(
+                    source=path, line=line, reasons=["parse: not UTF-8"],
+                    record=",".join(values).encode("utf-8", "surrogateescape").decode("utf-8", "replace")[:10_000]))
+            else:
+                chunk.add(dict(zip(header, values, strict=True)), path, line)
+            if len(chunk) >= chunk_size:
+                yield chunk
+                chunk = RecordChunk()
+    if len(chunk):
+        yield chunk
+
+
+def _read_parquet(path: str, chunk_size: int) -> Iterator[RecordChunk]:
+    import pyarrow.parquet as pq
+
+    line = 0
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise TuneloopError(f"{path}: not UTF-8 (byte {exc.start})") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    records: list[Record] = []
-    bad: list[QuarantineEntry] = []
-    for row in reader:
-        lineno = reader.line_num
-        if None in row or any(v is None for v in row.values()):
-            bad.append(QuarantineEntry(source=str(path), line=lineno,
-                                       reasons=["parse: wrong number of columns"], record=dict(row)))
-            continue
-        records.append(Record(source=str(path), line=lineno, fields=dict(row)))
-    return records, bad
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_size):
+            chunk = RecordChunk()
+            for row in batch.to_pylist():
+                line += 1
+                chunk.add(row, path, line)
+            yield chunk
+    except Exception as exc:  # a corrupt page: the rest of the file is one quarantine entry
+        yield RecordChunk(unreadable=[QuarantineEntry(
+            source=path, line=line + 1, reasons=[f"parse: corrupt Parquet data after row {line} ({exc})"],
+            record="")])
 
 
-READERS = {".jsonl": read_jsonl, ".json": read_jsonl, ".csv": read_csv}
+def _read_sql(source: SqlSource, sql: SqlSlice, chunk_size: int) -> Iterator[RecordChunk]:
+    from sqlalchemy import literal_column, select
+
+    src = _selectable(source)
+    mark = src.c[source.watermark]
+    after, up_to = _from_json_value(sql.after), _from_json_value(sql.up_to)
+    query = select(literal_column("*")).select_from(src).where(*([mark > after] if after is not None else []), mark <= up_to).order_by(mark)
+    label = f"sql:{sql.url}/{sql.selectable}"
+    line = 0
+    with _engine(source).connect() as conn:
+        result = conn.execution_options(stream_results=True, yield_per=chunk_size).execute(query).mappings()
+        while rows := result.fetchmany(chunk_size):
+            chunk = RecordChunk()
+            for row in rows:
+                line += 1
+                chunk.add({k: v.isoformat() if isinstance(v, datetime | date) else v for k, v in row.items()},
+                          label, line)
+            yield chunk
 
 
-def collect_landing(source: SourceConfig, landing: Path) -> RawBatch:
-    """Read every complete file of the landing folder. Files are never modified, moved or deleted."""
-    files = landing_files(landing, source.patterns)
-    if not files:
-        raise TuneloopError(f"nothing to collect: no complete file matching {', '.join(source.patterns)}"
-                            f" in the landing folder {landing}")
-    records: list[Record] = []
-    unreadable: list[QuarantineEntry] = []
-    for path in files:
-        reader = READERS.get(path.suffix.lower())
-        if reader is None:
-            raise TuneloopError(f"{path}: no reader for {path.suffix!r} files (known: {', '.join(READERS)})")
-        got, bad = reader(path)
-        records.extend(got)
-        unreadable.extend(bad)
-    return RawBatch(files=[str(p) for p in files], records=records, unreadable=unreadable)
+def read_chunks(raw: RawBatch, source: SourceConfig, chunk_size: int | None = None) -> Iterator[RecordChunk]:
+    """Every new record of the batch, chunk by chunk; whole-file rejections come first."""
+    size = chunk_size or source.chunk_size
+    if raw.rejected:
+        yield RecordChunk(unreadable=list(raw.rejected))
+    readers = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}
+    for f in raw.files:
+        yield from readers[f.format](f.path, size)
+    if raw.sql is not None and raw.sql.n_rows and isinstance(source, SqlSource):
+        yield from _read_sql(source, raw.sql, size)
+
+
+def describe(raw: RawBatch) -> str:
+    parts = []
+    if raw.files or raw.rejected:
+        parts.append(f"{len(raw.files)} new file(s)" + (f", {len(raw.rejected)} unreadable" if raw.rejected else ""))
+    if raw.sql is not None:
+        parts.append(f"{raw.sql.n_rows} new row(s) from {raw.sql.url} ({raw.sql.selectable})")
+    if raw.already_consumed:
+        parts.append(f"{raw.already_consumed} file(s) already consumed")
+    if raw.skipped:
+        parts.append(f"{len(raw.skipped)} skipped: " + "; ".join(raw.skipped))
+    return ", ".join(parts) or "nothing found"
 
 
 @task(name="collect", cache_policy=NO_CACHE)
-def collect_task(source: SourceConfig, landing: Path) -> RawBatch:
-    batch = collect_landing(source, landing)
-    get_run_logger().info(f"collect: {batch.n_read} records from {len(batch.files)} file(s) in {landing}"
-          f" ({len(batch.unreadable)} unreadable)")
-    return batch
+def collect_task(source: SourceConfig, landing: Path, required: list[str], ledger: Ledger) -> RawBatch:
+    raw = make_source(source, landing, required).collect(ledger)
+    get_run_logger().info(f"collect: {describe(raw)}")
+    return raw

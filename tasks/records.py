@@ -9,56 +9,71 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 
 class TuneloopError(Exception):
     """A problem the user can fix (bad config, bad input, a failed gate): shown as one line, no traceback."""
 
 
-class Record(BaseModel):
-    """One raw record as read, with where it came from, so a quarantine entry can point back at it."""
-
-    model_config = ConfigDict(frozen=True)
-
-    source: str
-    line: int
-    fields: dict[str, Any]
-
-
 class QuarantineEntry(BaseModel):
-    """A record that did not pass, and every reason why."""
+    """A record (or a whole unreadable file, line 0) that did not pass, and every reason why."""
 
     source: str
     line: int
     reasons: list[str]
-    record: dict[str, Any] | str
+    record: Any
+
+
+class LandingFile(BaseModel):
+    """A complete, not yet consumed file of the landing folder, identified by its content."""
+
+    path: str
+    sha256: str
+    size: int
+    format: Literal["jsonl", "csv", "parquet"]
+
+
+class SqlSlice(BaseModel):
+    """The rows of a SQL source past the last watermark, up to the newest one seen at collect time."""
+
+    source_key: str
+    url: str  # password hidden
+    selectable: str
+    watermark: str
+    after: Any = None
+    up_to: Any = None
+    n_rows: int
 
 
 class RawBatch(BaseModel):
-    """What collect read: parsed records, plus lines that could not be parsed (already rejected)."""
+    """What collect found to be new; the records themselves are streamed by the quality stage."""
 
-    files: list[str]
-    records: list[Record]
-    unreadable: list[QuarantineEntry] = Field(default_factory=list)
+    files: list[LandingFile] = Field(default_factory=list)
+    sql: SqlSlice | None = None
+    rejected: list[QuarantineEntry] = Field(default_factory=list)  # whole files that cannot be read
+    skipped: list[str] = Field(default_factory=list)  # incomplete files, with why
+    already_consumed: int = 0
 
     @property
-    def n_read(self) -> int:
-        return len(self.records) + len(self.unreadable)
+    def nothing_new(self) -> bool:
+        return not self.files and not self.rejected and (self.sql is None or self.sql.n_rows == 0)
 
 
 class ChatExample(BaseModel):
     """One training example in OpenAI chat format, traceable to its source record."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     label: str | None = None
     record_id: str
     source: str
     line: int
     content_hash: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
 
 
 class ExpectationOutcome(BaseModel):
+    suite: str
     expectation: str
     column: str | None
     success: bool
@@ -66,20 +81,19 @@ class ExpectationOutcome(BaseModel):
 
 
 class CheckedBatch(BaseModel):
-    """The quality gate's result: accepted examples, and an account of everything else."""
+    """The quality gate's result: accepted examples (a JSONL file), and an account of everything else."""
 
-    accepted: list[ChatExample]
+    accepted_path: Path
     quarantine_path: Path
     duplicates_path: Path
+    summary_path: Path
+    data_docs: Path | None = None
     n_read: int
+    n_accepted: int
     n_quarantined: int
     n_duplicates: int
     n_redacted: int
     expectations: list[ExpectationOutcome]
-
-    @property
-    def n_accepted(self) -> int:
-        return len(self.accepted)
 
     @property
     def quarantined_fraction(self) -> float:
@@ -87,11 +101,15 @@ class CheckedBatch(BaseModel):
 
 
 class DatasetVersion(BaseModel):
-    """A deduplicated snapshot of accepted examples; its content hash is its version."""
+    """A deduplicated snapshot: the previous one plus what this run accepted; its content hash is its version."""
 
     version: str
     path: Path
     n_examples: int
+    previous: str | None = None
+    n_added: int = 0
+    n_already_present: int = 0
+    n_replaced: int = 0
 
 
 class ExportedDataset(BaseModel):
@@ -167,11 +185,13 @@ class ModelVersion(BaseModel):
 class RetrainResult(BaseModel):
     """What one retrain run produced, end to end: printed by the CLI and returned by the flow."""
 
-    n_read: int
-    n_accepted: int
-    n_quarantined: int
-    n_duplicates: int
-    dataset_version: str
-    report: EvalReport
-    model_version: ModelVersion
+    status: Literal["trained", "nothing_new"]
+    message: str = ""
+    n_read: int = 0
+    n_accepted: int = 0
+    n_quarantined: int = 0
+    n_duplicates: int = 0
+    dataset_version: str | None = None
+    report: EvalReport | None = None
+    model_version: ModelVersion | None = None
     run_dir: Path

@@ -86,7 +86,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 def register_candidate(
     config: PipelineConfig,
-    checked: CheckedBatch,
+    checked: CheckedBatch | None,
     exported: ExportedDataset,
     trained: TrainedModel,
     report: EvalReport,
@@ -115,19 +115,25 @@ def register_candidate(
 
         now = int(time.time() * 1000)
         params = flatten(config.model_dump(mode="json", by_alias=True))
+        if "source.url" in params:  # a SQLAlchemy URL may carry a password
+            from tasks.collect import redacted_url
+
+            params["source.url"] = redacted_url(params["source.url"])
         metrics = {
             "base_accuracy": report.base.accuracy,
             "candidate_accuracy": report.candidate.accuracy,
             "n_train": exported.n_train,
             "n_validation": exported.n_validation,
-            "n_read": checked.n_read,
-            "n_quarantined": checked.n_quarantined,
-            "n_duplicates": checked.n_duplicates,
             "train_seconds": trained.train_seconds,
             "promotion_delta": decision.delta,
         }
         if report.champion:
             metrics["champion_accuracy"] = report.champion.accuracy
+        if checked is not None:
+            metrics.update(n_read=checked.n_read, n_accepted=checked.n_accepted, n_quarantined=checked.n_quarantined,
+                           n_duplicates=checked.n_duplicates, n_pii_redacted=checked.n_redacted)
+            metrics.update({f"gx_unexpected.{o.suite}.{o.expectation}.{o.column or ''}".rstrip("."): o.unexpected_count
+                            for o in checked.expectations})
         if trained.train_loss is not None:
             metrics["train_loss"] = trained.train_loss
         batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
@@ -142,8 +148,11 @@ def register_candidate(
         client.log_artifacts(run_id, str(exported.directory), "dataset")
         client.log_artifacts(run_id, str(trained.adapter_path), "adapter")
         client.log_artifact(run_id, str(report.predictions_path), "evaluation")
-        client.log_artifact(run_id, str(checked.quarantine_path), "quality")
-        client.log_artifact(run_id, str(checked.duplicates_path), "quality")
+        if checked is not None:
+            for path in (checked.quarantine_path, checked.duplicates_path, checked.summary_path):
+                client.log_artifact(run_id, str(path), "quality")
+            if checked.data_docs is not None:
+                client.log_artifacts(run_id, str(checked.data_docs.parent), "quality/data_docs")
 
         try:
             client.create_registered_model(registry.model_name, description="Managed by tuneloop.")
@@ -183,7 +192,7 @@ def find_champion_task(registry: RegisterConfig, tracking_uri: str, dst: Path) -
 
 
 @task(name="register", cache_policy=NO_CACHE)
-def register_task(config: PipelineConfig, checked: CheckedBatch, exported: ExportedDataset, trained: TrainedModel,
+def register_task(config: PipelineConfig, checked: CheckedBatch | None, exported: ExportedDataset, trained: TrainedModel,
                   report: EvalReport, tracking_uri: str, artifacts_dir: Path | None,
                   flow_run_id: str | None) -> ModelVersion:
     mv = register_candidate(config, checked, exported, trained, report, tracking_uri, artifacts_dir, flow_run_id)

@@ -60,6 +60,10 @@ class StateLayout:
     def models(self) -> Path:
         return self.home / "models"
 
+    @property
+    def ledger(self) -> Path:
+        return self.home / "consumed.json"
+
 
 def tuneloop_home() -> Path:
     return Path(os.environ.get("TUNELOOP_HOME") or Path.cwd() / ".tuneloop").expanduser().resolve()

@@ -53,3 +53,21 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def gate_folder(folder: Path, cfg, run_dir: Path):
+    """Collect everything in a folder (empty ledger) and run the quality gate over it."""
+    from tasks.collect import make_source, read_chunks
+    from tasks.ledger import Ledger
+    from tasks.quality import check_batch, required_fields
+
+    raw = make_source(cfg.source, folder, required_fields(cfg.mapping)).collect(Ledger())
+    return check_batch(read_chunks(raw, cfg.source), cfg.mapping, cfg.quality, run_dir)
+
+
+def accepted(checked) -> dict:
+    """Accepted examples by record id."""
+    from tasks.quality import read_accepted
+    from tasks.records import ChatExample
+
+    return {row["record_id"]: ChatExample.model_validate(row) for row in read_accepted(checked.accepted_path)}

@@ -87,3 +87,11 @@ def test_config_round_trips_through_json_as_a_flow_parameter_would():
     again = PipelineConfig.model_validate_json(cfg.model_dump_json(by_alias=True))
     assert again == cfg
     assert again.config_hash() == cfg.config_hash()
+
+
+def test_sql_source_is_chosen_by_kind_and_folder_is_the_default(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL + "source:\n  kind: sql\n  url: sqlite:///x.db\n  table: tickets\n"))
+    assert cfg.source.kind == "sql" and cfg.source.watermark == "updated_at"
+    assert load_config(write(tmp_path, MINIMAL + "source:\n  patterns: ['*.csv']\n")).source.kind == "folder"
+    with pytest.raises(TuneloopError, match="source.sql: Value error, set exactly one of source.table and source.query"):
+        load_config(write(tmp_path, MINIMAL + "source:\n  kind: sql\n  url: sqlite://\n"))

@@ -3,13 +3,11 @@ import json
 
 import pytest
 
-from conftest import DEMO, DEMO_CONFIG
+from conftest import DEMO, DEMO_CONFIG, accepted, gate_folder
 from flows.config import ExportConfig, load_config
-from tasks.collect import collect_landing
 from tasks.export import export_chat_jsonl
 from tasks.heldout import read_heldout
-from tasks.quality import check_batch
-from tasks.snapshot import dataset_version_of, read_snapshot, write_snapshot
+from tasks.snapshot import read_snapshot, version_of, write_snapshot
 
 
 @pytest.fixture(scope="module")
@@ -17,17 +15,17 @@ def checked(tmp_path_factory):
     cfg = load_config(DEMO_CONFIG)
     landing = tmp_path_factory.mktemp("landing")
     (landing / "tickets.jsonl").write_bytes((DEMO / "tickets.jsonl").read_bytes())
-    return check_batch(collect_landing(cfg.source, landing), cfg.mapping, cfg.quality,
-                       tmp_path_factory.mktemp("run"))
+    return gate_folder(landing, cfg, tmp_path_factory.mktemp("run"))
 
 
 def test_dataset_version_is_the_content_not_the_order(checked, tmp_path):
-    examples = checked.accepted
-    assert dataset_version_of(examples) == dataset_version_of(list(reversed(examples)))
-    assert dataset_version_of(examples) != dataset_version_of(examples[1:])
+    hashes = [e.content_hash for e in accepted(checked).values()]
+    assert version_of(hashes) == version_of(list(reversed(hashes)))
+    assert version_of(hashes) != version_of(hashes[1:])
     dataset = write_snapshot(checked, tmp_path)
+    assert dataset.version == version_of(hashes) and dataset.n_examples == len(hashes)
     assert dataset.path.name == f"{dataset.version}.jsonl"
-    assert {e.content_hash for e in read_snapshot(dataset)} == {e.content_hash for e in examples}
+    assert {e.content_hash for e in read_snapshot(dataset)} == set(hashes)
 
 
 def test_export_writes_chat_jsonl_splits_manifest_and_removes_heldout_overlaps(checked, tmp_path):

@@ -3,10 +3,9 @@ import json
 import orjson
 import pytest
 
-from conftest import DEMO, DEMO_CONFIG, write_lines
+from conftest import DEMO, DEMO_CONFIG, accepted, gate_folder, write_lines
 from flows.config import load_config
-from tasks.collect import collect_landing
-from tasks.quality import QualityGateFailed, check_batch, enforce_gate, redact_pii
+from tasks.quality import PII_KINDS, QualityGateFailed, enforce_gate, pii_kinds, redact_pii, scan_pii
 from tasks.records import TuneloopError
 
 
@@ -14,7 +13,7 @@ from tasks.records import TuneloopError
 def demo_raw(tmp_path_factory):
     landing = tmp_path_factory.mktemp("landing")
     (landing / "tickets.jsonl").write_bytes((DEMO / "tickets.jsonl").read_bytes())
-    return collect_landing(load_config(DEMO_CONFIG).source, landing)
+    return landing
 
 
 def quarantine_by_id(checked):
@@ -24,7 +23,7 @@ def quarantine_by_id(checked):
 
 def test_every_planted_bad_record_ends_in_its_place_and_counts_reconcile(demo_raw, tmp_path):
     cfg = load_config(DEMO_CONFIG)
-    checked = check_batch(demo_raw, cfg.mapping, cfg.quality, tmp_path)
+    checked = gate_folder(demo_raw, cfg, tmp_path)
     assert checked.n_read == checked.n_accepted + checked.n_quarantined + checked.n_duplicates == 2407
     q = quarantine_by_id(checked)
     assert q["LF-900001"]["reasons"] == ["expect_column_value_lengths_to_be_between(body)"]  # empty body
@@ -34,12 +33,12 @@ def test_every_planted_bad_record_ends_in_its_place_and_counts_reconcile(demo_ra
     assert len(q) == checked.n_quarantined == 4
     dups = [json.loads(line) for line in checked.duplicates_path.read_text().splitlines()]
     assert dups == [{"source": dups[0]["source"], "line": 1501, "duplicate_of": {"source": dups[0]["source"], "line": 41}}]
-    accepted = {e.record_id: e for e in checked.accepted}
-    assert "[EMAIL]" in accepted["LF-900003"].messages[1]["content"]
-    assert "@" not in accepted["LF-900003"].messages[1]["content"]
-    assert "[PHONE]" in accepted["LF-900004"].messages[1]["content"]
+    accepted_ = accepted(checked)
+    assert "[EMAIL]" in accepted_["LF-900003"].messages[1]["content"]
+    assert "@" not in accepted_["LF-900003"].messages[1]["content"]
+    assert "[PHONE]" in accepted_["LF-900004"].messages[1]["content"]
     assert checked.n_redacted == 2
-    example = accepted["LF-100000"]
+    example = accepted_["LF-100000"]
     assert [m["role"] for m in example.messages] == ["system", "user", "assistant"]
     assert example.messages[2]["content"].startswith("queue: sync\n")
     assert example.label == "sync" and example.line == 1 and example.source.endswith("tickets.jsonl")
@@ -48,17 +47,17 @@ def test_every_planted_bad_record_ends_in_its_place_and_counts_reconcile(demo_ra
 
 def test_pii_policy_quarantine_sends_pii_records_to_quarantine_with_the_pattern_as_reason(demo_raw, tmp_path):
     cfg = load_config(DEMO_CONFIG, ["quality.pii=quarantine"])
-    checked = check_batch(demo_raw, cfg.mapping, cfg.quality, tmp_path)
+    checked = gate_folder(demo_raw, cfg, tmp_path)
     q = quarantine_by_id(checked)
-    assert q["LF-900003"]["reasons"] == ["expect_column_values_to_not_match_regex(body)"]
-    assert q["LF-900004"]["reasons"] == ["expect_column_values_to_not_match_regex(body)"]
+    assert q["LF-900003"]["reasons"] == ["expect_column_values_to_not_match_regex(body)", "pii:EMAIL(body)"]
+    assert q["LF-900004"]["reasons"] == ["expect_column_values_to_not_match_regex(body)", "pii:PHONE(body)"]
     assert checked.n_redacted == 0
     assert checked.n_read == checked.n_accepted + checked.n_quarantined + checked.n_duplicates
 
 
 def test_gate_fails_with_a_clear_message_when_too_much_is_quarantined(demo_raw, tmp_path):
     cfg = load_config(DEMO_CONFIG, ["quality.max_quarantine_fraction=0.001"])
-    checked = check_batch(demo_raw, cfg.mapping, cfg.quality, tmp_path)
+    checked = gate_folder(demo_raw, cfg, tmp_path)
     with pytest.raises(QualityGateFailed, match=r"4 of 2407 records quarantined \(0.2% > quality.max_quarantine"):
         enforce_gate(checked, cfg.quality)
 
@@ -66,40 +65,69 @@ def test_gate_fails_with_a_clear_message_when_too_much_is_quarantined(demo_raw, 
 def test_gate_fails_when_too_few_examples_remain(tmp_path):
     cfg = load_config(DEMO_CONFIG)
     lines = (DEMO / "tickets.jsonl").read_text(encoding="utf-8").splitlines()[:5]
-    raw = collect_landing(cfg.source, write_lines(tmp_path / "l" / "t.jsonl", lines).parent)
-    checked = check_batch(raw, cfg.mapping, cfg.quality, tmp_path / "run")
+    checked = gate_folder(write_lines(tmp_path / "l" / "t.jsonl", lines).parent, cfg, tmp_path / "run")
     with pytest.raises(QualityGateFailed, match="5 examples accepted, quality.min_examples is 10"):
         enforce_gate(checked, cfg.quality)
 
 
 def test_record_missing_a_mapped_field_is_quarantined_not_lost(tmp_path):
     cfg = load_config(DEMO_CONFIG)
-    record = json.loads((DEMO / "tickets.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    lines_ = (DEMO / "tickets.jsonl").read_text(encoding="utf-8").splitlines()
+    record = json.loads(lines_[0])
     del record["subject"]
     record["ticket_id"] = 42  # a number where text is expected is read as text
-    raw = collect_landing(cfg.source, write_lines(tmp_path / "l" / "t.jsonl", [json.dumps(record)]).parent)
-    checked = check_batch(raw, cfg.mapping, cfg.quality, tmp_path / "run")
-    assert checked.n_accepted == 0
+    folder = write_lines(tmp_path / "l" / "t.jsonl", [json.dumps(record), lines_[1]]).parent
+    checked = gate_folder(folder, cfg, tmp_path / "run")
+    assert checked.n_accepted == 1
     assert quarantine_by_id(checked)[42]["reasons"] == ["expect_column_values_to_not_be_null(subject)"]
 
 
-def test_suite_naming_a_column_no_record_has_is_a_config_error(tmp_path):
-    cfg = load_config(DEMO_CONFIG, ['mapping.user="{body}"', 'mapping.assistant="queue: {queue}"'])
+def test_suite_checking_a_column_the_mapping_does_not_read_is_a_config_error(tmp_path):
+    cfg = load_config(DEMO_CONFIG)
     suite = json.loads(cfg.quality.suite.read_text())
     suite["expectations"].append({"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "priority"}})
     path = tmp_path / "suite.json"
     path.write_text(json.dumps(suite))
     cfg.quality.suite = path
-    raw = collect_landing(cfg.source, write_lines(tmp_path / "l" / "t.jsonl",
-                                                  (DEMO / "tickets.jsonl").read_text().splitlines()[:20]).parent)
-    with pytest.raises(TuneloopError, match=r"checks column\(s\) .*priority.* that no record has"):
-        check_batch(raw, cfg.mapping, cfg.quality, tmp_path / "run")
+    folder = write_lines(tmp_path / "l" / "t.jsonl", (DEMO / "tickets.jsonl").read_text().splitlines()[:20]).parent
+    with pytest.raises(TuneloopError, match=r"checks priority, which the mapping does not read"):
+        gate_folder(folder, cfg, tmp_path / "run")
 
 
 @pytest.mark.parametrize("text,expected", [
     ("mail me at jo.doe+x@corp.example.org today", "mail me at [EMAIL] today"),
     ("call +44 20 7946 0958 now", "call [PHONE] now"),
-    ("order 12345 cost $12.50", "order 12345 cost $12.50"),
+    ("order 12345 cost $12.50 on 2026-10-01", "order 12345 cost $12.50 on 2026-10-01"),
+    ("card 4111 1111 1111 1111 please", "card [CARD] please"),          # Luhn-valid
+    ("ref 4111111111111112 please", "ref 4111111111111112 please"),  # fails Luhn: not a card
+    ("IBAN DE89 3704 0044 0532 0130 00 thanks", "IBAN [IBAN] thanks"),   # mod-97 valid
 ])
 def test_redact_pii(text, expected):
     assert redact_pii(text)[0] == expected
+
+
+@pytest.mark.parametrize("text,kinds", [
+    ("code DE89 3704 0044 0532 0130 02", []),  # fails mod-97 (a phone-like digit run inside aside)
+    ("4111 1111 1111 1112", []),              # fails Luhn
+    ("pay 5500 0000 0000 0004 or DE89370400440532013000", ["CARD", "IBAN"]),
+])
+def test_checksummed_kinds_need_a_valid_checksum(text, kinds):
+    _, found = scan_pii([text], list(PII_KINDS), redact=False)
+    assert [k for k in found[0] if k in ("CARD", "IBAN")] == kinds
+
+
+def test_extra_configured_patterns_are_redacted_and_a_bad_one_is_a_config_error(tmp_path):
+    cfg = load_config(DEMO_CONFIG, ["quality.pii_patterns={customer_no: 'CUST-[0-9]{6}'}"])
+    kinds = pii_kinds(cfg.quality)
+    assert redact_pii("ref CUST-123456 here", kinds) == ("ref [CUSTOMER_NO] here", 1)
+    bad = load_config(DEMO_CONFIG, ["quality.pii_patterns={broken: '(unclosed'}"])
+    with pytest.raises(TuneloopError, match="quality.pii_patterns.broken: not a valid regex"):
+        pii_kinds(bad.quality)
+
+
+def test_suite_pii_regexes_match_the_redactor():
+    """The suite re-checks the body with the same patterns the redactor uses, or it would disagree."""
+    suite = json.loads(load_config(DEMO_CONFIG).quality.suite.read_text())
+    by_kind = {e["meta"]["pii"]: e["kwargs"]["regex"] for e in suite["expectations"] if "pii" in e.get("meta", {})}
+    assert by_kind == {k.name: k.pattern for k in PII_KINDS if k.name in by_kind}
+    assert set(by_kind) == {"EMAIL", "PHONE"}

@@ -25,7 +25,8 @@ def test_retrain_registers_promotes_and_a_worse_run_leaves_the_champion(prefect_
 
     landing = home / "landing"
     landing.mkdir(parents=True)
-    (landing / "tickets.jsonl").write_text("".join((DEMO / "tickets.jsonl").read_text().splitlines(True)[:800]))
+    lines = (DEMO / "tickets.jsonl").read_text().splitlines(True)
+    (landing / "tickets-1.jsonl").write_text("".join(lines[:800]))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
     first = retrain(small_config(uri))
@@ -47,7 +48,20 @@ def test_retrain_registers_promotes_and_a_worse_run_leaves_the_champion(prefect_
         "dataset/train.jsonl", "dataset/validation.jsonl", "dataset/manifest.json"}
     assert str(home) in run.info.artifact_uri  # artifacts live in the state folder, not the cwd
 
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "quality")}
+    assert {"quality/quarantine.jsonl", "quality/duplicates.jsonl", "quality/quality_summary.json",
+            "quality/data_docs"} <= artifacts
+    assert run.data.metrics["n_quarantined"] == 2
+    assert run.data.metrics["gx_unexpected.raw_records.expect_column_value_lengths_to_be_between.body"] == 2
+
+    idle = retrain(small_config(uri))  # nothing new landed: ends early, trains nothing, registers nothing
+    assert idle.status == "nothing_new" and idle.model_version is None
+    assert idle.message == f"nothing new since dataset version {first.dataset_version}"
+    assert len(client.search_model_versions(f"name='{name}'")) == 1
+
+    (landing / "tickets-2.jsonl").write_text("".join(lines[800:1000]))
     worse = retrain(small_config(uri, "train.local.max_steps=0"))
+    assert worse.n_read == 200 and worse.dataset_version != first.dataset_version
     assert not worse.model_version.decision.promoted
     assert worse.model_version.version == "2"
     assert "does not beat champion" in worse.model_version.decision.reason
@@ -71,3 +85,4 @@ def test_quality_gate_failure_stops_the_flow_before_training(prefect_harness, ho
         retrain(small_config(uri, "quality.max_quarantine_fraction=0.0"))
     assert MlflowClient(uri).search_registered_models() == []
     assert not (home / "models").exists() or not any((home / "models").iterdir())
+    assert not (home / "consumed.json").exists()  # nothing consumed: the next run reads the file again

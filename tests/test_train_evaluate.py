@@ -4,14 +4,12 @@ import json
 
 import pytest
 
-from conftest import DEMO, DEMO_CONFIG
+from conftest import DEMO, DEMO_CONFIG, gate_folder
 from flows.config import load_config
 from tasks.base_model import load_causal_lm, resolve_base_model
-from tasks.collect import collect_landing
 from tasks.evaluate import evaluate_models
 from tasks.export import export_chat_jsonl
 from tasks.heldout import read_heldout
-from tasks.quality import check_batch
 from tasks.records import TuneloopError
 from tasks.snapshot import write_snapshot
 from tasks.train_local import train_lora
@@ -26,7 +24,7 @@ def workspace(tmp_path_factory):
     landing = root / "landing"
     landing.mkdir()
     (landing / "t.jsonl").write_text("".join((DEMO / "tickets.jsonl").read_text().splitlines(True)[:400]))
-    checked = check_batch(collect_landing(cfg.source, landing), cfg.mapping, cfg.quality, root / "run")
+    checked = gate_folder(landing, cfg, root / "run")
     heldout = read_heldout(cfg.evaluate.holdout, cfg.mapping, cfg.evaluate.max_examples)
     exported = export_chat_jsonl(write_snapshot(checked, root / "datasets"), cfg.export, heldout, root / "exports")
     return root, cfg, exported, heldout

@@ -1,0 +1,72 @@
+"""The consumption ledger: which landing files and SQL rows are already in a dataset version.
+
+It is committed only after the run's snapshot is written (write to a temporary file, then rename), so
+a run that crashes or fails its gate consumes nothing and the next run reads the same data again.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, Field
+
+from tasks.records import DatasetVersion, RawBatch, TuneloopError
+
+
+class ConsumedFile(BaseModel):
+    name: str
+    size: int
+    dataset_version: str
+    at: str
+
+
+class Ledger(BaseModel):
+    files: dict[str, ConsumedFile] = Field(default_factory=dict)  # by sha256 of the content
+    watermarks: dict[str, Any] = Field(default_factory=dict)  # by SQL source key
+    dataset_version: str | None = None  # the newest snapshot, the base of the next one
+    trained_version: str | None = None  # the snapshot the last registered candidate was trained on
+
+    @property
+    def untrained(self) -> bool:
+        return self.dataset_version is not None and self.dataset_version != self.trained_version
+
+
+def load_ledger(path: Path) -> Ledger:
+    if not path.exists():
+        return Ledger()
+    try:
+        return Ledger.model_validate(orjson.loads(path.read_bytes()))
+    except (orjson.JSONDecodeError, ValueError) as exc:
+        raise TuneloopError(f"consumption ledger {path} is unreadable ({exc}); restore it or delete it to "
+                            "re-read every landing file") from None
+
+
+def consume(ledger: Ledger, raw: RawBatch, dataset: DatasetVersion) -> Ledger:
+    """The ledger after this run: its files and rows belong to ``dataset`` from now on."""
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    files = dict(ledger.files)
+    for f in raw.files:
+        files[f.sha256] = ConsumedFile(name=Path(f.path).name, size=f.size, dataset_version=dataset.version, at=now)
+    for entry in raw.rejected:  # an unreadable file is accounted for in quarantine; a fixed copy is new
+        digest = entry.record.get("sha256") if isinstance(entry.record, dict) else None
+        if digest:
+            files[digest] = ConsumedFile(name=Path(entry.source).name, size=entry.record.get("size", 0),
+                                         dataset_version=dataset.version, at=now)
+    watermarks = dict(ledger.watermarks)
+    if raw.sql is not None and raw.sql.up_to is not None:
+        watermarks[raw.sql.source_key] = raw.sql.up_to
+    return Ledger(files=files, watermarks=watermarks, dataset_version=dataset.version,
+                  trained_version=ledger.trained_version)
+
+
+def commit_ledger(ledger: Ledger, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(orjson.dumps(ledger.model_dump(mode="json"), option=orjson.OPT_INDENT_2))
+    with tmp.open("rb") as fh:
+        os.fsync(fh.fileno())
+    tmp.replace(path)
