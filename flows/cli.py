@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -58,6 +59,12 @@ def run(config: ConfigOption = None, set_: SetOption = None) -> None:
         result = retrain(cfg)
     except TuneloopError as exc:
         fail(str(exc), 1)
+    except RuntimeError as exc:
+        if "ephemeral Prefect API server" not in str(exc):
+            raise
+        fail("the local Prefect API server did not start (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="
+             f"{os.environ.get('PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS')}); raise that timeout, or start "
+             "one with `make prefect-ui` and set PREFECT_API_URL=http://127.0.0.1:4200/api", 1)
     from flows.report import print_retrain_summary
 
     print_retrain_summary(result, state)
@@ -84,7 +91,7 @@ def check(
         cfg = load_config(config, set_ or [])
     except TuneloopError as exc:
         fail(str(exc), 2)
-    from tasks.collect import FORMATS, check_columns, read_chunks, sha256_file
+    from tasks.collect import FORMATS, check_columns, sha256_file
     from tasks.quality import QualityGateFailed, check_batch, enforce_gate, required_fields
     from tasks.records import LandingFile, RawBatch
 
@@ -104,7 +111,7 @@ def check(
         run_dir = out or Path(tmp)
         quality = cfg.quality.model_copy(update={"data_docs": cfg.quality.data_docs and out is not None})
         try:
-            checked = check_batch(read_chunks(raw, cfg.source), cfg.mapping, quality, run_dir)
+            checked = check_batch(raw, cfg.source, cfg.mapping, quality, run_dir)
         except TuneloopError as exc:
             fail(str(exc), 2)
         try:

@@ -115,6 +115,8 @@ class QualityConfig(Strict):
     pii_patterns: dict[str, str] = Field(
         default_factory=dict, description="extra PII: NAME -> RE2 regex; redacted as [NAME]")
     data_docs: bool = Field(True, description="build Great Expectations Data Docs in the run folder")
+    prepare_in_subprocess: Literal["auto", "always", "never"] = Field(
+        "auto", description="read and prepare chunks in a second process while GX validates (large batches)")
 
 
 class ExportConfig(Strict):

@@ -16,7 +16,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.config import ExportConfig
-from tasks.heldout import HeldOutExample, prompt_key
+from tasks.heldout import HeldOutExample, prompt_keys
 from tasks.records import ChatExample, DatasetVersion, ExportedDataset, TuneloopError
 from tasks.snapshot import read_snapshot
 
@@ -45,8 +45,8 @@ def export_chat_jsonl(
     dataset: DatasetVersion, export: ExportConfig, heldout: list[HeldOutExample], exports_dir: Path
 ) -> ExportedDataset:
     examples = read_snapshot(dataset)
-    held = {prompt_key(h.prompt) for h in heldout}
-    clean = [e for e in examples if prompt_key(e.messages) not in held]
+    held = set(prompt_keys([h.prompt for h in heldout]))
+    clean = [e for e, key in zip(examples, prompt_keys([e.messages for e in examples]), strict=True) if key not in held]
     overlaps = len(examples) - len(clean)
     if len(clean) < 2:
         raise TuneloopError(f"export: only {len(clean)} examples left after removing held-out overlaps")

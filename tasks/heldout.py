@@ -8,7 +8,7 @@ import orjson
 from pydantic import BaseModel
 
 from flows.config import MappingConfig
-from tasks.quality import _normalize
+from tasks.quality import normalize_texts
 from tasks.records import TuneloopError
 
 
@@ -19,9 +19,11 @@ class HeldOutExample(BaseModel):
     label: str | None
 
 
-def prompt_key(prompt: list[dict[str, str]]) -> str:
-    """What makes two examples 'the same question': the normalized user messages."""
-    return "\n".join(_normalize(m["content"]) for m in prompt if m["role"] == "user")
+def prompt_keys(prompts: list[list[dict[str, str]]]) -> list[str]:
+    """What makes two examples 'the same question': their normalized user messages."""
+    users = [[str(m.get("content") or "") for m in p if m.get("role") == "user"] for p in prompts]
+    flat = iter(normalize_texts([c for u in users for c in u]))
+    return ["\n".join(next(flat) for _ in u) for u in users]
 
 
 def read_heldout(path: Path, mapping: MappingConfig, limit: int | None = None) -> list[HeldOutExample]:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import string
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import MappingConfig, QualityConfig
+from flows.config import MappingConfig, QualityConfig, SourceConfig
 from tasks.collect import RecordChunk
-from tasks.records import CheckedBatch, ExpectationOutcome, QuarantineEntry, TuneloopError
+from tasks.records import CheckedBatch, ExpectationOutcome, QuarantineEntry, RawBatch, TuneloopError
 
 ROW = "_row"
 UNIQUE = "expect_column_values_to_be_unique"
@@ -82,58 +83,61 @@ PII_KINDS: tuple[PiiKind, ...] = (
 
 
 def pii_kinds(quality: QualityConfig) -> list[PiiKind]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     extra = [PiiKind(name.upper(), pattern) for name, pattern in quality.pii_patterns.items()]
     for kind in extra:
         try:
             re.compile(kind.pattern)
-        except re.error as exc:
-            raise TuneloopError(f"quality.pii_patterns.{kind.name.lower()}: not a valid regex ({exc})") from None
+            pc.match_substring_regex(pa.array([""]), pattern=kind.pattern)  # Arrow's RE2 must take it too
+        except (re.error, pa.ArrowInvalid) as exc:
+            raise TuneloopError(f"quality.pii_patterns.{kind.name.lower()}: not a valid RE2/Python regex ({exc})") from None
     return [*PII_KINDS, *extra]
 
 
-def scan_pii(values: list[str | None], kinds: list[PiiKind], redact: bool) -> tuple[list[str | None], list[list[str]]]:
-    """Find (and optionally replace with [KIND]) PII in a column; returns the column and each row's kinds.
+def scan_pii(values: list[str | None], kinds: list[PiiKind], redact: bool) -> tuple[list[str | None], dict[int, dict[str, int]]]:
+    """Find (and optionally replace with [KIND]) PII in a column.
 
-    Whole columns go through Arrow's RE2 kernels; only rows that match a checksummed kind's pattern take
-    the slower Python path that runs the checksum.
+    Returns the column and, for rows with PII, how many matches of each kind. One pass of Arrow's RE2
+    over the whole column finds the rows that may hold PII (usually few); only those take the Python
+    path that runs each kind's checksum and does the replacing.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    found: list[list[str]] = [[] for _ in values]
+    combined = "|".join(f"(?:{k.pattern})" for k in kinds)
     arr = pa.array(values, type=pa.large_string())
-    for kind in kinds:
-        if kind.valid is None:
-            counts = pc.count_substring_regex(arr, pattern=kind.pattern).to_numpy(zero_copy_only=False)
-            hit = counts.nonzero()[0]
-            if len(hit) == 0:
-                continue
-            for i in hit:
-                found[i].append(kind.name)
+    mask = pc.fill_null(pc.match_substring_regex(arr, pattern=combined), False).to_numpy(zero_copy_only=False)
+    hits = mask.nonzero()[0]
+    found: dict[int, dict[str, int]] = {}
+    if len(hits) == 0:
+        return values, found
+    out = list(values) if redact else values
+    for i in hits:
+        text = values[i]
+        counts: dict[str, int] = {}
+        for kind in kinds:
+            regex = re.compile(kind.pattern)
+            if kind.valid is None:
+                text, n = regex.subn(f"[{kind.name}]", text) if redact else (text, len(regex.findall(text)))
+            else:
+                n = sum(kind.valid(m.group(0)) for m in regex.finditer(text))
+                if n and redact:
+                    text = regex.sub(lambda m, k=kind: f"[{k.name}]" if k.valid(m.group(0)) else m.group(0), text)
+            if n:
+                counts[kind.name] = n
+        if counts:
+            found[int(i)] = counts
             if redact:
-                arr = pc.replace_substring_regex(arr, pattern=kind.pattern, replacement=f"[{kind.name}]")
-            continue
-        mask = pc.fill_null(pc.match_substring_regex(arr, pattern=kind.pattern), False).to_numpy(zero_copy_only=False)
-        hit = mask.nonzero()[0]
-        if len(hit) == 0:
-            continue
-        regex = re.compile(kind.pattern)
-        current = arr.to_pylist()
-        for i in hit:
-            text = current[i]
-            if not any(kind.valid(m.group(0)) for m in regex.finditer(text)):
-                continue
-            found[i].append(kind.name)
-            if redact:
-                current[i] = regex.sub(lambda m, k=kind: f"[{k.name}]" if k.valid(m.group(0)) else m.group(0), text)
-        arr = pa.array(current, type=pa.large_string())
-    return arr.to_pylist(), found
+                out[i] = text
+    return out, found
 
 
 def redact_pii(text: str, kinds: Iterable[PiiKind] = PII_KINDS) -> tuple[str, int]:
-    """One string: for messages columns and for callers outside the gate."""
+    """One string: for callers outside the gate."""
     values, found = scan_pii([text], list(kinds), redact=True)
-    return values[0], len(found[0])
+    return values[0], sum(found.get(0, {}).values())
 
 
 # ---- mapping --------------------------------------------------------------------------------------------
@@ -167,14 +171,45 @@ def all_fields(mapping: MappingConfig) -> list[str]:
     return names
 
 
-def _normalize(text: str) -> str:
+def normalize_text(text: str) -> str:
+    """Casefolded, whitespace-collapsed text: what makes two examples 'the same'."""
     return " ".join(text.split()).casefold()
 
 
+def normalize_texts(texts: list[str]) -> list[str]:
+    return [" ".join(t.split()).casefold() for t in texts]
+
+
+def content_hash_of(pairs: Iterable[tuple[str, str]]) -> str:
+    canon = "\x1f".join(f"{role}\x1e{normalize_text(content)}" for role, content in pairs)
+    return hashlib.sha256(canon.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def content_hash(messages: list[dict[str, Any]]) -> str:
-    """Hash of the example's meaning, not its bytes: case and whitespace do not make a new example."""
-    canonical = [[m.get("role"), _normalize(str(m.get("content") or ""))] for m in messages]
-    return hashlib.sha256(orjson.dumps(canonical)).hexdigest()
+    """Hash of an example's meaning, not its bytes: case and whitespace do not make a new example."""
+    return content_hash_of((str(m.get("role")), str(m.get("content") or "")) for m in messages)
+
+
+def render_column(template: str, columns: dict[str, list[Any]], rows: list[int]):
+    """``template.format(**record)`` for many records at once (Arrow string joins when the template is
+    plain ``{field}`` references; Python's format when it uses format specs or conversions)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    parts = list(string.Formatter().parse(template))
+    if any(name is not None and (spec or conv or not name.isidentifier()) for _, name, spec, conv in parts):
+        return pa.array([template.format(**{n: columns[n][i] for n in columns}) for i in rows], type=pa.large_string())
+    pieces: list[Any] = []
+    for literal, name, _, _ in parts:
+        if literal:
+            pieces.append(pa.scalar(literal, type=pa.large_string()))
+        if name is not None:
+            pieces.append(pa.array([columns[name][i] for i in rows], type=pa.large_string()))
+    empty = pa.scalar("", type=pa.large_string())
+    if not any(isinstance(p, pa.Array) for p in pieces):  # a template without fields: the same text for all
+        pieces.append(pa.array([""] * len(rows), type=pa.large_string()))
+    joined = pc.binary_join_element_wise(*pieces, empty, empty, null_handling="replace", null_replacement="None")
+    return joined
 
 
 def render_messages(mapping: MappingConfig, fields: dict[str, Any]) -> list[dict[str, Any]]:
@@ -230,11 +265,10 @@ def load_suite(path: Path, without: str | None = None) -> tuple[Any, list[dict[s
 
 
 class SuiteRunner:
-    """One GX suite, validated chunk after chunk through a checkpoint that can also update Data Docs."""
+    """One GX suite, validated chunk after chunk through a checkpoint."""
 
-    def __init__(self, context, suite, docs_site: str | None):
+    def __init__(self, context, suite):
         import great_expectations as gx
-        from great_expectations.checkpoint import UpdateDataDocsAction
 
         self.name = suite.name
         asset = context.data_sources.add_pandas(f"{suite.name}-source").add_dataframe_asset(suite.name)
@@ -242,9 +276,9 @@ class SuiteRunner:
         suite = context.suites.add(suite)
         validation = context.validation_definitions.add(
             gx.ValidationDefinition(name=f"{suite.name}-validation", data=definition, suite=suite))
-        actions = [UpdateDataDocsAction(name="docs", site_names=[docs_site])] if docs_site else []
+        # results stay in the context's store; Data Docs are built from all of them once, at the end
         self.checkpoint = context.checkpoints.add(gx.Checkpoint(
-            name=f"{suite.name}-gate", validation_definitions=[validation], actions=actions,
+            name=f"{suite.name}-gate", validation_definitions=[validation], actions=[],
             result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ROW]}))
         self.columns = {c for e in suite.expectations if (c := e.configuration.kwargs.get("column"))}
         self.outcomes: dict[tuple[str, str | None], list[int]] = {}  # (type, column) -> [failed chunks, count]
@@ -272,8 +306,135 @@ class SuiteRunner:
 # ---- the gate -------------------------------------------------------------------------------------------
 
 
+@dataclass
+class PreparedChunk:
+    """A chunk after everything that does not depend on other chunks: picklable, so another process can
+    make it. Row k of the chunk is row k of every list."""
+
+    sources: list[str]
+    lines: list[int]
+    records: list[bytes]  # the original record as JSON, for the quarantine file
+    keys: list[bytes]  # exact-duplicate key of the mapped content
+    columns: dict[str, list[Any]]  # mapped fields, after PII handling: what the raw suite checks
+    pii_reasons: dict[int, list[str]]
+    n_redacted: int
+    flat: Any  # DataFrame: the chat suite's columns, one row per record
+    examples: list[bytes]  # the accepted example as a JSONL line, should it pass
+    unreadable: list[QuarantineEntry]
+
+
+class ChunkPreparer:
+    """Maps records to chat examples, handles PII, renders, hashes: everything per-row and order-free."""
+
+    def __init__(self, mapping: MappingConfig, quality: QualityConfig):
+        self.mapping, self.redact = mapping, quality.pii == "redact"
+        self.fields = all_fields(mapping)
+        self.text_fields = template_fields(mapping)
+        self.kinds = pii_kinds(quality)
+
+    def prepare(self, chunk: RecordChunk) -> PreparedChunk:
+        m = self.mapping
+        columns: dict[str, list[Any]] = {}
+        for name in self.fields:
+            values = [r.get(name) for r in chunk.rows]
+            if name != m.messages:  # a number where text is expected is read as its text
+                values = [v.strip() if isinstance(v, str) else v if v is None else
+                          orjson.dumps(v).decode() if isinstance(v, dict | list) else str(v) for v in values]
+            columns[name] = values
+
+        pii_reasons: dict[int, list[str]] = {}
+        n_redacted = 0
+        for name in self.text_fields:
+            columns[name], found = scan_pii(columns[name], self.kinds, redact=self.redact)
+            for i, counts in found.items():
+                if self.redact:
+                    n_redacted += sum(counts.values())
+                else:
+                    pii_reasons.setdefault(i, []).extend(f"pii:{k}({name})" for k in counts)
+        if m.messages:
+            for i, value in enumerate(columns[m.messages]):
+                columns[m.messages][i], counts = self._scan_messages(value)
+                if counts and self.redact:
+                    n_redacted += sum(counts.values())
+                elif counts:
+                    pii_reasons.setdefault(i, []).extend(f"pii:{k}({m.messages})" for k in counts)
+
+        n = len(chunk.rows)
+        keys = [hashlib.sha256(orjson.dumps([columns[f][i] for f in self.fields], default=str)).digest()[:16]
+                for i in range(n)]
+        messages, flat, hashes = self._render(columns)
+        labels = columns[m.label] if m.label else [None] * n
+        ids = columns.get(m.id, [None] * n)
+        examples = [orjson.dumps({
+            "messages": messages[i],
+            "label": None if labels[i] is None else str(labels[i]),
+            "record_id": str(ids[i]) if ids[i] is not None else f"{Path(chunk.sources[i]).name}:{chunk.lines[i]}",
+            "source": chunk.sources[i],
+            "line": chunk.lines[i],
+            "content_hash": hashes[i],
+            "metadata": {name: columns[name][i] for name in m.metadata},
+        }, default=str) + b"\n" for i in range(n)]
+        return PreparedChunk(
+            sources=chunk.sources, lines=chunk.lines, records=[orjson.dumps(r, default=str) for r in chunk.rows],
+            keys=keys, columns={k: v for k, v in columns.items() if k != m.messages}, pii_reasons=pii_reasons,
+            n_redacted=n_redacted, flat=flat, examples=examples, unreadable=chunk.unreadable)
+
+    def _render(self, columns: dict[str, list[Any]]):
+        """Each row's chat messages, their content hashes, and the flattened columns the chat suite checks."""
+        import pandas as pd
+        import pyarrow.compute as pc
+
+        m = self.mapping
+        n = len(next(iter(columns.values()))) if columns else 0
+        rows = list(range(n))
+        if m.messages is not None:
+            messages = [render_messages(m, {m.messages: value}) for value in columns[m.messages]]
+            return messages, pd.DataFrame([flatten_chat(msgs) for msgs in messages], index=rows), \
+                [content_hash(msgs) for msgs in messages]
+        turns = [("system", m.system)] if m.system else []
+        turns += [("user", m.user), ("assistant", m.assistant)]
+        arrays = {role: render_column(template, columns, rows) for role, template in turns}
+        names = [role for role, _ in turns]
+        texts = [arrays[role].to_pylist() for role in names]
+        messages = [[{"role": r, "content": t} for r, t in zip(names, row, strict=True)] for row in zip(*texts, strict=True)]
+        # content_hash, unrolled over columns: the same value, without a call per message
+        normalized = [[f"{r}\x1e" + " ".join(t.split()).casefold() for t in col] for r, col in zip(names, texts, strict=True)]
+        hashes = [hashlib.sha256("\x1f".join(row).encode("utf-8", "surrogatepass")).hexdigest() for row in zip(*normalized, strict=True)]
+        flat = pd.DataFrame({
+            "n_messages": len(turns), "n_malformed": 0, "roles": ",".join(names), "last_role": names[-1],
+            "n_unknown_roles": 0,
+            "n_empty_content": sum(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(a)), 0)
+                                   .to_numpy(zero_copy_only=False).astype("int64") for a in arrays.values()),
+            "n_chars": sum(pc.utf8_length(a).to_numpy(zero_copy_only=False) for a in arrays.values()),
+        }, index=rows)
+        return messages, flat, hashes
+
+    def _scan_messages(self, value: Any) -> tuple[Any, dict[str, int]]:
+        if isinstance(value, str):
+            try:
+                value = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                return value, {}
+        if not isinstance(value, list):
+            return value, {}
+        contents = [msg.get("content") if isinstance(msg, dict) and isinstance(msg.get("content"), str) else None
+                    for msg in value]
+        texts, found = scan_pii(contents, self.kinds, redact=self.redact)
+        counts: dict[str, int] = {}
+        for per_message in found.values():
+            for kind, k in per_message.items():
+                counts[kind] = counts.get(kind, 0) + k
+        if self.redact and found:
+            value = [{**msg, "content": texts[k]} if k in found else msg for k, msg in enumerate(value)]
+        return value, counts
+
+
 class QualityGate:
-    """Feed it chunks, then ``finish()``: a CheckedBatch with every record accounted for."""
+    """Feed it prepared chunks in source order, then ``finish()``: a CheckedBatch accounting for every record.
+
+    Holds what depends on order: first-seen duplicates, run-wide uniqueness, the GX context (one per run,
+    so Data Docs show every chunk), the counts and the output files.
+    """
 
     def __init__(self, mapping: MappingConfig, quality: QualityConfig, run_dir: Path):
         import great_expectations as gx
@@ -283,9 +444,7 @@ class QualityGate:
             logging.getLogger(name).setLevel(logging.WARNING)
         self.mapping, self.quality, self.run_dir = mapping, quality, run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.fields = all_fields(mapping)
-        self.text_fields = template_fields(mapping)
-        self.kinds = pii_kinds(quality)
+        self.fields = [f for f in all_fields(mapping) if f != mapping.messages]
 
         # uniqueness is a property of the whole run, not of a chunk: enforced here, reported with the suite
         raw_suite, unique = load_suite(quality.suite, without=UNIQUE)
@@ -307,8 +466,9 @@ class QualityGate:
                 "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(self.docs_dir)},
                 "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
             })
-        self.raw = SuiteRunner(context, raw_suite, "run" if self.docs_dir else None)
-        self.chat = SuiteRunner(context, chat_suite, "run" if self.docs_dir else None)
+        self.context = context
+        self.raw = SuiteRunner(context, raw_suite)
+        self.chat = SuiteRunner(context, chat_suite)
 
         self.paths = {name: run_dir / f"{name}.jsonl" for name in ("accepted", "quarantine", "duplicates")}
         self.out = {name: path.open("wb") for name, path in self.paths.items()}
@@ -326,45 +486,18 @@ class QualityGate:
         entry = QuarantineEntry(source=source, line=line, reasons=reasons, record=record)
         self.out["quarantine"].write(orjson.dumps(entry.model_dump(), default=str) + b"\n")
 
-    def add(self, chunk: RecordChunk) -> None:
+    def add(self, chunk: PreparedChunk) -> None:
         import pandas as pd
 
-        self.n_read += len(chunk)
+        self.n_read += len(chunk.keys) + len(chunk.unreadable)
+        self.n_redacted += chunk.n_redacted
         for entry in chunk.unreadable:
             self._quarantine(entry.source, entry.line, entry.reasons, entry.record)
-        if not chunk.rows:
+        if not chunk.keys:
             return
-        m = self.mapping
-        columns: dict[str, list[Any]] = {}
-        for name in self.fields:
-            values = [r.get(name) for r in chunk.rows]
-            if name != m.messages:  # a number where text is expected is read as its text
-                values = [v if v is None or isinstance(v, str) else orjson.dumps(v).decode()
-                          if isinstance(v, dict | list) else str(v) for v in values]
-                values = [v.strip() if isinstance(v, str) else v for v in values]
-            columns[name] = values
-
-        pii_reasons: dict[int, list[str]] = {}
-        redact = self.quality.pii == "redact"
-        for name in self.text_fields:
-            columns[name], found = scan_pii(columns[name], self.kinds, redact=redact)
-            for i, kinds in enumerate(found):
-                if kinds:
-                    self.n_redacted += len(kinds) if redact else 0
-                    if not redact:
-                        pii_reasons.setdefault(i, []).extend(f"pii:{k}({name})" for k in kinds)
-        if m.messages:
-            for i, value in enumerate(columns[m.messages]):
-                columns[m.messages][i], found = self._scan_messages(value, redact)
-                if found and not redact:
-                    pii_reasons.setdefault(i, []).extend(f"pii:{k}({m.messages})" for k in found)
-                elif found:
-                    self.n_redacted += len(found)
-
-        # exact duplicates first (by mapped content), so they are counted once and never quarantined
+        # exact duplicates first, so they are counted once and never quarantined
         keep: list[int] = []
-        for i in range(len(chunk.rows)):
-            key = hashlib.sha256(orjson.dumps([columns[n][i] for n in self.fields], default=str)).digest()[:16]
+        for i, key in enumerate(chunk.keys):
             origin = self.seen.get(key)
             if origin is not None:
                 self.n_duplicates += 1
@@ -375,71 +508,36 @@ class QualityGate:
             self.seen[key] = (chunk.sources[i], chunk.lines[i])
             keep.append(i)
 
-        frame = pd.DataFrame({n: [columns[n][i] for i in keep] for n in self.fields}).astype(object)
+        frame = pd.DataFrame({n: [chunk.columns[n][i] for i in keep] for n in self.fields}).astype(object)
         frame = frame.where(frame.notna(), None)
         frame[ROW] = range(len(keep))
         reasons = self.raw.run(frame)
         for j, i in enumerate(keep):
             for col in self.unique_columns:
-                value = columns[col][i]
+                value = chunk.columns[col][i]
                 if value is None:
                     continue
                 first = self.ids[col].setdefault(str(value), (chunk.sources[i], chunk.lines[i]))
                 if first != (chunk.sources[i], chunk.lines[i]):
                     self.unique_failures[col] += 1
                     reasons.setdefault(j, []).append(f"{UNIQUE}({col})")
-            if i in pii_reasons:
-                reasons.setdefault(j, []).extend(pii_reasons[i])
+            if i in chunk.pii_reasons:
+                reasons.setdefault(j, []).extend(chunk.pii_reasons[i])
 
-        rendered: dict[int, list[dict[str, Any]]] = {}
-        flat: list[dict[str, Any]] = []
-        for j, i in enumerate(keep):
-            if j in reasons:
-                continue
-            values = {n: columns[n][i] for n in self.fields}
-            rendered[j] = render_messages(m, values)
-            flat.append({**flatten_chat(rendered[j]), ROW: j})
-        chat_reasons = self.chat.run(pd.DataFrame(flat)) if flat else {}
-        for k, row in enumerate(flat):
-            if k in chat_reasons:
-                reasons.setdefault(row[ROW], []).extend(chat_reasons[k])
+        passing = [j for j in range(len(keep)) if j not in reasons]
+        if passing:
+            flat = chunk.flat.iloc[[keep[j] for j in passing]].reset_index(drop=True)
+            flat[ROW] = range(len(passing))
+            for k, why in self.chat.run(flat).items():
+                reasons.setdefault(passing[k], []).extend(why)
 
         write = self.out["accepted"].write
         for j, i in enumerate(keep):
             if j in reasons:
-                self._quarantine(chunk.sources[i], chunk.lines[i], reasons[j], chunk.rows[i])
-                continue
-            messages = rendered[j]
-            label = columns[m.label][i] if m.label else None
-            record_id = columns[m.id][i] if m.id in columns else None
-            write(orjson.dumps({
-                "messages": messages,
-                "label": None if label is None else str(label),
-                "record_id": str(record_id) if record_id is not None else f"{Path(chunk.sources[i]).name}:{chunk.lines[i]}",
-                "source": chunk.sources[i],
-                "line": chunk.lines[i],
-                "content_hash": content_hash(messages),
-                "metadata": {k: columns[k][i] for k in m.metadata},
-            }, default=str) + b"\n")
-            self.n_accepted += 1
-
-    def _scan_messages(self, value: Any, redact: bool) -> tuple[Any, list[str]]:
-        if isinstance(value, str):
-            try:
-                value = orjson.loads(value)
-            except orjson.JSONDecodeError:
-                return value, []
-        if not isinstance(value, list):
-            return value, []
-        found: list[str] = []
-        out = []
-        for msg in value:
-            if isinstance(msg, dict) and isinstance(msg.get("content"), str):
-                texts, kinds = scan_pii([msg["content"]], self.kinds, redact=redact)
-                found.extend(kinds[0])
-                msg = {**msg, "content": texts[0]} if redact else msg
-            out.append(msg)
-        return out, found
+                self._quarantine(chunk.sources[i], chunk.lines[i], reasons[j], orjson.loads(chunk.records[i]))
+            else:
+                write(chunk.examples[i])
+                self.n_accepted += 1
 
     def outcomes(self) -> list[ExpectationOutcome]:
         result = [
@@ -455,6 +553,8 @@ class QualityGate:
     def finish(self) -> CheckedBatch:
         for fh in self.out.values():
             fh.close()
+        if self.docs_dir:
+            self.context.build_data_docs(site_names=["run"])
         summary_path = self.run_dir / "quality_summary.json"
         checked = CheckedBatch(
             accepted_path=self.paths["accepted"], quarantine_path=self.paths["quarantine"],
@@ -471,10 +571,61 @@ class QualityGate:
         return checked
 
 
-def check_batch(chunks: Iterable[RecordChunk], mapping: MappingConfig, quality: QualityConfig,
+def _prepare_in_subprocess(raw: RawBatch, source: SourceConfig, mapping: MappingConfig, quality: QualityConfig,
+                           queue) -> None:
+    """Producer process: read and prepare chunks; the parent validates them meanwhile (two cores busy)."""
+    from tasks.collect import read_chunks
+
+    try:
+        preparer = ChunkPreparer(mapping, quality)
+        for chunk in read_chunks(raw, source):
+            queue.put(preparer.prepare(chunk))
+        queue.put(None)
+    except BaseException as exc:  # handed to the parent, which raises it where the user sees it
+        queue.put(exc if isinstance(exc, TuneloopError) else RuntimeError(f"{type(exc).__name__}: {exc}"))
+
+
+def prepared_chunks(raw: RawBatch, source: SourceConfig, mapping: MappingConfig, quality: QualityConfig,
+                    in_subprocess: bool) -> Iterator[PreparedChunk]:
+    if not in_subprocess:
+        from tasks.collect import read_chunks
+
+        preparer = ChunkPreparer(mapping, quality)
+        for chunk in read_chunks(raw, source):
+            yield preparer.prepare(chunk)
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # never fork a process that runs Prefect's threads
+    queue = ctx.Queue(maxsize=2)  # bounded: at most a few chunks in memory
+    proc = ctx.Process(target=_prepare_in_subprocess, args=(raw, source, mapping, quality, queue), daemon=True)
+    proc.start()
+    try:
+        while True:
+            item = queue.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+
+
+def use_subprocess(raw: RawBatch, quality: QualityConfig) -> bool:
+    """Two cores pay off once a batch is large enough to amortize starting a process (~1 s)."""
+    if quality.prepare_in_subprocess != "auto":
+        return quality.prepare_in_subprocess == "always"
+    size = sum(f.size for f in raw.files) + (raw.sql.n_rows * 500 if raw.sql else 0)
+    return size >= 32 * 2**20 and (os.cpu_count() or 1) > 1
+
+
+def check_batch(raw: RawBatch, source: SourceConfig, mapping: MappingConfig, quality: QualityConfig,
                 run_dir: Path) -> CheckedBatch:
     gate = QualityGate(mapping, quality, run_dir)
-    for chunk in chunks:
+    for chunk in prepared_chunks(raw, source, mapping, quality, use_subprocess(raw, quality)):
         gate.add(chunk)
     return gate.finish()
 
@@ -531,9 +682,7 @@ def summary_markdown(checked: CheckedBatch) -> str:
 
 @task(name="quality", cache_policy=NO_CACHE)
 def quality_task(raw, source, mapping: MappingConfig, quality: QualityConfig, run_dir: Path) -> CheckedBatch:
-    from tasks.collect import read_chunks
-
-    checked = check_batch(read_chunks(raw, source), mapping, quality, run_dir)
+    checked = check_batch(raw, source, mapping, quality, run_dir)
     create_markdown_artifact(summary_markdown(checked), key="quality-gate", description="quality gate outcome")
     get_run_logger().info(
         f"quality: read {checked.n_read} = accepted {checked.n_accepted} + quarantined {checked.n_quarantined}"

@@ -21,6 +21,9 @@ OFFLINE_AND_QUIET = {
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "PREFECT_UI_ENABLED": "true",
+    # A fresh Prefect home migrates its SQLite database on first start: on 2 busy cores that can pass
+    # Prefect's default 20 s, and the run would die before its first task.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 
 

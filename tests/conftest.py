@@ -57,12 +57,12 @@ def prefect_harness():
 
 def gate_folder(folder: Path, cfg, run_dir: Path):
     """Collect everything in a folder (empty ledger) and run the quality gate over it."""
-    from tasks.collect import make_source, read_chunks
+    from tasks.collect import make_source
     from tasks.ledger import Ledger
     from tasks.quality import check_batch, required_fields
 
     raw = make_source(cfg.source, folder, required_fields(cfg.mapping)).collect(Ledger())
-    return check_batch(read_chunks(raw, cfg.source), cfg.mapping, cfg.quality, run_dir)
+    return check_batch(raw, cfg.source, cfg.mapping, cfg.quality, run_dir)
 
 
 def accepted(checked) -> dict:

@@ -121,7 +121,7 @@ def test_extra_configured_patterns_are_redacted_and_a_bad_one_is_a_config_error(
     kinds = pii_kinds(cfg.quality)
     assert redact_pii("ref CUST-123456 here", kinds) == ("ref [CUSTOMER_NO] here", 1)
     bad = load_config(DEMO_CONFIG, ["quality.pii_patterns={broken: '(unclosed'}"])
-    with pytest.raises(TuneloopError, match="quality.pii_patterns.broken: not a valid regex"):
+    with pytest.raises(TuneloopError, match="quality.pii_patterns.broken: not a valid RE2/Python regex"):
         pii_kinds(bad.quality)
 
 
