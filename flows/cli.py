@@ -77,13 +77,19 @@ def check(
     set_: SetOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
     out: Annotated[Path | None, typer.Option(help="keep quarantine, duplicates and Data Docs in this folder")] = None,
+    format_: Annotated[str, typer.Option(
+        "--format", help="records: raw records through the quality gate; chat: a chat-format JSONL "
+        "(OpenAI fine-tuning file) checked line by line")] = "records",
 ) -> None:
-    """Run the quality gate on one file without consuming it. Exit 0: passes, 1: fails, 2: unusable input."""
+    """Check one file without consuming it. Exit 0: passes, 1: fails, 2: unusable input.
+
+    With --format records (the default) the quality gate runs on raw records; with --format chat a
+    fine-tuning file is checked as the service would, each line's problems named by code."""
     import tempfile
 
     from tasks.state import prepare_state
 
-    prepare_state()
+    state = prepare_state()
     from flows.config import load_config
     from flows.report import print_check_report
 
@@ -91,6 +97,10 @@ def check(
         cfg = load_config(config, set_ or [])
     except TuneloopError as exc:
         fail(str(exc), 2)
+    if format_ not in ("records", "chat"):
+        fail(f"--format {format_}: expected records or chat", 2)
+    if format_ == "chat":
+        _check_chat(path, cfg, state, as_json)
     from tasks.collect import FORMATS, check_columns, sha256_file
     from tasks.quality import QualityGateFailed, check_batch, enforce_gate, required_fields
     from tasks.records import LandingFile, RawBatch
@@ -121,6 +131,98 @@ def check(
             verdict = str(exc).split("; reasons in")[0]
         print_check_report(path, checked, verdict, as_json)
     raise typer.Exit(0 if verdict is None else 1)
+
+
+def _check_chat(path: Path, cfg, state, as_json: bool) -> None:
+    from flows.report import print_chat_report
+    from tasks.chatformat import validate_chat_file
+    from tasks.export import token_plan
+
+    if not path.is_file():
+        fail(f"{path}: no such file", 2)
+    try:
+        plan = token_plan(cfg.train, state.models)
+        report = validate_chat_file(path, plan.counter.count, plan.limit)
+    except TuneloopError as exc:
+        fail(str(exc), 2)
+    print_chat_report(report, as_json)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def export(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Export the newest dataset version as chat JSONL (train + validation) and print its manifest."""
+    from tasks.state import prepare_state
+
+    state = prepare_state()
+    from flows.config import load_config
+
+    try:
+        cfg = load_config(config, set_ or [])
+        from tasks.export import export_chat_jsonl, manifest_summary, token_plan
+        from tasks.heldout import read_heldout
+        from tasks.ledger import load_ledger
+        from tasks.snapshot import load_snapshot
+
+        ledger = load_ledger(state.ledger)
+        if not ledger.dataset_version:
+            fail(f"no dataset version in {state.home} yet: `tuneloop run` collects, checks and snapshots the "
+                 "landing folder first", 1)
+        dataset = load_snapshot(state.datasets, ledger.dataset_version)
+        heldout = read_heldout(cfg.evaluate.holdout, cfg.mapping, cfg.evaluate.max_examples)
+        exported = export_chat_jsonl(dataset, cfg.export, heldout, state.home / "exports",
+                                     token_plan(cfg.train, state.models), cfg.config_hash())
+    except TuneloopError as exc:
+        fail(str(exc), 1)
+    print(manifest_summary(exported))
+    print(f"manifest: {exported.manifest_path}")
+
+
+@app.command()
+def estimate(
+    path: Annotated[Path, typer.Argument(help="a chat-format JSONL training file")],
+    model: Annotated[str | None, typer.Option(help="OpenAI model to price; default: train.openai.model")] = None,
+    epochs: Annotated[str | None, typer.Option(help="N or auto; default: train.openai.n_epochs")] = None,
+    max_cost_usd: Annotated[float | None, typer.Option(help="exit 1 when the estimate is higher")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
+) -> None:
+    """Tokens, epochs and cost of fine-tuning on a file, counted with tiktoken, before anything is uploaded."""
+    from tasks.state import prepare_state
+
+    state = prepare_state()
+    from flows.config import load_config
+
+    try:
+        cfg = load_config(config, set_ or [])
+    except TuneloopError as exc:
+        fail(str(exc), 2)
+    if not path.is_file():
+        fail(f"{path}: no such file", 2)
+    if epochs is not None and epochs != "auto" and not epochs.isdigit():
+        fail(f"--epochs {epochs}: expected a whole number or auto", 2)
+    from flows.report import print_estimate
+    from tasks.chatformat import validate_chat_file
+    from tasks.tokens import TiktokenCounter, encoding_for_model, enforce_budget, estimate_cost
+
+    name = model or cfg.train.openai.model
+    try:
+        limit = cfg.train.openai.spec(name).context_tokens
+        counter = TiktokenCounter(encoding_for_model(name, cfg.train.openai, state.home))
+        report = validate_chat_file(path, counter.count, limit)
+        est = estimate_cost(report.token_counts, name, cfg.train.openai,
+                            None if epochs is None else (epochs if epochs == "auto" else int(epochs)))
+    except TuneloopError as exc:
+        fail(str(exc), 2)
+    budget = max_cost_usd if max_cost_usd is not None else cfg.train.max_cost_usd
+    try:
+        enforce_budget(est, budget)
+        refusal = None
+    except TuneloopError as exc:
+        refusal = str(exc)
+    print_estimate(report, est, counter.name, refusal, as_json)
+    raise typer.Exit(0 if report.ok and refusal is None else 1)
 
 
 def main() -> None:

@@ -154,11 +154,56 @@ class TinyBaseConfig(Strict):
     seed: int = 0
 
 
+class OpenAIModelSpec(Strict):
+    """What a fine-tunable OpenAI model costs and holds. Prices change: this is config, not code."""
+
+    context_tokens: int = Field(ge=1, description="longest training example; longer ones are truncated")
+    usd_per_1m_training_tokens: float = Field(ge=0)
+
+
+def _default_openai_models() -> dict[str, OpenAIModelSpec]:
+    # OpenAI's published fine-tuning prices (USD per 1M training tokens) and training context lengths.
+    # Check https://openai.com/api/pricing before relying on them; override or add models in your config.
+    table = {
+        "gpt-4.1-2025-04-14": (65_536, 25.00),
+        "gpt-4.1-mini-2025-04-14": (65_536, 5.00),
+        "gpt-4.1-nano-2025-04-14": (65_536, 1.50),
+        "gpt-4o-2024-08-06": (65_536, 25.00),
+        "gpt-4o-mini-2024-07-18": (65_536, 3.00),
+        "gpt-3.5-turbo-0125": (16_385, 8.00),
+    }
+    return {name: OpenAIModelSpec(context_tokens=c, usd_per_1m_training_tokens=p) for name, (c, p) in table.items()}
+
+
+class OpenAITrainConfig(Strict):
+    model: str = "gpt-4o-mini-2024-07-18"
+    n_epochs: int | Literal["auto"] = Field(
+        "auto", description="'auto' follows OpenAI's default: 3, raised/lowered to keep examples x epochs in 100..25,000")
+    models: dict[str, OpenAIModelSpec] = Field(default_factory=_default_openai_models)
+    tiktoken_cache_dir: ConfigPath | None = Field(
+        None, description="where tiktoken's encoding files are cached; unset: $TIKTOKEN_CACHE_DIR or $TUNELOOP_HOME/tiktoken")
+    tiktoken_file: ConfigPath | None = Field(
+        None, description="a .tiktoken BPE file (as OpenAI publishes it) to use instead of the cache or a download")
+
+    def spec(self, model: str | None = None) -> OpenAIModelSpec:
+        """A fine-tuned model (``ft:BASE:org::id``) is priced and limited like its base."""
+        name = model or self.model
+        base = name.split(":")[1] if name.startswith("ft:") and name.count(":") >= 1 else name
+        for candidate in (name, base):
+            if candidate in self.models:
+                return self.models[candidate]
+        raise TuneloopError(f"train.openai.models has no entry for {name!r}: add its context_tokens and "
+                            "usd_per_1m_training_tokens (known: " + ", ".join(sorted(self.models)) + ")")
+
+
 class TrainConfig(Strict):
     backend: Literal["local"] = "local"
     base_model: str = Field("tiny", description="'tiny' (built offline), a local folder or a hub id")
+    max_cost_usd: float | None = Field(
+        None, ge=0, description="refuse a paid training job whose estimated cost is higher, before uploading")
     tiny: TinyBaseConfig = Field(default_factory=TinyBaseConfig)
     local: LocalTrainConfig = Field(default_factory=LocalTrainConfig)
+    openai: OpenAITrainConfig = Field(default_factory=OpenAITrainConfig)
 
 
 class EvaluateConfig(Strict):

@@ -91,3 +91,61 @@ def print_check_report(path, checked, verdict: str | None, as_json: bool) -> Non
     for d in duplicates[:5]:
         console.print(f"  line {d['line']}: duplicate of line {d['duplicate_of']['line']}", highlight=False)
     console.print("[bold green]gate passes[/]" if verdict is None else f"[bold red]gate fails:[/] {verdict}")
+
+
+def print_chat_report(report, as_json: bool) -> None:
+    """``tuneloop check --format chat``: per line, the codes found."""
+    import orjson
+
+    if as_json:
+        print(orjson.dumps(report.to_json()).decode())
+        return
+    from rich.console import Console
+
+    console = Console(width=max(100, int(os.environ.get("COLUMNS", "100"))))
+    console.print(f"{report.path}: {report.n_examples} examples, {report.size_bytes:,} bytes", highlight=False)
+    for code, n in report.counts.items():
+        console.print(f"  {code}: {n}", highlight=False)
+    rows = sorted(report.line_codes.items())
+    for line, codes in rows[:20]:
+        console.print(f"  line {line}: {', '.join(codes)}", highlight=False)
+    if len(rows) > 20:
+        console.print(f"  ... and {len(rows) - 20} more lines (use --json for all)")
+    for code in report.file_codes:
+        console.print(f"  file: {code}", highlight=False)
+    console.print("[bold green]format ok[/]" if report.ok else "[bold red]format errors: fix the lines above[/]")
+
+
+def print_estimate(report, estimate, counted_with: str, refusal: str | None, as_json: bool) -> None:
+    """``tuneloop estimate``: examples, tokens, over-limit examples, epochs, billed tokens, cost."""
+    import orjson
+
+    from tasks.tokens import token_stats
+
+    stats = token_stats(report.token_counts, estimate.context_tokens, counted_with)
+    if as_json:
+        print(orjson.dumps({"file": str(report.path), "format_ok": report.ok, "format_counts": report.counts,
+                            "tokens": stats.model_dump(), "estimate": estimate.model_dump(),
+                            "within_budget": refusal is None, "refusal": refusal}).decode())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Fine-tuning estimate for {report.path}", title_justify="left", show_header=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    errors = sum(n for c, n in report.counts.items() if c != "too_many_tokens")
+    for name, value in (
+        ("examples (valid / in file)", f"{len(report.token_counts):,} / {report.n_examples:,}"),
+        ("format errors", f"{errors:,}"),
+        (f"tokens ({counted_with})", f"total {stats.total:,}, p50 {stats.p50}, p95 {stats.p95}, max {stats.max}"),
+        (f"examples over {estimate.context_tokens:,} tokens (truncated)", f"{estimate.n_over_limit:,}"),
+        (f"epochs ({estimate.epochs_setting})", str(estimate.epochs)),
+        ("billed tokens", f"{estimate.billed_tokens:,}"),
+        (f"cost at ${estimate.usd_per_1m_training_tokens}/1M ({estimate.model})", f"${estimate.estimated_cost_usd:,.2f}"),
+    ):
+        table.add_row(name, value)
+    console = Console(width=max(100, int(os.environ.get("COLUMNS", "100"))))
+    console.print(table)
+    if refusal:
+        console.print(f"[bold red]over budget:[/] {refusal}", highlight=False)

@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 from flows.config import PipelineConfig
 from tasks.collect import collect_task
 from tasks.evaluate import evaluate_task
-from tasks.export import export_task
+from tasks.export import export_task, token_plan_task
 from tasks.heldout import read_heldout
 from tasks.ledger import commit_ledger, consume, load_ledger
 from tasks.quality import enforce_min_examples, quality_task, required_fields
@@ -24,6 +24,7 @@ from tasks.records import RetrainResult
 from tasks.register import find_champion_task, register_task
 from tasks.snapshot import load_snapshot, snapshot_task
 from tasks.state import prepare_state
+from tasks.tokens import CostEstimate, enforce_budget
 
 
 @flow(name="retrain")
@@ -60,7 +61,13 @@ def retrain(config: PipelineConfig) -> RetrainResult:
         return RetrainResult(status="nothing_new", message=message, dataset_version=ledger.dataset_version,
                              run_dir=run_dir)
 
-    exported = export_task(dataset, config.export, heldout, state.home / "exports")
+    plan = token_plan_task(config.train, state.models)
+    exported = export_task(dataset, config.export, heldout, state.home / "exports", plan, config.config_hash())
+    if not exported.train_path.is_file():  # a cached result whose files were deleted since: export again
+        exported = export_task.with_options(refresh_cache=True)(
+            dataset, config.export, heldout, state.home / "exports", plan, config.config_hash())
+    enforce_budget(CostEstimate.model_validate(exported.estimate) if exported.estimate else None,
+                   config.train.max_cost_usd)
     trained = train_task(exported, config.train, state.models, run_dir)
     champion = find_champion_task(config.registry, tracking_uri, run_dir / "champion")
     report = evaluate_task(trained, champion, heldout, config.evaluate, run_dir)

@@ -1,24 +1,32 @@
-"""Export: the dataset version as OpenAI chat-format JSONL (train + validation) with a manifest.
+"""Export: a dataset version as chat-format JSONL (train + validation), validated, token-counted, costed.
 
-The held-out evaluation examples are removed from both splits first, so a score is never inflated by
-an example the model was trained on; how many were removed is in the manifest.
+What a paid job consumes is checked here, before upload: every example against the chat format (the
+codes of tasks.chatformat), every token counted with the tokenizer that will train on it, the billed
+tokens and the cost estimated. Held-out evaluation examples are removed first and their absence is
+asserted after the split, so a score is never inflated by an example the model was trained on.
+
+Exports are content-addressed (dataset version + export settings + tokenizer + held-out set): the same
+inputs find the finished files and reuse them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from collections import Counter
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import ExportConfig
+from flows.config import ExportConfig, OpenAITrainConfig, TrainConfig
+from tasks.chatformat import example_errors
 from tasks.heldout import HeldOutExample, prompt_keys
 from tasks.records import ChatExample, DatasetVersion, ExportedDataset, TuneloopError
 from tasks.snapshot import read_snapshot
+from tasks.tokens import TokenCounter, estimate_cost, token_stats
 
 
 def sha256_file(path: Path) -> str:
@@ -29,57 +37,196 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+@dataclass
+class TokenPlan:
+    """How the training backend will see the examples: its tokenizer, its length limit, its price (if paid)."""
+
+    counter: TokenCounter
+    limit: int
+    openai: OpenAITrainConfig | None = None
+    model: str | None = None
+
+    def key(self) -> str:
+        paid = self.openai.model_dump_json() if self.openai else ""
+        return hashlib.sha256(f"{self.counter.name}|{self.limit}|{self.model}|{paid}".encode()).hexdigest()[:8]
+
+
+def token_plan(train: TrainConfig, models_dir: Path) -> TokenPlan:
+    """The local backend counts with its base model's tokenizer and chat template (the trainer's view)."""
+    from tasks.base_model import load_tokenizer, resolve_base_model
+
+    source = resolve_base_model(train, models_dir)
+    counter = _template_counter(load_tokenizer(source), str(train.base_model))
+    return TokenPlan(counter=counter, limit=train.local.max_length)
+
+
+def _template_counter(tokenizer, name: str):
+    from tasks.tokens import ChatTemplateCounter
+
+    return ChatTemplateCounter(tokenizer, name)
+
+
 def split_examples(examples: list[ChatExample], fraction: float, seed: str) -> tuple[list, list]:
-    """Deterministic for a given dataset version and seed, whatever order the examples came in."""
-    ordered = sorted(examples, key=lambda e: e.content_hash)
-    random.Random(seed).shuffle(ordered)
-    n_val = max(1, round(len(ordered) * fraction))
-    return ordered[n_val:], ordered[:n_val]
+    """Deterministic for a dataset version and seed whatever order the examples came in; stratified by
+    label, so a rare queue is in both splits, with at least one validation example overall."""
+    groups: dict[str, list[ChatExample]] = defaultdict(list)
+    for e in examples:
+        groups[e.label or ""].append(e)
+    train: list[ChatExample] = []
+    validation: list[ChatExample] = []
+    for label in sorted(groups):
+        ordered = sorted(groups[label], key=lambda e: e.content_hash)
+        random.Random(f"{seed}:{label}").shuffle(ordered)
+        n_val = round(len(ordered) * fraction) if len(ordered) > 1 else 0
+        validation += ordered[:n_val]
+        train += ordered[n_val:]
+    if not validation and len(train) > 1:
+        validation.append(train.pop())
+    return train, validation
+
+
+def remove_heldout(examples: list[ChatExample], heldout: list[HeldOutExample]) -> tuple[list[ChatExample], int]:
+    """Drop every example that asks a held-out question (normalized user text) or is a held-out example."""
+    from tasks.quality import content_hash
+
+    held_prompts = set(prompt_keys([h.prompt for h in heldout]))
+    held_hashes = {content_hash([*h.prompt, {"role": "assistant", "content": h.expected}]) for h in heldout}
+    keys = prompt_keys([e.messages for e in examples])
+    clean = [e for e, k in zip(examples, keys, strict=True) if k not in held_prompts and e.content_hash not in held_hashes]
+    return clean, len(examples) - len(clean)
+
+
+def assert_no_heldout(splits: dict[str, list[ChatExample]], heldout: list[HeldOutExample]) -> None:
+    held = set(prompt_keys([h.prompt for h in heldout]))
+    for name, examples in splits.items():
+        leaked = [e for e, k in zip(examples, prompt_keys([e.messages for e in examples]), strict=True) if k in held]
+        if leaked:
+            raise RuntimeError(f"export: {len(leaked)} held-out examples in {name}, e.g. {leaked[0].record_id}")
+
+
+def validate_examples(examples: list[ChatExample]) -> None:
+    """The snapshot came through the gate, so a bad example here is rare; one is still never uploaded."""
+    bad = [(e, codes) for e in examples if (codes := example_errors({"messages": e.messages}))]
+    if bad:
+        shown = "; ".join(f"{e.source}:{e.line} ({e.record_id}): {', '.join(c)}" for e, c in bad[:5])
+        raise TuneloopError(f"export: {len(bad)} examples are not valid chat examples: {shown}"
+                            + (f"; and {len(bad) - 5} more" if len(bad) > 5 else ""))
 
 
 def write_jsonl(path: Path, examples: list[ChatExample]) -> None:
-    path.write_bytes(b"".join(orjson.dumps({"messages": e.messages}) + b"\n" for e in examples))
+    with path.open("wb") as fh:
+        for i in range(0, len(examples), 10_000):
+            fh.write(b"".join(orjson.dumps({"messages": e.messages}) + b"\n" for e in examples[i:i + 10_000]))
+
+
+def _export_key(export: ExportConfig, plan: TokenPlan | None, heldout: list[HeldOutExample]) -> str:
+    held = hashlib.sha256("\n".join(sorted(prompt_keys([h.prompt for h in heldout]))).encode()).hexdigest()
+    parts = [export.model_dump_json(), plan.key() if plan else "-", held]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:8]
+
+
+def _reuse(directory: Path) -> ExportedDataset | None:
+    """A finished export (its manifest is written last) whose files still hash as recorded."""
+    record = directory / "export.json"
+    if not record.is_file():
+        return None
+    exported = ExportedDataset.model_validate_json(record.read_bytes())
+    for name, digest in exported.sha256.items():
+        path = directory / name
+        if not path.is_file() or sha256_file(path) != digest:
+            return None
+    return exported.model_copy(update={"reused": True})
 
 
 def export_chat_jsonl(
-    dataset: DatasetVersion, export: ExportConfig, heldout: list[HeldOutExample], exports_dir: Path
+    dataset: DatasetVersion, export: ExportConfig, heldout: list[HeldOutExample], exports_dir: Path,
+    plan: TokenPlan | None = None, config_hash: str = "",
 ) -> ExportedDataset:
+    directory = exports_dir / f"{dataset.version}-{_export_key(export, plan, heldout)}"
+    if (found := _reuse(directory)) is not None:
+        return found
     examples = read_snapshot(dataset)
-    held = set(prompt_keys([h.prompt for h in heldout]))
-    clean = [e for e, key in zip(examples, prompt_keys([e.messages for e in examples]), strict=True) if key not in held]
-    overlaps = len(examples) - len(clean)
+    clean, overlaps = remove_heldout(examples, heldout)
     if len(clean) < 2:
         raise TuneloopError(f"export: only {len(clean)} examples left after removing held-out overlaps")
+    validate_examples(clean)
     train, validation = split_examples(clean, export.validation_fraction, f"{export.seed}:{dataset.version}")
+    assert_no_heldout({"train": train, "validation": validation}, heldout)
 
-    export_key = hashlib.sha256(export.model_dump_json().encode()).hexdigest()[:8]
-    directory = exports_dir / f"{dataset.version}-{export_key}"
-    directory.mkdir(parents=True, exist_ok=True)
-    train_path, validation_path = directory / "train.jsonl", directory / "validation.jsonl"
-    write_jsonl(train_path, train)
-    write_jsonl(validation_path, validation)
-    sha = {"train.jsonl": sha256_file(train_path), "validation.jsonl": sha256_file(validation_path)}
+    stats: dict[str, dict] = {}
+    estimate = None
+    if plan is not None:
+        counts = plan.counter.count([e.messages for e in train + validation])
+        train_counts, val_counts = counts[:len(train)], counts[len(train):]
+        for name, part in (("train", train_counts), ("validation", val_counts)):
+            stats[name] = token_stats(part, plan.limit, plan.counter.name).model_dump()
+        if plan.openai is not None:
+            estimate = estimate_cost(train_counts, plan.model or plan.openai.model, plan.openai).model_dump()
+
+    tmp = directory.with_name(directory.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    write_jsonl(tmp / "train.jsonl", train)
+    write_jsonl(tmp / "validation.jsonl", validation)
+    sha = {"train.jsonl": sha256_file(tmp / "train.jsonl"), "validation.jsonl": sha256_file(tmp / "validation.jsonl")}
     manifest = {
         "dataset_version": dataset.version,
         "snapshot": str(dataset.path),
+        "snapshot_sha256": sha256_file(dataset.path),
+        "config_hash": config_hash,
         "split_seed": export.seed,
         "validation_fraction": export.validation_fraction,
         "counts": {"train": len(train), "validation": len(validation), "heldout_overlaps_removed": overlaps},
-        "labels": {"train": dict(Counter(e.label for e in train if e.label is not None))},
+        "labels": {name: dict(sorted(Counter(e.label for e in part if e.label is not None).items()))
+                   for name, part in (("train", train), ("validation", validation))},
+        "tokens": stats,
+        "estimate": estimate,
         "sha256": sha,
     }
-    manifest_path = directory / "manifest.json"
-    manifest_path.write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-    return ExportedDataset(
-        dataset_version=dataset.version, directory=directory, train_path=train_path,
-        validation_path=validation_path, manifest_path=manifest_path, n_train=len(train),
-        n_validation=len(validation), sha256=sha,
+    (tmp / "manifest.json").write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    if directory.exists():  # a half-finished earlier try (no export.json): replaced whole
+        import shutil
+
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+    exported = ExportedDataset(
+        dataset_version=dataset.version, directory=directory, train_path=directory / "train.jsonl",
+        validation_path=directory / "validation.jsonl", manifest_path=directory / "manifest.json",
+        n_train=len(train), n_validation=len(validation), sha256=sha, n_heldout_overlaps=overlaps,
+        token_stats=stats, estimate=estimate,
     )
-
-
-@task(name="export", cache_policy=NO_CACHE)
-def export_task(dataset: DatasetVersion, export: ExportConfig, heldout: list[HeldOutExample],
-                exports_dir: Path) -> ExportedDataset:
-    exported = export_chat_jsonl(dataset, export, heldout, exports_dir)
-    get_run_logger().info(f"export: {exported.n_train} train + {exported.n_validation} validation examples in {exported.directory}")
+    (directory / "export.json").write_text(exported.model_dump_json(indent=2))
     return exported
+
+
+def manifest_summary(exported: ExportedDataset) -> str:
+    """One paragraph for logs and the CLI."""
+    lines = [f"export {exported.dataset_version}: {exported.n_train} train + {exported.n_validation} validation"
+             f" examples ({exported.n_heldout_overlaps} held-out overlaps removed) in {exported.directory}"
+             + (" [reused]" if exported.reused else "")]
+    for name, s in exported.token_stats.items():
+        over = f", {s['n_over_limit']} over the {s['limit']}-token limit" if s.get("limit") else ""
+        lines.append(f"  {name} tokens ({s['counted_with']}): total {s['total']:,}, min {s['min']}, p50 {s['p50']},"
+                     f" p95 {s['p95']}, max {s['max']}{over}")
+    if e := exported.estimate:
+        lines.append(f"  estimate for {e['model']}: {e['epochs']} epochs x {e['tokens_per_epoch']:,} tokens ="
+                     f" {e['billed_tokens']:,} billed tokens, about ${e['estimated_cost_usd']:,.2f}")
+    return "\n".join(lines)
+
+
+def _export_cache_key(context, parameters) -> str:
+    """Same snapshot, settings, tokenizer and held-out set: the same export (Prefect skips the task)."""
+    p = parameters
+    return f"export-{p['dataset'].version}-{_export_key(p['export'], p.get('plan'), p['heldout'])}-{p.get('config_hash', '')}"
+
+
+@task(name="export", cache_key_fn=_export_cache_key, persist_result=True)
+def export_task(dataset: DatasetVersion, export: ExportConfig, heldout: list[HeldOutExample],
+                exports_dir: Path, plan: TokenPlan | None = None, config_hash: str = "") -> ExportedDataset:
+    exported = export_chat_jsonl(dataset, export, heldout, exports_dir, plan, config_hash)
+    get_run_logger().info(manifest_summary(exported))
+    return exported
+
+
+@task(name="token-plan", cache_policy=NO_CACHE)
+def token_plan_task(train: TrainConfig, models_dir: Path) -> TokenPlan:
+    return token_plan(train, models_dir)

@@ -113,7 +113,11 @@ class DatasetVersion(BaseModel):
 
 
 class ExportedDataset(BaseModel):
-    """Chat JSONL files ready for a trainer, with the manifest that describes them."""
+    """Chat JSONL files ready for a trainer, with the manifest that describes them.
+
+    ``token_stats`` and ``estimate`` are plain dicts of tasks.tokens.TokenStats / CostEstimate, so this
+    record needs no heavy import to load.
+    """
 
     dataset_version: str
     directory: Path
@@ -123,6 +127,10 @@ class ExportedDataset(BaseModel):
     n_train: int
     n_validation: int
     sha256: dict[str, str]
+    n_heldout_overlaps: int = 0
+    token_stats: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    estimate: dict[str, Any] | None = None
+    reused: bool = False
 
 
 class TrainedModel(BaseModel):

@@ -129,6 +129,11 @@ def register_candidate(
         }
         if report.champion:
             metrics["champion_accuracy"] = report.champion.accuracy
+        for split, stats in exported.token_stats.items():
+            metrics.update({f"tokens.{split}.{k}": v for k, v in stats.items() if isinstance(v, int | float)})
+        if exported.estimate:
+            metrics.update(estimated_billed_tokens=exported.estimate["billed_tokens"],
+                           estimated_cost_usd=exported.estimate["estimated_cost_usd"])
         if checked is not None:
             metrics.update(n_read=checked.n_read, n_accepted=checked.n_accepted, n_quarantined=checked.n_quarantined,
                            n_duplicates=checked.n_duplicates, n_pii_redacted=checked.n_redacted)

@@ -41,7 +41,9 @@ def test_export_writes_chat_jsonl_splits_manifest_and_removes_heldout_overlaps(c
     removed = manifest["counts"]["heldout_overlaps_removed"]
     assert removed > 0  # the demo's templates do repeat across the two files
     assert len(train) + len(val) + removed == dataset.n_examples
-    assert abs(len(val) - 0.1 * (len(train) + len(val))) <= 1
+    for label, n in manifest["labels"]["train"].items():  # stratified: each queue split 90/10 on its own
+        n_val = manifest["labels"]["validation"].get(label, 0)
+        assert abs(n_val - 0.1 * (n + n_val)) <= 0.5 + 1e-9, label
     held_users = {" ".join(h.prompt[-1]["content"].split()).casefold() for h in heldout}
     assert not any(" ".join(r["messages"][1]["content"].split()).casefold() in held_users for r in train + val)
     assert not {json.dumps(r) for r in train} & {json.dumps(r) for r in val}
@@ -59,3 +61,55 @@ def test_split_is_deterministic_and_follows_the_seed(checked, tmp_path):
     other = export_chat_jsonl(dataset, ExportConfig(seed=1), [], tmp_path / "c")
     assert one.sha256 == two.sha256
     assert one.sha256 != other.sha256
+
+
+def test_manifest_has_token_stats_and_a_paid_plan_gets_a_cost_estimate(checked, tmp_path, tiktoken_file):
+    from flows.config import OpenAITrainConfig
+    from tasks.export import TokenPlan, token_plan
+    from tasks.tokens import TiktokenCounter, encoding_for_model
+
+    cfg = load_config(DEMO_CONFIG)
+    dataset = write_snapshot(checked, tmp_path / "datasets")
+    local = export_chat_jsonl(dataset, cfg.export, [], tmp_path / "local", token_plan(cfg.train, tmp_path / "m"), "cfg1")
+    manifest = json.loads(local.manifest_path.read_text())
+    t = manifest["tokens"]["train"]
+    assert t["counted_with"] == "chat-template:tiny" and t["limit"] == cfg.train.local.max_length
+    assert t["n_examples"] == local.n_train and t["min"] <= t["p50"] <= t["p95"] <= t["max"]
+    assert manifest["estimate"] is None and manifest["config_hash"] == "cfg1"
+    assert manifest["snapshot_sha256"] == hashlib.sha256(dataset.path.read_bytes()).hexdigest()
+
+    openai = OpenAITrainConfig(tiktoken_file=tiktoken_file)
+    enc = encoding_for_model(openai.model, openai, tmp_path)
+    plan = TokenPlan(counter=TiktokenCounter(enc), limit=openai.spec().context_tokens, openai=openai, model=openai.model)
+    paid = export_chat_jsonl(dataset, cfg.export, [], tmp_path / "paid", plan)
+    est = paid.estimate
+    assert est["epochs"] == 3 and est["tokens_per_epoch"] == paid.token_stats["train"]["total"]
+    assert est["estimated_cost_usd"] == round(est["tokens_per_epoch"] * 3 / 1e6 * 3.00, 4)
+    assert json.loads(paid.manifest_path.read_text())["estimate"] == est
+
+
+def test_same_inputs_reuse_the_export_and_changed_files_are_rebuilt(checked, tmp_path):
+    cfg = load_config(DEMO_CONFIG)
+    dataset = write_snapshot(checked, tmp_path / "datasets")
+    first = export_chat_jsonl(dataset, cfg.export, [], tmp_path / "exports")
+    again = export_chat_jsonl(dataset, cfg.export, [], tmp_path / "exports")
+    assert not first.reused and again.reused and again.directory == first.directory
+    first.train_path.write_text("tampered\n")
+    rebuilt = export_chat_jsonl(dataset, cfg.export, [], tmp_path / "exports")
+    assert not rebuilt.reused and rebuilt.sha256 == first.sha256
+
+
+def test_an_invalid_example_is_never_exported(tmp_path):
+    import orjson
+
+    from tasks.records import DatasetVersion, TuneloopError
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}],
+             "record_id": str(i), "source": "in.jsonl", "line": i + 1, "content_hash": f"{i:064x}"} for i in range(12)]
+    rows[5]["messages"][-1]["weight"] = 0.5
+    path = tmp_path / "snap.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    dataset = DatasetVersion(version="v1", path=path, n_examples=12)
+    with pytest.raises(TuneloopError, match=r"1 examples are not valid chat examples: in.jsonl:6 \(5\): invalid_weight"):
+        export_chat_jsonl(dataset, ExportConfig(), [], tmp_path / "exports")
+    assert not (tmp_path / "exports").exists() or not any((tmp_path / "exports").iterdir())

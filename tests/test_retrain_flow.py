@@ -47,6 +47,10 @@ def test_retrain_registers_promotes_and_a_worse_run_leaves_the_champion(prefect_
     assert {a.path for a in client.list_artifacts(run.info.run_id, "dataset")} >= {
         "dataset/train.jsonl", "dataset/validation.jsonl", "dataset/manifest.json"}
     assert str(home) in run.info.artifact_uri  # artifacts live in the state folder, not the cwd
+    assert run.data.metrics["tokens.train.n_examples"] == run.data.metrics["n_train"]
+    assert 0 < run.data.metrics["tokens.train.p50"] <= run.data.metrics["tokens.train.max"]
+    version_tags = client.get_model_version(name, "1").tags
+    assert version_tags["dataset_version"] == first.dataset_version  # every model leads back to its data
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "quality")}
     assert {"quality/quarantine.jsonl", "quality/duplicates.jsonl", "quality/quality_summary.json",
@@ -86,3 +90,34 @@ def test_quality_gate_failure_stops_the_flow_before_training(prefect_harness, ho
     assert MlflowClient(uri).search_registered_models() == []
     assert not (home / "models").exists() or not any((home / "models").iterdir())
     assert not (home / "consumed.json").exists()  # nothing consumed: the next run reads the file again
+
+
+def test_an_unchanged_export_is_not_recomputed(prefect_harness, tmp_path):
+    from prefect import flow
+
+    from tasks.export import export_task
+    from tasks.records import DatasetVersion
+    from tasks.snapshot import version_of
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}],
+             "record_id": str(i), "source": "in.jsonl", "line": i + 1, "content_hash": f"{i:064x}"} for i in range(12)]
+    import orjson
+
+    path = tmp_path / "snap.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    version = version_of([r["content_hash"] for r in rows])
+    cfg = load_config(DEMO_CONFIG)
+
+    @flow
+    def export_twice(seed: int):
+        dataset = DatasetVersion(version=version, path=path, n_examples=12)
+        export = cfg.export.model_copy(update={"seed": seed})
+        first = export_task(dataset, export, [], tmp_path / "exports", return_state=True)
+        second = export_task(dataset, export, [], tmp_path / "exports", return_state=True)
+        return first, second
+
+    first, second = export_twice(seed=123)
+    assert first.is_completed() and first.name != "Cached"
+    assert second.name == "Cached" and second.result().sha256 == first.result().sha256
+    first_again, _ = export_twice(seed=124)  # another split seed is another export
+    assert first_again.name != "Cached"
