@@ -176,7 +176,23 @@ def _default_openai_models() -> dict[str, OpenAIModelSpec]:
 
 
 class OpenAITrainConfig(Strict):
+    """The fine-tuning API: OpenAI, Azure OpenAI, or any endpoint that speaks it."""
+
+    provider: Literal["openai", "azure", "compatible"] = "openai"
+    base_url: str | None = Field(None, description="compatible endpoints; unset: $OPENAI_BASE_URL or OpenAI's")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the key (never put the key here)")
+    api_key_secret_block: str | None = Field(None, description="a Prefect Secret block holding the key, used when set")
+    azure_endpoint: str | None = Field(None, description="https://<resource>.openai.azure.com")
+    azure_api_version: str = "2025-04-01-preview"
     model: str = "gpt-4o-mini-2024-07-18"
+    suffix: str | None = Field(None, max_length=64)
+    seed: int | None = 0
+    batch_size: int | Literal["auto"] = "auto"
+    learning_rate_multiplier: float | Literal["auto"] = "auto"
+    poll_seconds: float = Field(15.0, gt=0, description="first poll interval; backs off to 8x while nothing changes")
+    max_paused_seconds: float = Field(3600.0, ge=0, description="how long a paused job is waited on before failing")
+    request_retries: int = Field(5, ge=0, description="our own retries of 429/5xx/dropped connections, with backoff")
+    eval_concurrency: int = Field(4, ge=1, description="parallel chat.completions calls when evaluating")
     n_epochs: int | Literal["auto"] = Field(
         "auto", description="'auto' follows OpenAI's default: 3, raised/lowered to keep examples x epochs in 100..25,000")
     models: dict[str, OpenAIModelSpec] = Field(default_factory=_default_openai_models)
@@ -197,7 +213,8 @@ class OpenAITrainConfig(Strict):
 
 
 class TrainConfig(Strict):
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "openai"] = Field(
+        "local", description="local: LoRA through TRL here; openai: the fine-tuning API (train.openai)")
     base_model: str = Field("tiny", description="'tiny' (built offline), a local folder or a hub id")
     max_cost_usd: float | None = Field(
         None, ge=0, description="refuse a paid training job whose estimated cost is higher, before uploading")

@@ -8,6 +8,7 @@ nothing new and the newest version already trained, the run ends early.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger
@@ -27,10 +28,23 @@ from tasks.state import prepare_state
 from tasks.tokens import CostEstimate, enforce_budget
 
 
-@flow(name="retrain")
+def cancel_openai_jobs(flow, flow_run, state) -> None:
+    """Cancelling the flow run cancels the fine-tuning job it started (it would otherwise go on, billed)."""
+    config = flow_run.parameters.get("config")
+    config = PipelineConfig.model_validate(config) if isinstance(config, dict) else config
+    if config is None or config.train.backend != "openai":
+        return
+    from tasks.train_openai import cancel_jobs_of_flow_run
+
+    cancelled = cancel_jobs_of_flow_run(config.train.openai, str(flow_run.id))
+    logging.getLogger("tuneloop").warning(
+        f"flow run cancelled: cancelled OpenAI fine-tuning job(s) {', '.join(cancelled)}" if cancelled
+        else "flow run cancelled: no unfinished OpenAI fine-tuning job to cancel")
+
+
+@flow(name="retrain", on_cancellation=[cancel_openai_jobs])
 def retrain(config: PipelineConfig) -> RetrainResult:
     """Retrain on everything new in the source; promote the result only if it is better."""
-    from tasks.train_local import train_task
 
     state = prepare_state()
     log = get_run_logger()
@@ -61,16 +75,23 @@ def retrain(config: PipelineConfig) -> RetrainResult:
         return RetrainResult(status="nothing_new", message=message, dataset_version=ledger.dataset_version,
                              run_dir=run_dir)
 
-    plan = token_plan_task(config.train, state.models)
+    plan = token_plan_task(config.train, state.models, state.home)
     exported = export_task(dataset, config.export, heldout, state.home / "exports", plan, config.config_hash())
     if not exported.train_path.is_file():  # a cached result whose files were deleted since: export again
         exported = export_task.with_options(refresh_cache=True)(
             dataset, config.export, heldout, state.home / "exports", plan, config.config_hash())
     enforce_budget(CostEstimate.model_validate(exported.estimate) if exported.estimate else None,
                    config.train.max_cost_usd)
-    trained = train_task(exported, config.train, state.models, run_dir)
+    if config.train.backend == "openai":
+        from tasks.train_openai import train_openai_task
+
+        trained = train_openai_task(exported, config.train, state.home, run_dir / "openai", run_id, config.config_hash())
+    else:
+        from tasks.train_local import train_task
+
+        trained = train_task(exported, config.train, state.models, run_dir)
     champion = find_champion_task(config.registry, tracking_uri, run_dir / "champion")
-    report = evaluate_task(trained, champion, heldout, config.evaluate, run_dir)
+    report = evaluate_task(trained, champion, heldout, config.evaluate, run_dir, config.train.openai)
     version = register_task(config, checked, exported, trained, report, tracking_uri, artifacts_dir, run_id)
     commit_ledger(ledger.model_copy(update={"trained_version": dataset.version}), state.ledger)
     counts = checked.model_dump(include={"n_read", "n_accepted", "n_quarantined", "n_duplicates"}) if checked else {}

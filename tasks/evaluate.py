@@ -14,7 +14,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import EvaluateConfig
+from flows.config import EvaluateConfig, OpenAITrainConfig
 from tasks.base_model import load_causal_lm, load_tokenizer, quiet_libraries
 from tasks.heldout import HeldOutExample
 from tasks.records import Champion, EvalReport, ModelScore, TrainedModel, TuneloopError
@@ -49,16 +49,30 @@ def score(predicted: list[str | None], examples: list[HeldOutExample]) -> ModelS
                       n_unparsed=sum(p is None for p in predicted))
 
 
-def evaluate_models(
-    trained: TrainedModel, champion: Champion | None, heldout: list[HeldOutExample],
-    evaluate: EvaluateConfig, run_dir: Path,
-) -> EvalReport:
+def chat_answers(openai: OpenAITrainConfig, model: str, examples: list[HeldOutExample], max_new_tokens: int) -> list[str]:
+    """An API model's greedy answers, ``eval_concurrency`` requests at a time, each retried like training calls."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.train_openai import Secrets, _call, api_key, make_client
+
+    client = make_client(openai)
+    secrets = Secrets(api_key(openai))
+
+    def one(e: HeldOutExample) -> str:
+        reply = _call(lambda: client.chat.completions.create(model=model, messages=e.prompt, temperature=0,
+                                                             max_tokens=max_new_tokens),
+                      f"chat.completions ({model})", openai, secrets)
+        return reply.choices[0].message.content or ""
+
+    with ThreadPoolExecutor(openai.eval_concurrency) as pool:
+        return list(pool.map(one, examples))
+
+
+def _local_answers(trained: TrainedModel, champion: Champion | None, heldout: list[HeldOutExample],
+                   evaluate: EvaluateConfig) -> dict[str, list[str]]:
+    """Base, candidate and a local champion share one copy of the base weights (adapters side by side)."""
     from peft import PeftModel
 
-    if any(e.label is None for e in heldout):
-        raise TuneloopError("evaluate: held-out examples need a label (mapping.label) for exact-match accuracy")
-    quiet_libraries()
-    pattern = re.compile(evaluate.label_pattern, re.MULTILINE)
     tokenizer = load_tokenizer(trained.adapter_path)
     base = load_causal_lm(trained.base_model)
     model = PeftModel.from_pretrained(base, str(trained.adapter_path), adapter_name="candidate")
@@ -68,7 +82,7 @@ def evaluate_models(
         texts["base"] = run()
     model.set_adapter("candidate")
     texts["candidate"] = run()
-    if champion is not None:
+    if champion is not None and champion.adapter_path is not None and champion.fine_tuned_model is None:
         if champion.base_model == trained.base_model:
             model.load_adapter(str(champion.adapter_path), adapter_name="champion")
             model.set_adapter("champion")
@@ -77,6 +91,31 @@ def evaluate_models(
             other = PeftModel.from_pretrained(load_causal_lm(champion.base_model), str(champion.adapter_path))
             texts["champion"] = generate(other, load_tokenizer(champion.adapter_path), heldout,
                                          evaluate.max_new_tokens, evaluate.batch_size)
+    return texts
+
+
+def evaluate_models(
+    trained: TrainedModel, champion: Champion | None, heldout: list[HeldOutExample],
+    evaluate: EvaluateConfig, run_dir: Path, openai: OpenAITrainConfig | None = None,
+) -> EvalReport:
+    if any(e.label is None for e in heldout):
+        raise TuneloopError("evaluate: held-out examples need a label (mapping.label) for exact-match accuracy")
+    pattern = re.compile(evaluate.label_pattern, re.MULTILINE)
+    if trained.backend == "openai":
+        texts = {"base": chat_answers(openai, trained.base_model, heldout, evaluate.max_new_tokens),
+                 "candidate": chat_answers(openai, trained.fine_tuned_model, heldout, evaluate.max_new_tokens)}
+        if champion is not None and champion.adapter_path is not None and champion.fine_tuned_model is None:
+            local = TrainedModel(backend="local", base_model=champion.base_model, adapter_path=champion.adapter_path,
+                                 dataset_version="", steps=0, train_loss=None, train_seconds=0)
+            texts["champion"] = _local_answers(local, None, heldout, evaluate)["candidate"]
+    else:
+        quiet_libraries()
+        texts = _local_answers(trained, champion, heldout, evaluate)
+    if champion is not None and champion.fine_tuned_model:  # an API champion answers through the API
+        if openai is None:
+            raise TuneloopError(f"evaluate: champion v{champion.version} is {champion.fine_tuned_model}: "
+                                "set train.openai to reach it")
+        texts["champion"] = chat_answers(openai, champion.fine_tuned_model, heldout, evaluate.max_new_tokens)
 
     labels = {name: [parse_label(t, pattern) for t in outs] for name, outs in texts.items()}
     predictions_path = run_dir / "predictions.jsonl"
@@ -107,8 +146,8 @@ def comparison_markdown(report: EvalReport) -> str:
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(trained: TrainedModel, champion: Champion | None, heldout: list[HeldOutExample],
-                  evaluate: EvaluateConfig, run_dir: Path) -> EvalReport:
-    report = evaluate_models(trained, champion, heldout, evaluate, run_dir)
+                  evaluate: EvaluateConfig, run_dir: Path, openai: OpenAITrainConfig | None = None) -> EvalReport:
+    report = evaluate_models(trained, champion, heldout, evaluate, run_dir, openai)
     create_markdown_artifact(comparison_markdown(report), key="evaluation", description="base vs champion vs candidate")
     champ = f", champion {report.champion.accuracy:.3f}" if report.champion else ""
     get_run_logger().info(f"evaluate: base {report.base.accuracy:.3f}{champ}, candidate {report.candidate.accuracy:.3f}"

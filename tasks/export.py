@@ -51,9 +51,17 @@ class TokenPlan:
         return hashlib.sha256(f"{self.counter.name}|{self.limit}|{self.model}|{paid}".encode()).hexdigest()[:8]
 
 
-def token_plan(train: TrainConfig, models_dir: Path) -> TokenPlan:
-    """The local backend counts with its base model's tokenizer and chat template (the trainer's view)."""
+def token_plan(train: TrainConfig, models_dir: Path, home: Path | None = None) -> TokenPlan:
+    """Count as the backend will: OpenAI models with tiktoken against the model's context and price;
+    the local backend with its base model's tokenizer and chat template (the trainer's view)."""
     from tasks.base_model import load_tokenizer, resolve_base_model
+
+    if train.backend == "openai":
+        from tasks.tokens import TiktokenCounter, encoding_for_model
+
+        cfg = train.openai
+        encoding = encoding_for_model(cfg.model, cfg, home or models_dir.parent)
+        return TokenPlan(counter=TiktokenCounter(encoding), limit=cfg.spec().context_tokens, openai=cfg, model=cfg.model)
 
     source = resolve_base_model(train, models_dir)
     counter = _template_counter(load_tokenizer(source), str(train.base_model))
@@ -89,6 +97,8 @@ def remove_heldout(examples: list[ChatExample], heldout: list[HeldOutExample]) -
     """Drop every example that asks a held-out question (normalized user text) or is a held-out example."""
     from tasks.quality import content_hash
 
+    if not heldout:
+        return examples, 0
     held_prompts = set(prompt_keys([h.prompt for h in heldout]))
     held_hashes = {content_hash([*h.prompt, {"role": "assistant", "content": h.expected}]) for h in heldout}
     keys = prompt_keys([e.messages for e in examples])
@@ -97,6 +107,9 @@ def remove_heldout(examples: list[ChatExample], heldout: list[HeldOutExample]) -
 
 
 def assert_no_heldout(splits: dict[str, list[ChatExample]], heldout: list[HeldOutExample]) -> None:
+    """Checked again on what is about to be written, independently of how the removal was done."""
+    if not heldout:
+        return
     held = set(prompt_keys([h.prompt for h in heldout]))
     for name, examples in splits.items():
         leaked = [e for e, k in zip(examples, prompt_keys([e.messages for e in examples]), strict=True) if k in held]
@@ -228,5 +241,5 @@ def export_task(dataset: DatasetVersion, export: ExportConfig, heldout: list[Hel
 
 
 @task(name="token-plan", cache_policy=NO_CACHE)
-def token_plan_task(train: TrainConfig, models_dir: Path) -> TokenPlan:
-    return token_plan(train, models_dir)
+def token_plan_task(train: TrainConfig, models_dir: Path, home: Path | None = None) -> TokenPlan:
+    return token_plan(train, models_dir, home)

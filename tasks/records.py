@@ -136,21 +136,28 @@ class ExportedDataset(BaseModel):
 class TrainedModel(BaseModel):
     """A candidate: which backend made it, from which base, on which data, and how training went."""
 
-    backend: Literal["local"]
+    backend: Literal["local", "openai"]
     base_model: str
-    adapter_path: Path
+    adapter_path: Path | None = None  # local: the LoRA adapter
+    fine_tuned_model: str | None = None  # openai: the model id the service created
+    job_id: str | None = None
+    trained_tokens: int | None = None
+    artifacts_dir: Path | None = None  # openai: job record, step metrics CSV, checkpoints list
     dataset_version: str
     steps: int
     train_loss: float | None
     loss_history: list[tuple[int, float]] = Field(default_factory=list)
     train_seconds: float
+    step_metrics: dict[str, list[tuple[int, float]]] = Field(default_factory=dict)  # e.g. valid_loss per step
 
 
 class Champion(BaseModel):
     """The currently promoted model, fetched from the registry so it can be evaluated again."""
 
     version: str
-    adapter_path: Path
+    backend: str = "local"
+    adapter_path: Path | None = None
+    fine_tuned_model: str | None = None
     base_model: str
     dataset_version: str | None = None
 

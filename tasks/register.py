@@ -58,7 +58,10 @@ def find_champion(registry: RegisterConfig, tracking_uri: str, dst: Path) -> Cha
     dst.mkdir(parents=True, exist_ok=True)
     local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dst),
                                                 tracking_uri=tracking_uri)
-    return Champion(version=str(version.version), adapter_path=Path(local),
+    backend = version.tags.get("backend", "local")
+    return Champion(version=str(version.version), backend=backend,
+                    adapter_path=Path(local) if backend == "local" else None,
+                    fine_tuned_model=version.tags.get("fine_tuned_model") or None,
                     base_model=version.tags.get("base_model", ""), dataset_version=version.tags.get("dataset_version"))
 
 
@@ -108,6 +111,9 @@ def register_candidate(
         "config_hash": config.config_hash(),
         "prefect_flow_run_id": flow_run_id or "",
     }
+    if trained.backend == "openai":
+        tags.update(fine_tuned_model=trained.fine_tuned_model or "", openai_job_id=trained.job_id or "",
+                    openai_provider=config.train.openai.provider)
     run = client.create_run(exp, run_name=f"retrain-{trained.dataset_version[:8]}", tags=tags)
     run_id = run.info.run_id
     try:
@@ -142,7 +148,11 @@ def register_candidate(
         if trained.train_loss is not None:
             metrics["train_loss"] = trained.train_loss
         batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        if trained.trained_tokens is not None:
+            batch.append(Metric("trained_tokens", float(trained.trained_tokens), now, 0))
         batch += [Metric("loss", loss, now, step) for step, loss in trained.loss_history]
+        batch += [Metric(name, value, now, step) for name, points in trained.step_metrics.items()
+                  if name != "train_loss" for step, value in points]
         items = list(params.items())
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
             client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
@@ -151,7 +161,10 @@ def register_candidate(
         client.log_batch(run_id, tags=[RunTag("promoted", str(decision.promoted).lower()),
                                        RunTag("promotion_reason", decision.reason)])
         client.log_artifacts(run_id, str(exported.directory), "dataset")
-        client.log_artifacts(run_id, str(trained.adapter_path), "adapter")
+        if trained.adapter_path is not None:
+            client.log_artifacts(run_id, str(trained.adapter_path), "adapter")
+        if trained.artifacts_dir is not None:  # the job record, step metrics CSV, checkpoints list
+            client.log_artifacts(run_id, str(trained.artifacts_dir), "openai")
         client.log_artifact(run_id, str(report.predictions_path), "evaluation")
         if checked is not None:
             for path in (checked.quarantine_path, checked.duplicates_path, checked.summary_path):
@@ -166,7 +179,7 @@ def register_candidate(
                 raise
         version = client.create_model_version(
             registry.model_name,
-            source=f"{run.info.artifact_uri}/adapter",
+            source=f"{run.info.artifact_uri}/{'adapter' if trained.adapter_path is not None else 'openai'}",
             run_id=run_id,
             tags={**tags, "candidate_accuracy": str(report.candidate.accuracy), "promoted": str(decision.promoted),
                   "promotion_reason": decision.reason},

@@ -81,7 +81,8 @@ def load_snapshot(datasets_dir: Path, version: str) -> DatasetVersion:
 
 
 def read_snapshot(dataset: DatasetVersion) -> list[ChatExample]:
-    return [ChatExample.model_validate(orjson.loads(line)) for line in _lines(dataset.path)]
+    """Parsed and validated in one step by pydantic's JSON parser (faster than orjson + validate here)."""
+    return [ChatExample.model_validate_json(line) for line in _lines(dataset.path)]
 
 
 @task(name="snapshot", cache_policy=NO_CACHE)

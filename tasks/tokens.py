@@ -63,24 +63,25 @@ class TiktokenCounter:
 
     def count(self, examples: Sequence[list[dict]]) -> list[int]:
         index: dict[str, int] = {}
+        setdefault = index.setdefault
         fixed: list[int] = []
         refs: list[list[int]] = []
         for messages in examples:
-            constant = TOKENS_PER_EXAMPLE
+            constant = TOKENS_PER_EXAMPLE + TOKENS_PER_MESSAGE * len(messages)
             ids: list[int] = []
             for message in messages:
-                constant += TOKENS_PER_MESSAGE
                 for key, value in message.items():
-                    if key in NOT_COUNTED or value is None:
-                        continue
-                    text = value if isinstance(value, str) else orjson.dumps(value).decode()
-                    ids.append(index.setdefault(text, len(index)))
+                    if value.__class__ is not str:
+                        if key in NOT_COUNTED or value is None:
+                            continue
+                        value = orjson.dumps(value).decode()
+                    ids.append(setdefault(value, len(index)))
                     if key == "name":
                         constant += TOKENS_PER_NAME
             fixed.append(constant)
             refs.append(ids)
         lengths = self.lengths(list(index))
-        return [c + sum(lengths[i] for i in ids) for c, ids in zip(fixed, refs, strict=True)]
+        return [c + sum([lengths[i] for i in ids]) for c, ids in zip(fixed, refs, strict=True)]
 
 
 class ChatTemplateCounter:
