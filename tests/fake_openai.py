@@ -58,6 +58,7 @@ class FakeOpenAI:
         self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
+        self.n_files = self.n_jobs = 0  # ids are never reused, as on the real service
         self.valid_key: str | None = None  # when set, any other key gets a 401 that echoes it back
 
     # ---- server ----------------------------------------------------------------------------------
@@ -180,7 +181,8 @@ class FakeOpenAI:
             f"content-type: {headers.get('content-type') or headers.get('Content-Type')}\r\n\r\n".encode() + body)
         fields = {part.get_param("name", header="content-disposition"): part for part in message.iter_parts()}
         data = fields["file"].get_payload(decode=True)
-        ident = f"file-{len(self.files) + 1}"
+        self.n_files += 1
+        ident = f"file-{self.n_files}"
         self.files[ident] = {"id": ident, "object": "file", "bytes": len(data), "created_at": int(time.time()),
                              "filename": fields["file"].get_filename(), "purpose": fields["purpose"].get_content(),
                              "status": "processed"}
@@ -193,7 +195,8 @@ class FakeOpenAI:
             if req.get(key) and req[key] not in self.files:
                 return 400, {"error": {"message": f"invalid file {req[key]}", "type": "invalid_request_error",
                                        "param": key, "code": "invalid_file"}}, {}
-        ident = f"ftjob-{len(self.jobs) + 1}"
+        self.n_jobs += 1
+        ident = f"ftjob-{self.n_jobs}"
         hyper = ((req.get("method") or {}).get("supervised") or {}).get("hyperparameters") or {}
         self.jobs[ident] = {
             "id": ident, "object": "fine_tuning.job", "created_at": int(time.time()), "model": req["model"],

@@ -287,3 +287,46 @@ def test_tuneloop_run_with_openai_base_url_from_the_environment(tmp_path, tiktok
         assert out.returncode == 0, out.stderr[-3000:]
         assert "Registered lumenfold-support version 1 with alias champion" in out.stdout
         assert len(fake.jobs) == 1 and KEY not in out.stdout + out.stderr
+
+
+def test_paused_is_waited_on_then_given_up_after_the_limit(tmp_path, key):
+    with FakeOpenAI(Lifecycle(statuses=["queued", "paused", "paused", "running", "succeeded"])) as fake:
+        trained = train_openai(exported_files(tmp_path), config(fake), tmp_path / "home", tmp_path / "run",
+                               sleep=lambda s: None)
+        assert trained.fine_tuned_model  # a pause that ends is waited out
+    with FakeOpenAI(Lifecycle(statuses=["queued"] + ["paused"] * 100)) as fake:
+        from tasks.train_openai import Secrets, make_client, poll_job
+
+        cfg = config(fake, max_paused_seconds=30).openai
+        client = make_client(cfg)
+        job = client.fine_tuning.jobs.create(model="m", training_file=None)
+        ticks = iter(range(0, 10_000, 10))  # each poll is 10 s later
+        with pytest.raises(TuneloopError, match="paused for over 30s .*rerun to reattach"):
+            poll_job(client, job, cfg, Secrets(KEY), sleep=lambda s: None, clock=lambda: next(ticks))
+
+
+def test_a_reused_upload_that_no_longer_exists_is_uploaded_again(tmp_path, key):
+    exported = exported_files(tmp_path)
+    with FakeOpenAI() as fake:
+        train_openai(exported, config(fake), tmp_path / "home", tmp_path / "run", sleep=lambda s: None)
+        fake.jobs["ftjob-1"]["status"] = "cancelled"  # so a new job must be created
+        del fake.files["file-1"]  # the training file was deleted on the service
+        trained = train_openai(exported, config(fake), tmp_path / "home", tmp_path / "run2", sleep=lambda s: None)
+        assert trained.job_id == "ftjob-2" and fake.jobs["ftjob-2"]["training_file"] == "file-3"
+        assert fake.jobs["ftjob-2"]["validation_file"] == "file-2"  # still there: reused
+
+
+@pytest.mark.slow
+def test_the_key_can_come_from_a_prefect_secret_block(prefect_harness, tmp_path, monkeypatch):
+    from prefect.blocks.system import Secret
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    Secret(value=KEY).save("tuneloop-openai-key", overwrite=True)
+    with FakeOpenAI() as fake:
+        fake.valid_key = KEY
+        trained = train_openai(exported_files(tmp_path), config(fake, api_key_secret_block="tuneloop-openai-key"),
+                               tmp_path / "home", tmp_path / "run", sleep=lambda s: None)
+        assert trained.fine_tuned_model
+        with pytest.raises(TuneloopError, match="no Prefect Secret block named 'nope'"):
+            train_openai(exported_files(tmp_path), config(fake, api_key_secret_block="nope"),
+                         tmp_path / "home", tmp_path / "run", sleep=lambda s: None)
