@@ -225,6 +225,85 @@ def estimate(
     raise typer.Exit(0 if report.ok and refusal is None else 1)
 
 
+def _registry(config: Path | None, set_: list[str] | None):
+    from tasks.state import prepare_state
+
+    state = prepare_state()
+    from flows.config import load_config
+
+    try:
+        cfg = load_config(config, set_ or [])
+    except TuneloopError as exc:
+        fail(str(exc), 2)
+    return cfg.registry.model_name, cfg.registry.tracking_uri or state.tracking_uri
+
+
+def _who() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+@app.command()
+def models(config: ConfigOption = None, set_: SetOption = None,
+           as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False) -> None:
+    """List the registered versions with their aliases, scores and dataset versions."""
+    name, uri = _registry(config, set_)
+    from tasks.register import list_versions
+
+    try:
+        rows = list_versions(uri, name)
+    except TuneloopError as exc:
+        fail(str(exc), 1)
+    if as_json:
+        import orjson
+
+        print(orjson.dumps({"model": name, "versions": rows}).decode())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{name} at {uri}", title_justify="left")
+    for col in ("version", "aliases", "accuracy", "macro-F1", "dataset", "backend", "promoted"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["version"], ", ".join(r["aliases"]), r["accuracy"] or "", r["macro_f1"] or "",
+                      r["dataset_version"] or "", r["backend"] or "", r["promoted"] or "")
+    Console(width=max(100, int(os.environ.get("COLUMNS", "100")))).print(table)
+
+
+@app.command()
+def promote(version: Annotated[str, typer.Argument(help="the model version to make champion")],
+            reason: Annotated[str, typer.Option(help="why, recorded on the version")] = "manual promotion",
+            config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Make VERSION the champion by hand; who and why are recorded as version tags."""
+    name, uri = _registry(config, set_)
+    from tasks.register import promote_version
+
+    try:
+        previous = promote_version(uri, name, version, _who(), reason)
+    except TuneloopError as exc:
+        fail(str(exc), 1)
+    print(f"{name}: champion is now version {version}" + (f" (was {previous})" if previous else ""))
+
+
+@app.command()
+def rollback(reason: Annotated[str, typer.Option(help="why, recorded on both versions")] = "manual rollback",
+             config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Move the champion back to the version that was champion before it."""
+    name, uri = _registry(config, set_)
+    from tasks.register import rollback_champion
+
+    try:
+        current, previous = rollback_champion(uri, name, _who(), reason)
+    except TuneloopError as exc:
+        fail(str(exc), 1)
+    print(f"{name}: champion rolled back from version {current} to version {previous}")
+
+
 def main() -> None:
     try:
         app()

@@ -229,6 +229,10 @@ class EvaluateConfig(Strict):
     max_new_tokens: int = Field(8, ge=1)
     batch_size: int = Field(64, ge=1)
     max_examples: int | None = Field(None, ge=1)
+    primary_metric: Literal["accuracy", "macro_f1"] = Field(
+        "accuracy", description="what a candidate must improve to become champion")
+    guards: dict[Literal["accuracy", "macro_f1"], float] = Field(
+        default_factory=dict, description="metric -> largest allowed drop vs the champion, e.g. {macro_f1: 0.01}")
 
 
 class RegisterConfig(Strict):

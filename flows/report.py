@@ -31,10 +31,12 @@ def print_retrain_summary(result: RetrainResult, state: StateLayout) -> None:
     table = Table(title=f"Held-out accuracy ({r.n_examples} examples)", title_justify="left")
     table.add_column("model")
     table.add_column("accuracy", justify="right")
-    table.add_row("base", f"{r.base.accuracy:.3f}")
+    table.add_column("macro-F1", justify="right")
+    table.add_row("base", f"{r.base.accuracy:.3f}", f"{r.base.macro_f1:.3f}")
     if r.champion:
-        table.add_row(f"previous champion (v{r.champion_version})", f"{r.champion.accuracy:.3f}")
-    table.add_row("fine-tuned (candidate)", f"{r.candidate.accuracy:.3f}")
+        table.add_row(f"previous champion (v{r.champion_version})", f"{r.champion.accuracy:.3f}",
+                      f"{r.champion.macro_f1:.3f}")
+    table.add_row("fine-tuned (candidate)", f"{r.candidate.accuracy:.3f}", f"{r.candidate.macro_f1:.3f}")
     console.print()
     console.print(
         f"Data: read {result.n_read} = accepted {result.n_accepted} + quarantined {result.n_quarantined}"
@@ -42,7 +44,8 @@ def print_retrain_summary(result: RetrainResult, state: StateLayout) -> None:
     )
     console.print(table)
     mv = result.model_version
-    alias = f"alias [bold]{', '.join(mv.aliases)}[/]" if mv.aliases else "no alias (champion unchanged)"
+    alias = ("alias [bold]champion[/] (and challenger)" if "champion" in mv.aliases
+             else "alias [bold]challenger[/]; champion unchanged")
     console.print(f"Registered [bold]{mv.name}[/] version [bold]{mv.version}[/] with {alias}.")
     console.print(f"Decision: {mv.decision.reason}", highlight=False)
     console.print(f"Run folder: {result.run_dir}", highlight=False)

@@ -44,9 +44,41 @@ def generate(model, tokenizer, examples: list[HeldOutExample], max_new_tokens: i
 
 
 def score(predicted: list[str | None], examples: list[HeldOutExample]) -> ModelScore:
-    correct = sum(p is not None and p == e.label for p, e in zip(predicted, examples, strict=True))
-    return ModelScore(accuracy=round(correct / len(examples), 4), n_examples=len(examples),
-                      n_unparsed=sum(p is None for p in predicted))
+    """Accuracy, macro-F1 over the expected labels, and per-class precision / recall / F1 (scikit-learn)."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    expected = [e.label for e in examples]
+    got = [p if p is not None else "<unparsed>" for p in predicted]
+    labels = sorted(set(expected))
+    p, r, f, support = precision_recall_fscore_support(expected, got, labels=labels, zero_division=0)
+    correct = sum(g == e for g, e in zip(got, expected, strict=True))
+    return ModelScore(
+        accuracy=round(correct / len(examples), 4), n_examples=len(examples),
+        n_unparsed=sum(x is None for x in predicted), macro_f1=round(float(f.mean()), 4),
+        per_class={lab: {"precision": round(float(p[i]), 4), "recall": round(float(r[i]), 4),
+                         "f1": round(float(f[i]), 4), "support": int(support[i])} for i, lab in enumerate(labels)},
+    )
+
+
+def confusion_png(predicted: list[str | None], examples: list[HeldOutExample], title: str, path: Path) -> Path:
+    """Rows: expected label; columns: predicted (unparsed answers in their own column)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    expected = [e.label for e in examples]
+    got = [p if p is not None else "<unparsed>" for p in predicted]
+    labels = sorted(set(expected)) + sorted(set(got) - set(expected))
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.0 * len(labels) + 1.5))
+    ConfusionMatrixDisplay.from_predictions(expected, got, labels=labels, ax=ax, colorbar=False,
+                                            xticks_rotation=45)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def chat_answers(openai: OpenAITrainConfig, model: str, examples: list[HeldOutExample], max_new_tokens: int) -> list[str]:
@@ -118,6 +150,8 @@ def evaluate_models(
         texts["champion"] = chat_answers(openai, champion.fine_tuned_model, heldout, evaluate.max_new_tokens)
 
     labels = {name: [parse_label(t, pattern) for t in outs] for name, outs in texts.items()}
+    for name, predicted in labels.items():
+        confusion_png(predicted, heldout, f"{name}: expected (rows) vs predicted", run_dir / f"confusion_{name}.png")
     predictions_path = run_dir / "predictions.jsonl"
     with predictions_path.open("wb") as fh:
         for i, e in enumerate(heldout):
@@ -138,9 +172,14 @@ def comparison_markdown(report: EvalReport) -> str:
     rows = [("base", report.base), ("champion" + (f" (v{report.champion_version})" if report.champion_version else ""),
                                       report.champion), ("candidate", report.candidate)]
     lines = [f"## Evaluation on {report.n_examples} held-out examples", "",
-             "| model | accuracy | unparsed answers |", "|---|---:|---:|"]
+             "| model | accuracy | macro-F1 | unparsed answers |", "|---|---:|---:|---:|"]
     for name, s in rows:
-        lines.append(f"| {name} | {s.accuracy:.3f} | {s.n_unparsed} |" if s else f"| {name} | none yet | |")
+        lines.append(f"| {name} | {s.accuracy:.3f} | {s.macro_f1:.3f} | {s.n_unparsed} |" if s
+                     else f"| {name} | none yet | | |")
+    c = report.candidate
+    lines += ["", "Candidate per class:", "", "| label | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {lab} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
+              for lab, m in c.per_class.items()]
     return "\n".join(lines)
 
 

@@ -163,9 +163,16 @@ class Champion(BaseModel):
 
 
 class ModelScore(BaseModel):
+    """Classification scores on the held-out examples; an unparsed answer counts as wrong."""
+
     accuracy: float
     n_examples: int
     n_unparsed: int
+    macro_f1: float = 0.0
+    per_class: dict[str, dict[str, float]] = Field(default_factory=dict)  # precision, recall, f1, support
+
+    def metric(self, name: str) -> float:
+        return float(getattr(self, name))
 
 
 class EvalReport(BaseModel):
@@ -185,7 +192,10 @@ class PromotionDecision(BaseModel):
     promoted: bool
     reason: str
     baseline: Literal["base", "champion"]
-    delta: float
+    delta: float  # on the primary metric
+    primary_metric: str = "accuracy"
+    deltas: dict[str, float] = Field(default_factory=dict)  # every compared metric
+    guard_failures: list[str] = Field(default_factory=list)
 
 
 class ModelVersion(BaseModel):

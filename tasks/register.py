@@ -22,9 +22,56 @@ from tasks.records import (
     ModelVersion,
     PromotionDecision,
     TrainedModel,
+    TuneloopError,
 )
 
 CHAMPION = "champion"
+CHALLENGER = "challenger"  # the newest candidate, promoted or not
+HISTORY_TAG = "tuneloop.champion_history"  # JSON list of the versions that were champion, oldest first
+
+
+def git_commit() -> str:
+    """The code that trained the model, when it runs from a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def champion_history(client, name: str) -> list[str]:
+    import json
+
+    raw = client.get_registered_model(name).tags.get(HISTORY_TAG)
+    return json.loads(raw) if raw else []
+
+
+def move_champion(client, name: str, version: str, who: str, why: str) -> str | None:
+    """Point ``champion`` at ``version``, remember the move (for rollback) and who made it and why."""
+    import json
+    from datetime import UTC, datetime
+
+    from mlflow.exceptions import MlflowException
+
+    history = champion_history(client, name)
+    if not history:  # a registry from before the history was kept: start it at the current champion
+        try:
+            history = [str(client.get_model_version_by_alias(name, CHAMPION).version)]
+        except MlflowException:
+            pass
+    previous = history[-1] if history else None
+    client.set_registered_model_alias(name, CHAMPION, version)
+    if previous != version:
+        history.append(version)
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    when = datetime.now(UTC).isoformat(timespec="seconds")
+    for key, value in (("champion_set_by", who), ("champion_reason", why), ("champion_set_at", when),
+                       ("previous_champion", previous or "")):
+        client.set_model_version_tag(name, version, key, value)
+    return previous
 MAX_PARAM_CHARS = 6000
 
 
@@ -65,15 +112,24 @@ def find_champion(registry: RegisterConfig, tracking_uri: str, dst: Path) -> Cha
                     base_model=version.tags.get("base_model", ""), dataset_version=version.tags.get("dataset_version"))
 
 
-def decide_promotion(report: EvalReport, min_improvement: float) -> PromotionDecision:
-    """Strictly better by at least ``min_improvement``: a tie never replaces the champion."""
+def decide_promotion(report: EvalReport, min_improvement: float, primary: str = "accuracy",
+                     guards: dict[str, float] | None = None) -> PromotionDecision:
+    """Strictly better on the primary metric by at least ``min_improvement`` (a tie never replaces the
+    champion), and no guard metric down by more than its tolerance."""
     baseline, reference = ("champion", report.champion) if report.champion else ("base", report.base)
-    delta = round(report.candidate.accuracy - reference.accuracy, 4)
-    promoted = delta > 0 and delta >= min_improvement
+    names = sorted({primary, "accuracy", "macro_f1", *(guards or {})})
+    deltas = {m: round(report.candidate.metric(m) - reference.metric(m), 4) for m in names}
+    delta = deltas[primary]
+    failures = [f"{m} {deltas[m]:+.3f} (allowed -{tol:.3f})" for m, tol in sorted((guards or {}).items())
+                if deltas[m] < -tol]
+    promoted = delta > 0 and delta >= min_improvement and not failures
     verdict = "beats" if promoted else "does not beat"
-    reason = (f"candidate accuracy {report.candidate.accuracy:.3f} {verdict} {baseline} {reference.accuracy:.3f}"
-              f" (delta {delta:+.3f}, required > 0 and >= {min_improvement:.3f})")
-    return PromotionDecision(promoted=promoted, reason=reason, baseline=baseline, delta=delta)
+    reason = (f"candidate {primary} {report.candidate.metric(primary):.3f} {verdict} {baseline}"
+              f" {reference.metric(primary):.3f} (delta {delta:+.3f}, required > 0 and >= {min_improvement:.3f})")
+    if failures:
+        reason += "; guard regressed: " + ", ".join(failures)
+    return PromotionDecision(promoted=promoted, reason=reason, baseline=baseline, delta=delta,
+                             primary_metric=primary, deltas=deltas, guard_failures=failures)
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -103,13 +159,15 @@ def register_candidate(
     registry = config.registry
     client = client_for(tracking_uri)
     exp = experiment_id(client, registry.experiment, artifacts_dir)
-    decision = decide_promotion(report, registry.min_improvement)
+    decision = decide_promotion(report, registry.min_improvement, config.evaluate.primary_metric,
+                                config.evaluate.guards)
     tags = {
         "dataset_version": trained.dataset_version,
         "backend": trained.backend,
         "base_model": trained.base_model,
         "config_hash": config.config_hash(),
         "prefect_flow_run_id": flow_run_id or "",
+        "git_commit": git_commit(),
     }
     if trained.backend == "openai":
         tags.update(fine_tuned_model=trained.fine_tuned_model or "", openai_job_id=trained.job_id or "",
@@ -135,6 +193,11 @@ def register_candidate(
         }
         if report.champion:
             metrics["champion_accuracy"] = report.champion.accuracy
+        for who in ("base", "candidate", "champion"):
+            if (sc := getattr(report, who)) is not None:
+                metrics[f"{who}_macro_f1"] = sc.macro_f1
+        for label, m in report.candidate.per_class.items():
+            metrics.update({f"candidate_{k}.{label}": v for k, v in m.items() if k != "support"})
         for split, stats in exported.token_stats.items():
             metrics.update({f"tokens.{split}.{k}": v for k, v in stats.items() if isinstance(v, int | float)})
         if exported.estimate:
@@ -166,6 +229,8 @@ def register_candidate(
         if trained.artifacts_dir is not None:  # the job record, step metrics CSV, checkpoints list
             client.log_artifacts(run_id, str(trained.artifacts_dir), "openai")
         client.log_artifact(run_id, str(report.predictions_path), "evaluation")
+        for png in sorted(report.predictions_path.parent.glob("confusion_*.png")):
+            client.log_artifact(run_id, str(png), "evaluation")
         if checked is not None:
             for path in (checked.quarantine_path, checked.duplicates_path, checked.summary_path):
                 client.log_artifact(run_id, str(path), "quality")
@@ -181,19 +246,84 @@ def register_candidate(
             registry.model_name,
             source=f"{run.info.artifact_uri}/{'adapter' if trained.adapter_path is not None else 'openai'}",
             run_id=run_id,
-            tags={**tags, "candidate_accuracy": str(report.candidate.accuracy), "promoted": str(decision.promoted),
+            tags={**tags, "candidate_accuracy": str(report.candidate.accuracy),
+                  "candidate_macro_f1": str(report.candidate.macro_f1), "promoted": str(decision.promoted),
                   "promotion_reason": decision.reason},
             description=decision.reason,
         )
+        client.set_registered_model_alias(registry.model_name, CHALLENGER, version.version)
         if decision.promoted:
-            client.set_registered_model_alias(registry.model_name, CHAMPION, version.version)
+            move_champion(client, registry.model_name, str(version.version), "tuneloop retrain", decision.reason)
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
-    aliases = [CHAMPION] if decision.promoted else []
+    aliases = [CHAMPION, CHALLENGER] if decision.promoted else [CHALLENGER]
     return ModelVersion(name=registry.model_name, version=str(version.version), run_id=run_id, aliases=aliases,
                         decision=decision, tracking_uri=tracking_uri)
+
+
+def _version(client, name: str, version: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException:
+        known = [str(v.version) for v in client.search_model_versions(f"name='{name}'")]
+        raise TuneloopError(f"model {name!r} has no version {version!r}"
+                            + (f" (versions: {', '.join(sorted(known, key=int))})" if known else " (no versions yet)")) from None
+
+
+def promote_version(tracking_uri: str, name: str, version: str, who: str, why: str) -> str | None:
+    """``tuneloop promote``: make ``version`` champion by hand; returns the version it replaced."""
+    client = client_for(tracking_uri)
+    _version(client, name, version)
+    return move_champion(client, name, version, who, why)
+
+
+def rollback_champion(tracking_uri: str, name: str, who: str, why: str) -> tuple[str, str]:
+    """``tuneloop rollback``: champion back to the version that was champion before; returns (from, to)."""
+    import json
+    from datetime import UTC, datetime
+
+    client = client_for(tracking_uri)
+    history = champion_history(client, name)
+    if len(history) < 2:
+        raise TuneloopError(f"model {name!r} has no earlier champion to roll back to "
+                            f"(champion history: {', '.join(history) or 'empty'})")
+    current, previous = history[-1], history[-2]
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[:-1]))
+    when = datetime.now(UTC).isoformat(timespec="seconds")
+    for key, value in (("rolled_back_by", who), ("rolled_back_reason", why), ("rolled_back_at", when)):
+        client.set_model_version_tag(name, current, key, value)
+    for key, value in (("champion_set_by", who), ("champion_reason", f"rollback from v{current}: {why}"),
+                       ("champion_set_at", when)):
+        client.set_model_version_tag(name, previous, key, value)
+    return current, previous
+
+
+def list_versions(tracking_uri: str, name: str) -> list[dict[str, Any]]:
+    """``tuneloop models``: every version with its aliases, scores, data and how it came to be."""
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(tracking_uri)
+    try:
+        aliases = client.get_registered_model(name).aliases  # on SQLite, search results carry no aliases
+    except MlflowException:
+        raise TuneloopError(f"no registered model {name!r} at {tracking_uri} yet") from None
+    by_version: dict[str, list[str]] = {}
+    for alias, version in aliases.items():
+        by_version.setdefault(str(version), []).append(alias)
+    rows = []
+    for v in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
+        t = v.tags
+        rows.append({"version": str(v.version), "aliases": sorted(by_version.get(str(v.version), [])),
+                     "accuracy": t.get("candidate_accuracy"), "macro_f1": t.get("candidate_macro_f1"),
+                     "dataset_version": t.get("dataset_version"), "backend": t.get("backend"),
+                     "promoted": t.get("promoted"), "set_by": t.get("champion_set_by"),
+                     "created": v.creation_timestamp, "reason": t.get("promotion_reason")})
+    return rows
 
 
 def decision_markdown(mv: ModelVersion) -> str:

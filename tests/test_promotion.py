@@ -31,3 +31,79 @@ def test_promotion_only_when_strictly_better_by_the_required_margin(r, min_impro
 
 def test_flatten_makes_dotted_params():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": "1", "a.c.d": "[1, 2]", "e": "None"}
+
+
+def scored(acc: float, f1: float) -> ModelScore:
+    return ModelScore(accuracy=acc, macro_f1=f1, n_examples=100, n_unparsed=0)
+
+
+def test_a_guard_regression_blocks_promotion_even_when_the_primary_metric_improves():
+    r = EvalReport(n_examples=100, base=scored(0.1, 0.1), candidate=scored(0.9, 0.70), champion=scored(0.8, 0.75),
+                   champion_version="1", predictions_path=Path("p.jsonl"))
+    assert decide_promotion(r, 0.0).promoted  # no guard: accuracy decides
+    blocked = decide_promotion(r, 0.0, guards={"macro_f1": 0.02})
+    assert not blocked.promoted and blocked.guard_failures == ["macro_f1 -0.050 (allowed -0.020)"]
+    assert "guard regressed: macro_f1 -0.050" in blocked.reason and blocked.deltas["accuracy"] == 0.1
+    assert decide_promotion(r, 0.0, guards={"macro_f1": 0.06}).promoted  # within tolerance
+    by_f1 = decide_promotion(r, 0.0, primary="macro_f1")
+    assert not by_f1.promoted and by_f1.primary_metric == "macro_f1" and by_f1.delta == -0.05
+
+
+def test_scores_per_class_and_macro_f1_and_the_confusion_png(tmp_path):
+    from tasks.evaluate import confusion_png, score
+    from tasks.heldout import HeldOutExample
+
+    examples = [HeldOutExample(record_id=str(i), prompt=[], expected="", label=lab)
+                for i, lab in enumerate(["a", "a", "b", "b"])]
+    s = score(["a", "b", "b", None], examples)
+    assert s.accuracy == 0.5 and s.n_unparsed == 1
+    assert s.per_class["a"] == {"precision": 1.0, "recall": 0.5, "f1": 0.6667, "support": 2}
+    assert s.per_class["b"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert s.macro_f1 == round((2 / 3 + 0.5) / 2, 4)
+    png = confusion_png(["a", "b", "b", None], examples, "t", tmp_path / "c.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_promote_rollback_and_models_on_a_real_registry(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from conftest import ROOT
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.create_registered_model("m")
+    for i, acc in enumerate(["0.5", "0.7", "0.6"], start=1):
+        (tmp_path / f"a{i}").mkdir()
+        client.create_model_version("m", source=str(tmp_path / f"a{i}"),
+                                    tags={"candidate_accuracy": acc, "dataset_version": f"d{i}"})
+    env = {"TUNELOOP_HOME": str(tmp_path / "home"), "PATH": "", "DO_NOT_TRACK": "true",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "flows.cli", *args, "--set", "register.model_name=m",
+                               "--set", f"register.tracking_uri={uri}"], cwd=ROOT, env=env, capture_output=True, text=True)
+
+    assert cli("promote", "1", "--reason", "first").returncode == 0
+    out = cli("promote", "2", "--reason", "better on the new queue")
+    assert out.returncode == 0 and "champion is now version 2 (was 1)" in out.stdout
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "2"
+    tags = client.get_model_version("m", "2").tags
+    assert tags["champion_reason"] == "better on the new queue" and tags["previous_champion"] == "1"
+    assert tags["champion_set_by"]
+
+    back = cli("rollback", "--reason", "complaints")
+    assert back.returncode == 0 and "rolled back from version 2 to version 1" in back.stdout
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "1"
+    assert client.get_model_version("m", "2").tags["rolled_back_reason"] == "complaints"
+    again = cli("rollback")
+    assert again.returncode == 1 and "no earlier champion" in again.stderr and "Traceback" not in again.stderr
+
+    listing = json.loads(cli("models", "--json").stdout)
+    assert [(v["version"], v["aliases"], v["accuracy"]) for v in listing["versions"]] == [
+        ("1", ["champion"], "0.5"), ("2", [], "0.7"), ("3", [], "0.6")]
+    missing = cli("promote", "9")
+    assert missing.returncode == 1 and "has no version '9' (versions: 1, 2, 3)" in missing.stderr

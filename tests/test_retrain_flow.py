@@ -37,6 +37,8 @@ def test_retrain_registers_promotes_and_a_worse_run_leaves_the_champion(prefect_
     assert first.report.candidate.accuracy > first.report.base.accuracy
     assert first.model_version.decision.promoted
     assert str(client.get_model_version_by_alias(name, "champion").version) == first.model_version.version == "1"
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "1"
+    assert first.report.candidate.macro_f1 > first.report.base.macro_f1
     run = client.get_run(first.model_version.run_id)
     assert run.data.metrics["candidate_accuracy"] == first.report.candidate.accuracy
     assert run.data.metrics["base_accuracy"] == first.report.base.accuracy
@@ -73,7 +75,12 @@ def test_retrain_registers_promotes_and_a_worse_run_leaves_the_champion(prefect_
     assert worse.report.champion.accuracy == first.report.candidate.accuracy
     assert worse.report.champion_version == "1"
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"  # the newest candidate
     assert client.get_model_version(name, "2").tags["promoted"] == "False"
+    run2 = client.get_run(worse.model_version.run_id)
+    assert {"evaluation/confusion_candidate.png", "evaluation/confusion_champion.png"} <= {
+        a.path for a in client.list_artifacts(run2.info.run_id, "evaluation")}
+    assert "candidate_recall.billing" in run2.data.metrics and "champion_macro_f1" in run2.data.metrics
 
 
 def test_quality_gate_failure_stops_the_flow_before_training(prefect_harness, home, tmp_path):
