@@ -235,7 +235,7 @@ def _registry(config: Path | None, set_: list[str] | None):
         cfg = load_config(config, set_ or [])
     except TuneloopError as exc:
         fail(str(exc), 2)
-    return cfg.registry.model_name, cfg.registry.tracking_uri or state.tracking_uri
+    return cfg.registry.model_name, state.resolve_tracking_uri(cfg.registry.tracking_uri)
 
 
 def _who() -> str:

@@ -51,7 +51,7 @@ def retrain(config: PipelineConfig) -> RetrainResult:
     run_id = flow_run.get_id() or "local"
     run_dir = state.runs / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{run_id[:8]}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    tracking_uri = config.registry.tracking_uri or state.tracking_uri
+    tracking_uri = state.resolve_tracking_uri(config.registry.tracking_uri)
     # A local store keeps artifacts in the state folder; a tracking server decides for itself.
     artifacts_dir = None if tracking_uri.startswith(("http://", "https://", "databricks")) else state.mlflow_artifacts
 

@@ -47,6 +47,11 @@ class StateLayout:
     def tracking_uri(self) -> str:
         return f"sqlite:///{self.mlflow_db}"
 
+    def resolve_tracking_uri(self, configured: str | None) -> str:
+        """register.tracking_uri, else $MLFLOW_TRACKING_URI (e.g. a server backed by PostgreSQL), else the
+        SQLite store in the state folder."""
+        return configured or os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
+
     @property
     def runs(self) -> Path:
         return self.home / "runs"

@@ -20,6 +20,9 @@ os.environ.update({
     "TOKENIZERS_PARALLELISM": "false",
 })
 
+for _leaky in ("MLFLOW_TRACKING_URI", "OPENAI_BASE_URL", "OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT", "PREFECT_API_URL"):
+    os.environ.pop(_leaky, None)  # a developer's shell must not point the tests at real services
+
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
