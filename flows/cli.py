@@ -160,7 +160,7 @@ def export(config: ConfigOption = None, set_: SetOption = None) -> None:
     try:
         cfg = load_config(config, set_ or [])
         from tasks.export import export_chat_jsonl, manifest_summary, token_plan
-        from tasks.heldout import read_heldout
+        from tasks.heldout import read_evaluation_set
         from tasks.ledger import load_ledger
         from tasks.snapshot import load_snapshot
 
@@ -169,7 +169,7 @@ def export(config: ConfigOption = None, set_: SetOption = None) -> None:
             fail(f"no dataset version in {state.home} yet: `tuneloop run` collects, checks and snapshots the "
                  "landing folder first", 1)
         dataset = load_snapshot(state.datasets, ledger.dataset_version)
-        heldout = read_heldout(cfg.evaluate.holdout, cfg.mapping, cfg.evaluate.max_examples)
+        heldout = read_evaluation_set(cfg.evaluate, cfg.mapping)
         exported = export_chat_jsonl(dataset, cfg.export, heldout, state.home / "exports",
                                      token_plan(cfg.train, state.models), cfg.config_hash())
     except TuneloopError as exc:

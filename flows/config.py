@@ -225,6 +225,9 @@ class TrainConfig(Strict):
 
 class EvaluateConfig(Strict):
     holdout: ConfigPath
+    golden: ConfigPath | None = Field(None, description="a hand-checked golden set in the held-out file's format")
+    n_worst: int = Field(10, ge=0, description="wrong answers per model kept for error analysis")
+    cache_generations: bool = Field(True, description="reuse a model's answers to the same prompts across runs")
     label_pattern: str = Field(r"^\s*(\S+)", description="regex whose first group is the predicted label")
     max_new_tokens: int = Field(8, ge=1)
     batch_size: int = Field(64, ge=1)

@@ -18,7 +18,7 @@ from flows.config import PipelineConfig
 from tasks.collect import collect_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task, token_plan_task
-from tasks.heldout import read_heldout
+from tasks.heldout import read_evaluation_set
 from tasks.ledger import commit_ledger, consume, load_ledger
 from tasks.quality import enforce_min_examples, quality_task, required_fields
 from tasks.records import RetrainResult
@@ -55,7 +55,7 @@ def retrain(config: PipelineConfig) -> RetrainResult:
     # A local store keeps artifacts in the state folder; a tracking server decides for itself.
     artifacts_dir = None if tracking_uri.startswith(("http://", "https://", "databricks")) else state.mlflow_artifacts
 
-    heldout = read_heldout(config.evaluate.holdout, config.mapping, config.evaluate.max_examples)
+    heldout = read_evaluation_set(config.evaluate, config.mapping)
     ledger = load_ledger(state.ledger)
     landing = getattr(config.source, "landing", None) or state.landing
     raw = collect_task(config.source, landing, required_fields(config.mapping), ledger)
@@ -91,7 +91,8 @@ def retrain(config: PipelineConfig) -> RetrainResult:
 
         trained = train_task(exported, config.train, state.models, run_dir)
     champion = find_champion_task(config.registry, tracking_uri, run_dir / "champion")
-    report = evaluate_task(trained, champion, heldout, config.evaluate, run_dir, config.train.openai)
+    report = evaluate_task(trained, champion, heldout, config.evaluate, run_dir, config.train.openai,
+                           state.home / "generations" if config.evaluate.cache_generations else None)
     version = register_task(config, checked, exported, trained, report, tracking_uri, artifacts_dir, run_id)
     commit_ledger(ledger.model_copy(update={"trained_version": dataset.version}), state.ledger)
     counts = checked.model_dump(include={"n_read", "n_accepted", "n_quarantined", "n_duplicates"}) if checked else {}

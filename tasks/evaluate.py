@@ -7,6 +7,7 @@ side by side, and the base is the same model with adapters disabled. Decoding is
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -16,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import EvaluateConfig, OpenAITrainConfig
 from tasks.base_model import load_causal_lm, load_tokenizer, quiet_libraries
-from tasks.heldout import HeldOutExample
+from tasks.heldout import GOLDEN_PREFIX, HeldOutExample
 from tasks.records import Champion, EvalReport, ModelScore, TrainedModel, TuneloopError
 
 
@@ -100,8 +101,57 @@ def chat_answers(openai: OpenAITrainConfig, model: str, examples: list[HeldOutEx
         return list(pool.map(one, examples))
 
 
+class GenerationCache:
+    """Answers kept per (model identity, prompt, decoding settings) in the state folder: a champion that
+    was scored on these examples before is not run again, locally or through a paid API."""
+
+    def __init__(self, folder: Path | None, max_new_tokens: int):
+        self.folder, self.max_new_tokens = folder, max_new_tokens
+        self.hits = self.misses = 0
+
+    def key(self, e: HeldOutExample) -> str:
+        import hashlib
+
+        return hashlib.sha256(orjson.dumps([e.prompt, self.max_new_tokens])).hexdigest()[:24]
+
+    def answers(self, identity: str, examples: list[HeldOutExample],
+                produce: Callable[[list[HeldOutExample]], list[str]]) -> list[str]:
+        if self.folder is None:
+            return produce(examples)
+        import hashlib
+
+        path = self.folder / f"{hashlib.sha256(identity.encode()).hexdigest()[:24]}.jsonl"
+        known: dict[str, str] = {}
+        if path.is_file():
+            for line in path.read_bytes().splitlines():
+                row = orjson.loads(line)
+                known[row["k"]] = row["a"]
+        missing = [e for e in examples if self.key(e) not in known]
+        self.hits += len(examples) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            new = produce(missing)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with path.open("ab") as fh:
+                for e, a in zip(missing, new, strict=True):
+                    known[self.key(e)] = a
+                    fh.write(orjson.dumps({"k": self.key(e), "a": a, "model": identity}) + b"\n")
+        return [known[self.key(e)] for e in examples]
+
+
+def adapter_identity(base_model: str, adapter_path: Path) -> str:
+    """The same adapter weights on the same base answer the same: hash the weights, not the path."""
+    import hashlib
+
+    digest = hashlib.sha256(str(base_model).encode())
+    for f in sorted(adapter_path.glob("adapter_*")):
+        digest.update(f.name.encode())
+        digest.update(f.read_bytes())
+    return f"local:{digest.hexdigest()[:24]}"
+
+
 def _local_answers(trained: TrainedModel, champion: Champion | None, heldout: list[HeldOutExample],
-                   evaluate: EvaluateConfig) -> dict[str, list[str]]:
+                   evaluate: EvaluateConfig, cache: GenerationCache) -> dict[str, list[str]]:
     """Base, candidate and a local champion share one copy of the base weights (adapters side by side)."""
     from peft import PeftModel
 
@@ -109,49 +159,83 @@ def _local_answers(trained: TrainedModel, champion: Champion | None, heldout: li
     base = load_causal_lm(trained.base_model)
     model = PeftModel.from_pretrained(base, str(trained.adapter_path), adapter_name="candidate")
     texts: dict[str, list[str]] = {}
-    run = lambda: generate(model, tokenizer, heldout, evaluate.max_new_tokens, evaluate.batch_size)  # noqa: E731
-    with model.disable_adapter():
-        texts["base"] = run()
-    model.set_adapter("candidate")
-    texts["candidate"] = run()
+
+    def with_adapter(name: str | None):
+        def produce(examples: list[HeldOutExample]) -> list[str]:
+            if name is None:
+                with model.disable_adapter():
+                    return generate(model, tokenizer, examples, evaluate.max_new_tokens, evaluate.batch_size)
+            model.set_adapter(name)
+            return generate(model, tokenizer, examples, evaluate.max_new_tokens, evaluate.batch_size)
+        return produce
+
+    texts["base"] = cache.answers(f"base:{trained.base_model}", heldout, with_adapter(None))
+    texts["candidate"] = cache.answers(adapter_identity(trained.base_model, trained.adapter_path), heldout,
+                                       with_adapter("candidate"))
     if champion is not None and champion.adapter_path is not None and champion.fine_tuned_model is None:
+        identity = adapter_identity(champion.base_model, champion.adapter_path)
         if champion.base_model == trained.base_model:
-            model.load_adapter(str(champion.adapter_path), adapter_name="champion")
-            model.set_adapter("champion")
-            texts["champion"] = run()
+            def champion_answers(examples):
+                if "champion" not in model.peft_config:
+                    model.load_adapter(str(champion.adapter_path), adapter_name="champion")
+                return with_adapter("champion")(examples)
         else:  # a champion on another base model is scored on its own base
-            other = PeftModel.from_pretrained(load_causal_lm(champion.base_model), str(champion.adapter_path))
-            texts["champion"] = generate(other, load_tokenizer(champion.adapter_path), heldout,
-                                         evaluate.max_new_tokens, evaluate.batch_size)
+            def champion_answers(examples):
+                other = PeftModel.from_pretrained(load_causal_lm(champion.base_model), str(champion.adapter_path))
+                return generate(other, load_tokenizer(champion.adapter_path), examples,
+                                evaluate.max_new_tokens, evaluate.batch_size)
+        texts["champion"] = cache.answers(identity, heldout, champion_answers)
     return texts
+
+
+def worst_examples(labels: list[str | None], texts: list[str], heldout: list[HeldOutExample], n: int) -> list[dict]:
+    """The wrong answers first (unparsed before mislabelled), as rows a person can read."""
+    rows = []
+    for e, label, text in zip(heldout, labels, texts, strict=True):
+        if label == e.label:
+            continue
+        user = next((m["content"] for m in reversed(e.prompt) if m["role"] == "user"), "")
+        rows.append({"record_id": e.record_id, "input": user[:300], "expected": e.label, "got": label,
+                     "answer": text[:300], "unparsed": label is None})
+    rows.sort(key=lambda r: (not r["unparsed"], r["record_id"]))
+    return rows[:n]
 
 
 def evaluate_models(
     trained: TrainedModel, champion: Champion | None, heldout: list[HeldOutExample],
     evaluate: EvaluateConfig, run_dir: Path, openai: OpenAITrainConfig | None = None,
+    cache_dir: Path | None = None,
 ) -> EvalReport:
     if any(e.label is None for e in heldout):
         raise TuneloopError("evaluate: held-out examples need a label (mapping.label) for exact-match accuracy")
     pattern = re.compile(evaluate.label_pattern, re.MULTILINE)
+    cache = GenerationCache(cache_dir, evaluate.max_new_tokens)
+
+    def api(model: str) -> list[str]:
+        return cache.answers(f"openai:{model}", heldout,
+                             lambda exs: chat_answers(openai, model, exs, evaluate.max_new_tokens))
+
     if trained.backend == "openai":
-        texts = {"base": chat_answers(openai, trained.base_model, heldout, evaluate.max_new_tokens),
-                 "candidate": chat_answers(openai, trained.fine_tuned_model, heldout, evaluate.max_new_tokens)}
+        texts = {"base": api(trained.base_model), "candidate": api(trained.fine_tuned_model)}
         if champion is not None and champion.adapter_path is not None and champion.fine_tuned_model is None:
             local = TrainedModel(backend="local", base_model=champion.base_model, adapter_path=champion.adapter_path,
                                  dataset_version="", steps=0, train_loss=None, train_seconds=0)
-            texts["champion"] = _local_answers(local, None, heldout, evaluate)["candidate"]
+            texts["champion"] = _local_answers(local, None, heldout, evaluate, cache)["candidate"]
     else:
         quiet_libraries()
-        texts = _local_answers(trained, champion, heldout, evaluate)
+        texts = _local_answers(trained, champion, heldout, evaluate, cache)
     if champion is not None and champion.fine_tuned_model:  # an API champion answers through the API
         if openai is None:
             raise TuneloopError(f"evaluate: champion v{champion.version} is {champion.fine_tuned_model}: "
                                 "set train.openai to reach it")
-        texts["champion"] = chat_answers(openai, champion.fine_tuned_model, heldout, evaluate.max_new_tokens)
+        texts["champion"] = api(champion.fine_tuned_model)
 
     labels = {name: [parse_label(t, pattern) for t in outs] for name, outs in texts.items()}
+    errors = {}
     for name, predicted in labels.items():
         confusion_png(predicted, heldout, f"{name}: expected (rows) vs predicted", run_dir / f"confusion_{name}.png")
+        errors[name] = worst_examples(predicted, texts[name], heldout, evaluate.n_worst)
+    (run_dir / "worst_examples.json").write_bytes(orjson.dumps(errors, option=orjson.OPT_INDENT_2))
     predictions_path = run_dir / "predictions.jsonl"
     with predictions_path.open("wb") as fh:
         for i, e in enumerate(heldout):
@@ -165,6 +249,9 @@ def evaluate_models(
         champion=score(labels["champion"], heldout) if "champion" in labels else None,
         champion_version=champion.version if champion else None,
         predictions_path=predictions_path,
+        worst=errors,
+        n_golden=sum(e.record_id.startswith(GOLDEN_PREFIX) for e in heldout),
+        cached_answers=cache.hits,
     )
 
 
@@ -176,6 +263,11 @@ def comparison_markdown(report: EvalReport) -> str:
     for name, s in rows:
         lines.append(f"| {name} | {s.accuracy:.3f} | {s.macro_f1:.3f} | {s.n_unparsed} |" if s
                      else f"| {name} | none yet | | |")
+    worst = report.worst.get("candidate", [])[:5]
+    if worst:
+        lines += ["", "Candidate's worst answers:", "", "| record | expected | got | answer |", "|---|---|---|---|"]
+        lines += [f"| {w['record_id']} | {w['expected']} | {w['got'] or '(unparsed)'} | "
+                  f"{w['answer'][:80].replace('|', '/').replace(chr(10), ' ')} |" for w in worst]
     c = report.candidate
     lines += ["", "Candidate per class:", "", "| label | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {lab} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
@@ -185,8 +277,9 @@ def comparison_markdown(report: EvalReport) -> str:
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(trained: TrainedModel, champion: Champion | None, heldout: list[HeldOutExample],
-                  evaluate: EvaluateConfig, run_dir: Path, openai: OpenAITrainConfig | None = None) -> EvalReport:
-    report = evaluate_models(trained, champion, heldout, evaluate, run_dir, openai)
+                  evaluate: EvaluateConfig, run_dir: Path, openai: OpenAITrainConfig | None = None,
+                  cache_dir: Path | None = None) -> EvalReport:
+    report = evaluate_models(trained, champion, heldout, evaluate, run_dir, openai, cache_dir)
     create_markdown_artifact(comparison_markdown(report), key="evaluation", description="base vs champion vs candidate")
     champ = f", champion {report.champion.accuracy:.3f}" if report.champion else ""
     get_run_logger().info(f"evaluate: base {report.base.accuracy:.3f}{champ}, candidate {report.candidate.accuracy:.3f}"

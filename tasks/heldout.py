@@ -26,9 +26,22 @@ def prompt_keys(prompts: list[list[dict[str, str]]]) -> list[str]:
     return ["\n".join(next(flat) for _ in u) for u in users]
 
 
-def read_heldout(path: Path, mapping: MappingConfig, limit: int | None = None) -> list[HeldOutExample]:
+GOLDEN_PREFIX = "golden:"
+
+
+def read_evaluation_set(evaluate, mapping: MappingConfig) -> list[HeldOutExample]:
+    """The held-out file (capped at evaluate.max_examples) plus the whole golden set, ids prefixed."""
+    examples = read_heldout(evaluate.holdout, mapping, evaluate.max_examples)
+    if evaluate.golden is not None:
+        golden = read_heldout(evaluate.golden, mapping, field_name="evaluate.golden")
+        examples += [g.model_copy(update={"record_id": GOLDEN_PREFIX + g.record_id}) for g in golden]
+    return examples
+
+
+def read_heldout(path: Path, mapping: MappingConfig, limit: int | None = None,
+                 field_name: str = "evaluate.holdout") -> list[HeldOutExample]:
     if not path.is_file():
-        raise TuneloopError(f"evaluate.holdout: {path} does not exist")
+        raise TuneloopError(f"{field_name}: {path} does not exist")
     examples: list[HeldOutExample] = []
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
@@ -56,6 +69,6 @@ def read_heldout(path: Path, mapping: MappingConfig, limit: int | None = None) -
             if limit and len(examples) >= limit:
                 break
     if not examples:
-        raise TuneloopError(f"evaluate.holdout: {path} holds no examples")
+        raise TuneloopError(f"{field_name}: {path} holds no examples")
     return examples
 

@@ -184,6 +184,9 @@ class EvalReport(BaseModel):
     champion: ModelScore | None = None
     champion_version: str | None = None
     predictions_path: Path
+    worst: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)  # per model, the wrong answers
+    n_golden: int = 0  # of n_examples, how many came from evaluate.golden
+    cached_answers: int = 0  # answers taken from the generation cache instead of generated again
 
 
 class PromotionDecision(BaseModel):

@@ -231,6 +231,10 @@ def register_candidate(
         client.log_artifact(run_id, str(report.predictions_path), "evaluation")
         for png in sorted(report.predictions_path.parent.glob("confusion_*.png")):
             client.log_artifact(run_id, str(png), "evaluation")
+        for who, rows in report.worst.items():  # error analysis, as tables in the MLflow UI
+            if rows:
+                client.log_table(run_id, {k: [r[k] for r in rows] for k in rows[0]},
+                                 f"evaluation/worst_{who}.json")
         if checked is not None:
             for path in (checked.quarantine_path, checked.duplicates_path, checked.summary_path):
                 client.log_artifact(run_id, str(path), "quality")

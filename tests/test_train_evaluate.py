@@ -66,3 +66,53 @@ def test_a_base_model_that_cannot_be_loaded_offline_says_what_to_do(monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(TuneloopError, match=r"cannot load base model acme/no-such-model: .*HF_HUB_OFFLINE.*train\.base_model"):
         load_causal_lm("acme/no-such-model")
+
+
+def test_a_champion_scored_before_is_not_generated_again_and_errors_are_listed(workspace, monkeypatch):
+    import tasks.evaluate as ev
+    from tasks.records import Champion
+
+    root, cfg, exported, heldout = workspace
+    cfg.train.local.max_steps = 5
+    trained = train_lora(exported, cfg.train, root / "models", root / "c")
+    cache = root / "generations"
+    calls = []
+    real = ev.generate
+    monkeypatch.setattr(ev, "generate", lambda model, tok, exs, *a: calls.append(len(exs)) or real(model, tok, exs, *a))
+    first = evaluate_models(trained, None, heldout, cfg.evaluate, root / "c", cache_dir=cache)
+    assert sum(calls) == 2 * len(heldout) and first.cached_answers == 0
+
+    calls.clear()  # next run: the same adapter is now the champion, a new candidate is scored beside it
+    champion = Champion(version="1", adapter_path=trained.adapter_path, base_model=trained.base_model)
+    cfg.train.local.max_steps = 6
+    candidate = train_lora(exported, cfg.train, root / "models", root / "d")
+    second = evaluate_models(candidate, champion, heldout, cfg.evaluate, root / "d", cache_dir=cache)
+    assert sum(calls) == len(heldout)  # only the new candidate generated; base and champion came from the cache
+    assert second.cached_answers == 2 * len(heldout)
+    assert second.champion == first.candidate and second.base == first.base
+
+    worst = second.worst["base"]  # the untrained base gets every label wrong
+    assert len(worst) == cfg.evaluate.n_worst and {"record_id", "input", "expected", "got", "answer"} <= set(worst[0])
+    assert json.loads((root / "d" / "worst_examples.json").read_text())["base"] == worst
+
+
+def test_a_golden_set_is_evaluated_and_kept_out_of_training(tmp_path):
+    from tasks.export import remove_heldout
+    from tasks.heldout import read_evaluation_set
+    from tasks.quality import content_hash
+    from tasks.records import ChatExample
+
+    golden = tmp_path / "golden.jsonl"
+    rows = [json.loads(line) for line in (DEMO / "tickets.jsonl").read_text().splitlines()[:3]]
+    golden.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(DEMO_CONFIG, ["evaluate.max_examples=5", f"evaluate.golden={golden}"])
+    examples = read_evaluation_set(cfg.evaluate, cfg.mapping)
+    assert len(examples) == 8 and [e.record_id for e in examples[5:]] == [f"golden:{r['ticket_id']}" for r in rows]
+    train = [ChatExample(messages=[*e.prompt, {"role": "assistant", "content": e.expected}], record_id=e.record_id,
+                         source="s", line=i, content_hash=content_hash([*e.prompt, {"role": "assistant", "content": e.expected}]))
+             for i, e in enumerate(examples[5:])]
+    clean, removed = remove_heldout(train, examples)
+    assert clean == [] and removed == 3
+    missing = load_config(DEMO_CONFIG, [f"evaluate.golden={tmp_path / 'nope.jsonl'}"])
+    with pytest.raises(TuneloopError, match="evaluate.golden: .*nope.jsonl does not exist"):
+        read_evaluation_set(missing.evaluate, missing.mapping)
