@@ -223,7 +223,23 @@ class TrainConfig(Strict):
     openai: OpenAITrainConfig = Field(default_factory=OpenAITrainConfig)
 
 
+METRICS = Literal["accuracy", "macro_f1", "exact_match", "rouge_l", "bleu", "judge"]
+
+
+class JudgeConfig(Strict):
+    """LLM-as-judge through any OpenAI-compatible chat endpoint (off unless configured)."""
+
+    model: str
+    rubric: str = ("You grade a support answer against a reference answer. Score it from 1 (wrong or unhelpful) "
+                   "to 5 (correct, complete, right tone). Reply with the number only.")
+    base_url: str | None = Field(None, description="unset: OpenAI (or $OPENAI_BASE_URL)")
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = Field(4, ge=1)
+
+
 class EvaluateConfig(Strict):
+    task: Literal["classification", "generation"] = Field(
+        "classification", description="classification: a label parsed from the answer; generation: the text itself")
     holdout: ConfigPath
     golden: ConfigPath | None = Field(None, description="a hand-checked golden set in the held-out file's format")
     n_worst: int = Field(10, ge=0, description="wrong answers per model kept for error analysis")
@@ -232,10 +248,19 @@ class EvaluateConfig(Strict):
     max_new_tokens: int = Field(8, ge=1)
     batch_size: int = Field(64, ge=1)
     max_examples: int | None = Field(None, ge=1)
-    primary_metric: Literal["accuracy", "macro_f1"] = Field(
-        "accuracy", description="what a candidate must improve to become champion")
-    guards: dict[Literal["accuracy", "macro_f1"], float] = Field(
+    primary_metric: METRICS = Field("accuracy", description="what a candidate must improve to become champion")
+    guards: dict[METRICS, float] = Field(
         default_factory=dict, description="metric -> largest allowed drop vs the champion, e.g. {macro_f1: 0.01}")
+    judge: JudgeConfig | None = None
+
+    @model_validator(mode="after")
+    def _metrics_exist(self):
+        used = {self.primary_metric, *self.guards}
+        if "judge" in used and self.judge is None:
+            raise ValueError("evaluate.primary_metric or evaluate.guards uses 'judge': configure evaluate.judge")
+        if self.task == "generation" and "macro_f1" in used:
+            raise ValueError("macro_f1 needs labels: use it with evaluate.task: classification")
+        return self
 
 
 class RegisterConfig(Strict):

@@ -15,7 +15,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import EvaluateConfig, OpenAITrainConfig
+from flows.config import EvaluateConfig, JudgeConfig, OpenAITrainConfig
 from tasks.base_model import load_causal_lm, load_tokenizer, quiet_libraries
 from tasks.heldout import GOLDEN_PREFIX, HeldOutExample
 from tasks.records import Champion, EvalReport, ModelScore, TrainedModel, TuneloopError
@@ -44,8 +44,30 @@ def generate(model, tokenizer, examples: list[HeldOutExample], max_new_tokens: i
     return outputs
 
 
-def score(predicted: list[str | None], examples: list[HeldOutExample]) -> ModelScore:
-    """Accuracy, macro-F1 over the expected labels, and per-class precision / recall / F1 (scikit-learn)."""
+def _normalize(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def text_scores(texts: list[str], examples: list[HeldOutExample]) -> tuple[float, float, float, list[float]]:
+    """Exact match, mean ROUGE-L F-measure (and per example), corpus BLEU / 100."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rouge = [scorer.score(e.expected, t)["rougeL"].fmeasure for e, t in zip(examples, texts, strict=True)]
+    exact = sum(_normalize(t) == _normalize(e.expected) for e, t in zip(examples, texts, strict=True)) / len(examples)
+    bleu = sacrebleu.corpus_bleu(texts, [[e.expected for e in examples]]).score / 100
+    return round(exact, 4), round(sum(rouge) / len(rouge), 4), round(bleu, 4), rouge
+
+
+def score(predicted: list[str | None], examples: list[HeldOutExample], texts: list[str] | None = None,
+          task: str = "classification", judge: float | None = None) -> ModelScore:
+    """Classification: accuracy, macro-F1 over the expected labels, per-class precision / recall / F1
+    (scikit-learn). Every task: exact match, ROUGE-L and BLEU of the whole answer when texts are given."""
+    text = dict(zip(("exact_match", "rouge_l", "bleu"), text_scores(texts, examples)[:3], strict=True)) if texts else {}
+    if task == "generation":
+        return ModelScore(accuracy=text.get("exact_match", 0.0), n_examples=len(examples), n_unparsed=0, judge=judge,
+                          **text)
     from sklearn.metrics import precision_recall_fscore_support
 
     expected = [e.label for e in examples]
@@ -58,7 +80,26 @@ def score(predicted: list[str | None], examples: list[HeldOutExample]) -> ModelS
         n_unparsed=sum(x is None for x in predicted), macro_f1=round(float(f.mean()), 4),
         per_class={lab: {"precision": round(float(p[i]), 4), "recall": round(float(r[i]), 4),
                          "f1": round(float(f[i]), 4), "support": int(support[i])} for i, lab in enumerate(labels)},
+        judge=judge, **text,
     )
+
+
+def judge_grade(judge: JudgeConfig, examples: list[HeldOutExample], answers: list[str]) -> float:
+    """Mean grade (1..5 scaled to 0..1) an LLM judge gives the answers against the references; a reply
+    without a grade counts as the lowest."""
+    cfg = OpenAITrainConfig(provider="compatible" if judge.base_url else "openai", base_url=judge.base_url,
+                            api_key_env=judge.api_key_env, eval_concurrency=judge.concurrency)
+    prompts = []
+    for e, a in zip(examples, answers, strict=True):
+        question = next((m["content"] for m in reversed(e.prompt) if m["role"] == "user"), "")
+        prompts.append([{"role": "system", "content": judge.rubric},
+                        {"role": "user", "content": f"Question:\n{question}\n\nReference answer:\n{e.expected}"
+                                                    f"\n\nAnswer to grade:\n{a}"}])
+    grades = []
+    for reply in chat_completions(cfg, judge.model, prompts, max_tokens=4):
+        m = re.search(r"[1-5]", reply)
+        grades.append((int(m.group(0)) - 1) / 4 if m else 0.0)
+    return round(sum(grades) / len(grades), 4)
 
 
 def confusion_png(predicted: list[str | None], examples: list[HeldOutExample], title: str, path: Path) -> Path:
@@ -82,8 +123,8 @@ def confusion_png(predicted: list[str | None], examples: list[HeldOutExample], t
     return path
 
 
-def chat_answers(openai: OpenAITrainConfig, model: str, examples: list[HeldOutExample], max_new_tokens: int) -> list[str]:
-    """An API model's greedy answers, ``eval_concurrency`` requests at a time, each retried like training calls."""
+def chat_completions(openai: OpenAITrainConfig, model: str, prompts: list[list[dict]], max_tokens: int) -> list[str]:
+    """Greedy answers of an API model, ``eval_concurrency`` requests at a time, each retried like training calls."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tasks.train_openai import Secrets, _call, api_key, make_client
@@ -91,14 +132,18 @@ def chat_answers(openai: OpenAITrainConfig, model: str, examples: list[HeldOutEx
     client = make_client(openai)
     secrets = Secrets(api_key(openai))
 
-    def one(e: HeldOutExample) -> str:
-        reply = _call(lambda: client.chat.completions.create(model=model, messages=e.prompt, temperature=0,
-                                                             max_tokens=max_new_tokens),
+    def one(messages: list[dict]) -> str:
+        reply = _call(lambda: client.chat.completions.create(model=model, messages=messages, temperature=0,
+                                                             max_tokens=max_tokens),
                       f"chat.completions ({model})", openai, secrets)
         return reply.choices[0].message.content or ""
 
     with ThreadPoolExecutor(openai.eval_concurrency) as pool:
-        return list(pool.map(one, examples))
+        return list(pool.map(one, prompts))
+
+
+def chat_answers(openai: OpenAITrainConfig, model: str, examples: list[HeldOutExample], max_new_tokens: int) -> list[str]:
+    return chat_completions(openai, model, [e.prompt for e in examples], max_new_tokens)
 
 
 class GenerationCache:
@@ -188,16 +233,21 @@ def _local_answers(trained: TrainedModel, champion: Champion | None, heldout: li
     return texts
 
 
-def worst_examples(labels: list[str | None], texts: list[str], heldout: list[HeldOutExample], n: int) -> list[dict]:
-    """The wrong answers first (unparsed before mislabelled), as rows a person can read."""
+def worst_examples(labels: list[str | None], texts: list[str], heldout: list[HeldOutExample], n: int,
+                   task: str = "classification") -> list[dict]:
+    """The worst answers as rows a person can read: wrong labels (unparsed first) for classification,
+    the lowest ROUGE-L for generation."""
     rows = []
-    for e, label, text in zip(heldout, labels, texts, strict=True):
-        if label == e.label:
+    rouge = text_scores(texts, heldout)[3] if task == "generation" else [0.0] * len(heldout)
+    for e, label, text, r in zip(heldout, labels, texts, rouge, strict=True):
+        if task == "classification" and label == e.label:
+            continue
+        if task == "generation" and _normalize(text) == _normalize(e.expected):
             continue
         user = next((m["content"] for m in reversed(e.prompt) if m["role"] == "user"), "")
-        rows.append({"record_id": e.record_id, "input": user[:300], "expected": e.label, "got": label,
-                     "answer": text[:300], "unparsed": label is None})
-    rows.sort(key=lambda r: (not r["unparsed"], r["record_id"]))
+        rows.append({"record_id": e.record_id, "input": user[:300], "expected": e.label or e.expected[:300],
+                     "got": label, "answer": text[:300], "unparsed": label is None, "rouge_l": round(r, 4)})
+    rows.sort(key=lambda r: (r["rouge_l"], r["record_id"]) if task == "generation" else (not r["unparsed"], r["record_id"]))
     return rows[:n]
 
 
@@ -206,8 +256,9 @@ def evaluate_models(
     evaluate: EvaluateConfig, run_dir: Path, openai: OpenAITrainConfig | None = None,
     cache_dir: Path | None = None,
 ) -> EvalReport:
-    if any(e.label is None for e in heldout):
-        raise TuneloopError("evaluate: held-out examples need a label (mapping.label) for exact-match accuracy")
+    if evaluate.task == "classification" and any(e.label is None for e in heldout):
+        raise TuneloopError("evaluate: held-out examples need a label (mapping.label) for classification; "
+                            "or set evaluate.task: generation")
     pattern = re.compile(evaluate.label_pattern, re.MULTILINE)
     cache = GenerationCache(cache_dir, evaluate.max_new_tokens)
 
@@ -233,8 +284,11 @@ def evaluate_models(
     labels = {name: [parse_label(t, pattern) for t in outs] for name, outs in texts.items()}
     errors = {}
     for name, predicted in labels.items():
-        confusion_png(predicted, heldout, f"{name}: expected (rows) vs predicted", run_dir / f"confusion_{name}.png")
-        errors[name] = worst_examples(predicted, texts[name], heldout, evaluate.n_worst)
+        if evaluate.task == "classification":
+            confusion_png(predicted, heldout, f"{name}: expected (rows) vs predicted", run_dir / f"confusion_{name}.png")
+        errors[name] = worst_examples(predicted, texts[name], heldout, evaluate.n_worst, evaluate.task)
+    judged = {name: judge_grade(evaluate.judge, heldout, outs) for name, outs in texts.items()} if evaluate.judge else {}
+    scores = {name: score(labels[name], heldout, texts[name], evaluate.task, judged.get(name)) for name in texts}
     (run_dir / "worst_examples.json").write_bytes(orjson.dumps(errors, option=orjson.OPT_INDENT_2))
     predictions_path = run_dir / "predictions.jsonl"
     with predictions_path.open("wb") as fh:
@@ -244,9 +298,9 @@ def evaluate_models(
             fh.write(orjson.dumps(row) + b"\n")
     return EvalReport(
         n_examples=len(heldout),
-        base=score(labels["base"], heldout),
-        candidate=score(labels["candidate"], heldout),
-        champion=score(labels["champion"], heldout) if "champion" in labels else None,
+        base=scores["base"],
+        candidate=scores["candidate"],
+        champion=scores.get("champion"),
         champion_version=champion.version if champion else None,
         predictions_path=predictions_path,
         worst=errors,
@@ -259,10 +313,12 @@ def comparison_markdown(report: EvalReport) -> str:
     rows = [("base", report.base), ("champion" + (f" (v{report.champion_version})" if report.champion_version else ""),
                                       report.champion), ("candidate", report.candidate)]
     lines = [f"## Evaluation on {report.n_examples} held-out examples", "",
-             "| model | accuracy | macro-F1 | unparsed answers |", "|---|---:|---:|---:|"]
+             "| model | accuracy | macro-F1 | exact match | ROUGE-L | BLEU | judge | unparsed answers |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, s in rows:
-        lines.append(f"| {name} | {s.accuracy:.3f} | {s.macro_f1:.3f} | {s.n_unparsed} |" if s
-                     else f"| {name} | none yet | | |")
+        judge = f"{s.judge:.3f}" if s and s.judge is not None else ""
+        lines.append(f"| {name} | {s.accuracy:.3f} | {s.macro_f1:.3f} | {s.exact_match:.3f} | {s.rouge_l:.3f} |"
+                     f" {s.bleu:.3f} | {judge} | {s.n_unparsed} |" if s else f"| {name} | none yet | | | | | | |")
     worst = report.worst.get("candidate", [])[:5]
     if worst:
         lines += ["", "Candidate's worst answers:", "", "| record | expected | got | answer |", "|---|---|---|---|"]

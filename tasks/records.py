@@ -170,9 +170,16 @@ class ModelScore(BaseModel):
     n_unparsed: int
     macro_f1: float = 0.0
     per_class: dict[str, dict[str, float]] = Field(default_factory=dict)  # precision, recall, f1, support
+    exact_match: float = 0.0  # the whole answer, whitespace and case normalized
+    rouge_l: float = 0.0  # mean ROUGE-L F-measure (rouge-score)
+    bleu: float = 0.0  # corpus BLEU / 100 (sacrebleu)
+    judge: float | None = None  # mean LLM-judge grade scaled to 0..1, when configured
 
     def metric(self, name: str) -> float:
-        return float(getattr(self, name))
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"metric {name} was not computed")
+        return float(value)
 
 
 class EvalReport(BaseModel):

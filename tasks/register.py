@@ -106,8 +106,10 @@ def find_champion(registry: RegisterConfig, tracking_uri: str, dst: Path) -> Cha
     local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dst),
                                                 tracking_uri=tracking_uri)
     backend = version.tags.get("backend", "local")
+    root = Path(local)
+    adapter = root / "artifacts" / "adapter" if (root / "MLmodel").exists() else root  # pyfunc, or a bare adapter
     return Champion(version=str(version.version), backend=backend,
-                    adapter_path=Path(local) if backend == "local" else None,
+                    adapter_path=adapter if backend == "local" else None,
                     fine_tuned_model=version.tags.get("fine_tuned_model") or None,
                     base_model=version.tags.get("base_model", ""), dataset_version=version.tags.get("dataset_version"))
 
@@ -117,7 +119,8 @@ def decide_promotion(report: EvalReport, min_improvement: float, primary: str = 
     """Strictly better on the primary metric by at least ``min_improvement`` (a tie never replaces the
     champion), and no guard metric down by more than its tolerance."""
     baseline, reference = ("champion", report.champion) if report.champion else ("base", report.base)
-    names = sorted({primary, "accuracy", "macro_f1", *(guards or {})})
+    names = sorted({primary, *(guards or {}), *(m for m in ("accuracy", "macro_f1", "exact_match", "rouge_l", "bleu", "judge")
+                                                 if getattr(report.candidate, m) is not None)})
     deltas = {m: round(report.candidate.metric(m) - reference.metric(m), 4) for m in names}
     delta = deltas[primary]
     failures = [f"{m} {deltas[m]:+.3f} (allowed -{tol:.3f})" for m, tol in sorted((guards or {}).items())
@@ -195,7 +198,9 @@ def register_candidate(
             metrics["champion_accuracy"] = report.champion.accuracy
         for who in ("base", "candidate", "champion"):
             if (sc := getattr(report, who)) is not None:
-                metrics[f"{who}_macro_f1"] = sc.macro_f1
+                for m in ("macro_f1", "exact_match", "rouge_l", "bleu", "judge"):
+                    if getattr(sc, m) is not None:
+                        metrics[f"{who}_{m}"] = getattr(sc, m)
         for label, m in report.candidate.per_class.items():
             metrics.update({f"candidate_{k}.{label}": v for k, v in m.items() if k != "support"})
         for split, stats in exported.token_stats.items():
@@ -246,9 +251,19 @@ def register_candidate(
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
+        from tasks.champion_model import save_champion_model
+
+        openai_settings = config.train.openai.model_dump(include={
+            "provider", "base_url", "api_key_env", "azure_endpoint", "azure_api_version", "eval_concurrency",
+            "request_retries"})
+        pyfunc_dir = save_champion_model(
+            report.predictions_path.parent / "pyfunc" / "model", trained.backend, trained.base_model,
+            trained.adapter_path, trained.fine_tuned_model, openai_settings, config.mapping.system,
+            config.evaluate.max_new_tokens)
+        client.log_artifacts(run_id, str(pyfunc_dir), "model")
         version = client.create_model_version(
             registry.model_name,
-            source=f"{run.info.artifact_uri}/{'adapter' if trained.adapter_path is not None else 'openai'}",
+            source=f"{run.info.artifact_uri}/model",  # mlflow.pyfunc.load_model("models:/NAME@champion")
             run_id=run_id,
             tags={**tags, "candidate_accuracy": str(report.candidate.accuracy),
                   "candidate_macro_f1": str(report.candidate.macro_f1), "promoted": str(decision.promoted),

@@ -252,3 +252,22 @@ class FakeOpenAI:
             events.append({"object": "fine_tuning.job.event", "id": f"ev-{ident}-{len(events)}", "created_at": 0,
                            "level": "info", "message": "The job has successfully completed", "type": "message"})
         return 200, job, {}
+
+
+def exported_files(tmp_path, n=12):
+    """A small train/validation export, as the export stage would hand it to the backend."""
+    import hashlib
+
+    from tasks.records import ExportedDataset
+
+    d = tmp_path / "export"
+    d.mkdir(exist_ok=True)
+    sha = {}
+    for name, count in (("train.jsonl", n), ("validation.jsonl", 2)):
+        (d / name).write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{name} q{i}"},
+                                                               {"role": "assistant", "content": "a"}]}) + "\n"
+                                      for i in range(count)))
+        sha[name] = hashlib.sha256((d / name).read_bytes()).hexdigest()
+    return ExportedDataset(dataset_version="v1", directory=d, train_path=d / "train.jsonl",
+                           validation_path=d / "validation.jsonl", manifest_path=d / "manifest.json",
+                           n_train=n, n_validation=2, sha256=sha)

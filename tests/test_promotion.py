@@ -107,3 +107,50 @@ def test_promote_rollback_and_models_on_a_real_registry(tmp_path):
         ("1", ["champion"], "0.5"), ("2", [], "0.7"), ("3", [], "0.6")]
     missing = cli("promote", "9")
     assert missing.returncode == 1 and "has no version '9' (versions: 1, 2, 3)" in missing.stderr
+
+
+def test_generation_metrics_exact_match_rouge_l_and_bleu():
+    from tasks.evaluate import score
+    from tasks.heldout import HeldOutExample
+
+    examples = [HeldOutExample(record_id=str(i), prompt=[{"role": "user", "content": f"q{i}"}], expected=exp, label=None)
+                for i, exp in enumerate(["reset your password from the login page", "we refunded the invoice"])]
+    perfect = score([None, None], examples, [e.expected for e in examples], task="generation")
+    assert (perfect.exact_match, perfect.rouge_l, perfect.bleu, perfect.accuracy) == (1.0, 1.0, 1.0, 1.0)
+    partial = score([None, None], examples, ["Reset your  password from the login page", "sorry, no idea"],
+                    task="generation")
+    assert partial.exact_match == 0.5 and partial.rouge_l == 0.5 and 0 < partial.bleu < 1.0  # ROUGE: 1.0 and 0.0
+    assert partial.macro_f1 == 0.0 and partial.per_class == {}
+
+
+def test_the_llm_judge_grades_through_an_openai_compatible_endpoint(monkeypatch):
+    from fake_openai import FakeOpenAI
+
+    from flows.config import JudgeConfig
+    from tasks.evaluate import judge_grade
+    from tasks.heldout import HeldOutExample
+
+    monkeypatch.setenv("JUDGE_KEY", "sk-judge-0123456789")
+    seen = []
+    examples = [HeldOutExample(record_id=str(i), prompt=[{"role": "user", "content": f"ticket {i}"}],
+                               expected="the reference", label=None) for i in range(4)]
+    with FakeOpenAI(answer=lambda model, messages: seen.append((model, messages)) or
+                    ("5" if "good answer" in messages[-1]["content"] else "Grade: 2")) as fake:
+        judge = JudgeConfig(model="judge-model", base_url=fake.base_url, api_key_env="JUDGE_KEY")
+        grade = judge_grade(judge, examples, ["good answer", "good answer", "meh", "meh"])
+    assert grade == round((1.0 + 1.0 + 0.25 + 0.25) / 4, 4)
+    model, messages = seen[0]
+    assert model == "judge-model" and messages[0]["content"] == judge.rubric
+    assert "Reference answer:\nthe reference" in messages[1]["content"] and "ticket" in messages[1]["content"]
+
+
+def test_metrics_the_config_cannot_compute_are_refused_up_front():
+    from conftest import DEMO_CONFIG
+    from flows.config import load_config
+    from tasks.records import TuneloopError
+
+    with pytest.raises(TuneloopError, match="uses 'judge': configure evaluate.judge"):
+        load_config(DEMO_CONFIG, ["evaluate.primary_metric=judge"])
+    with pytest.raises(TuneloopError, match="macro_f1 needs labels"):
+        load_config(DEMO_CONFIG, ["evaluate.task=generation", "evaluate.guards={macro_f1: 0.1}"])
+    assert load_config(DEMO_CONFIG, ["evaluate.task=generation", "evaluate.primary_metric=rouge_l"]).evaluate.task == "generation"

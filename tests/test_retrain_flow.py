@@ -1,5 +1,7 @@
 """The whole retrain flow under Prefect's test harness, with MLflow on a temporary SQLite store."""
 
+import json
+
 import pytest
 
 from conftest import DEMO, DEMO_CONFIG
@@ -51,6 +53,13 @@ def test_retrain_registers_promotes_and_a_worse_run_leaves_the_champion(prefect_
     assert str(home) in run.info.artifact_uri  # artifacts live in the state folder, not the cwd
     assert run.data.metrics["tokens.train.n_examples"] == run.data.metrics["n_train"]
     assert 0 < run.data.metrics["tokens.train.p50"] <= run.data.metrics["tokens.train.max"]
+    import mlflow.pyfunc
+
+    champion = mlflow.pyfunc.load_model(f"models:/{name}@champion")  # one call, no tuneloop code needed
+    held = [json.loads(line) for line in (DEMO / "holdout.jsonl").read_text().splitlines()[:3]]
+    answers = champion.predict([f"Subject: {h['subject']}\n\n{h['body']}" for h in held])
+    predictions = [json.loads(line) for line in first.report.predictions_path.read_text().splitlines()[:3]]
+    assert answers == [p["candidate"]["text"] for p in predictions]  # what the evaluation saw
     version_tags = client.get_model_version(name, "1").tags
     assert version_tags["dataset_version"] == first.dataset_version  # every model leads back to its data
 

@@ -8,30 +8,14 @@ import sys
 import time
 
 import pytest
-from fake_openai import FakeOpenAI, Fault, Lifecycle
+from fake_openai import FakeOpenAI, Fault, Lifecycle, exported_files
 
 from conftest import ROOT
 from flows.config import TrainConfig
-from tasks.records import ExportedDataset, TuneloopError
+from tasks.records import TuneloopError
 from tasks.train_openai import train_openai
 
 KEY = "sk-test-PLANTED-0123456789abcdef"
-
-
-def exported_files(tmp_path, n=12) -> ExportedDataset:
-    import hashlib
-
-    d = tmp_path / "export"
-    d.mkdir(exist_ok=True)
-    sha = {}
-    for name, count in (("train.jsonl", n), ("validation.jsonl", 2)):
-        (d / name).write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{name} q{i}"},
-                                                               {"role": "assistant", "content": "a"}]}) + "\n"
-                                      for i in range(count)))
-        sha[name] = hashlib.sha256((d / name).read_bytes()).hexdigest()
-    return ExportedDataset(dataset_version="v1", directory=d, train_path=d / "train.jsonl",
-                           validation_path=d / "validation.jsonl", manifest_path=d / "manifest.json",
-                           n_train=n, n_validation=2, sha256=sha)
 
 
 def config(fake: FakeOpenAI, **openai) -> TrainConfig:
@@ -136,7 +120,7 @@ def test_azure_provider_goes_through_azure_openai_client(tmp_path, key):
 CHILD = """
 import os, sys, time
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-from test_train_openai import exported_files
+from fake_openai import exported_files  # not the test module: its conftest import clears OPENAI_API_KEY
 from flows.config import TrainConfig
 from pathlib import Path
 from tasks.train_openai import train_openai
@@ -208,7 +192,7 @@ def test_the_whole_flow_on_the_openai_backend_and_the_key_is_nowhere(prefect_har
         assert run.data.metrics["trained_tokens"] == 1234 and run.data.metrics["estimated_cost_usd"] > 0
         version = client.get_model_version(result.model_version.name, result.model_version.version)
         assert version.tags["fine_tuned_model"] == "ft:gpt-4o-mini-2024-07-18:fake::ftjob-1"
-        assert version.tags["openai_job_id"] == "ftjob-1" and version.source.endswith("/openai")
+        assert version.tags["openai_job_id"] == "ftjob-1" and version.source.endswith("/model")  # the pyfunc
         assert {a.path for a in client.list_artifacts(run.info.run_id, "openai")} >= {
             "openai/step_metrics.csv", "openai/checkpoints.json", "openai/openai_job.json"}
 
@@ -217,6 +201,12 @@ def test_the_whole_flow_on_the_openai_backend_and_the_key_is_nowhere(prefect_har
 
         champ = find_champion(cfg.registry, uri, tmp_path / "champ")
         assert champ.backend == "openai" and champ.fine_tuned_model == version.tags["fine_tuned_model"]
+        import mlflow.pyfunc
+
+        loaded = mlflow.pyfunc.load_model(f"models:/{result.model_version.name}@champion")
+        held = json.loads((DEMO / "holdout.jsonl").read_text().splitlines()[0])
+        assert loaded.predict([f"Subject: {held['subject']}\n\n{held['body']}"]) == [f"queue: {held['queue']}\nThanks!"]
+        assert fake.requests[-1][1].endswith("/chat/completions")
 
         # the key appears in no file, MLflow param or tag, or Prefect log of the run
         everything = [p.read_bytes() for p in home.rglob("*") if p.is_file()]
