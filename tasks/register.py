@@ -193,6 +193,7 @@ def register_candidate(
             "n_validation": exported.n_validation,
             "train_seconds": trained.train_seconds,
             "promotion_delta": decision.delta,
+            **{f"promotion_delta.{m}": d for m, d in decision.deltas.items()},
         }
         if report.champion:
             metrics["champion_accuracy"] = report.champion.accuracy
@@ -234,6 +235,8 @@ def register_candidate(
         if trained.artifacts_dir is not None:  # the job record, step metrics CSV, checkpoints list
             client.log_artifacts(run_id, str(trained.artifacts_dir), "openai")
         client.log_artifact(run_id, str(report.predictions_path), "evaluation")
+        client.log_dict(run_id, report.model_dump(mode="json"), "evaluation/report.json")
+        client.log_dict(run_id, decision.model_dump(mode="json"), "evaluation/promotion_decision.json")
         for png in sorted(report.predictions_path.parent.glob("confusion_*.png")):
             client.log_artifact(run_id, str(png), "evaluation")
         for who, rows in report.worst.items():  # error analysis, as tables in the MLflow UI

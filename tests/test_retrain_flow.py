@@ -90,6 +90,9 @@ def test_retrain_registers_promotes_and_a_worse_run_leaves_the_champion(prefect_
     assert {"evaluation/confusion_candidate.png", "evaluation/confusion_champion.png"} <= {
         a.path for a in client.list_artifacts(run2.info.run_id, "evaluation")}
     assert "candidate_recall.billing" in run2.data.metrics and "champion_macro_f1" in run2.data.metrics
+    local = client.download_artifacts(run2.info.run_id, "evaluation/promotion_decision.json", str(tmp_path))
+    decision = json.loads(open(local).read())
+    assert decision["promoted"] is False and decision["deltas"]["accuracy"] == worse.model_version.decision.delta
 
 
 def test_quality_gate_failure_stops_the_flow_before_training(prefect_harness, home, tmp_path):
