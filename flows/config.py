@@ -139,6 +139,9 @@ class LocalTrainConfig(Strict):
     max_length: int = Field(256, ge=16)
     seed: int = 0
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    checkpoint_every: int = Field(50, ge=1, description="checkpoint every N steps; a rerun resumes from the last")
+    gradient_checkpointing: bool = False
+    quantization: Literal["none", "4bit"] = Field("none", description="4bit: QLoRA through bitsandbytes (CUDA only)")
 
 
 class TinyBaseConfig(Strict):

@@ -89,7 +89,7 @@ def retrain(config: PipelineConfig) -> RetrainResult:
     else:
         from tasks.train_local import train_task
 
-        trained = train_task(exported, config.train, state.models, run_dir)
+        trained = train_task(exported, config.train, state.models, run_dir, state.home / "checkpoints")
     champion = find_champion_task(config.registry, tracking_uri, run_dir / "champion")
     report = evaluate_task(trained, champion, heldout, config.evaluate, run_dir, config.train.openai,
                            state.home / "generations" if config.evaluate.cache_generations else None)

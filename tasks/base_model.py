@@ -149,10 +149,10 @@ def load_tokenizer(source: Path | str):
     return tokenizer
 
 
-def load_causal_lm(source: Path | str):
+def load_causal_lm(source: Path | str, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    return _load(AutoModelForCausalLM.from_pretrained, source)
+    return _load(lambda s: AutoModelForCausalLM.from_pretrained(s, **kwargs), source)
 
 
 def _load(loader, source: Path | str):

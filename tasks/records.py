@@ -149,6 +149,9 @@ class TrainedModel(BaseModel):
     loss_history: list[tuple[int, float]] = Field(default_factory=list)
     train_seconds: float
     step_metrics: dict[str, list[tuple[int, float]]] = Field(default_factory=dict)  # e.g. valid_loss per step
+    resumed_from_step: int = 0  # local: the checkpoint a rerun continued from
+    tokens_per_second: float | None = None  # local: non-padding tokens trained on per second
+    peak_memory_mb: float | None = None  # local: GPU peak allocation, or the process's peak RSS on CPU
 
 
 class Champion(BaseModel):

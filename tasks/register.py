@@ -219,6 +219,9 @@ def register_candidate(
         batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
         if trained.trained_tokens is not None:
             batch.append(Metric("trained_tokens", float(trained.trained_tokens), now, 0))
+        for name in ("tokens_per_second", "peak_memory_mb", "resumed_from_step"):
+            if getattr(trained, name) is not None:
+                batch.append(Metric(f"train_{name}", float(getattr(trained, name)), now, 0))
         batch += [Metric("loss", loss, now, step) for step, loss in trained.loss_history]
         batch += [Metric(name, value, now, step) for name, points in trained.step_metrics.items()
                   if name != "train_loss" for step, value in points]
@@ -232,8 +235,8 @@ def register_candidate(
         client.log_artifacts(run_id, str(exported.directory), "dataset")
         if trained.adapter_path is not None:
             client.log_artifacts(run_id, str(trained.adapter_path), "adapter")
-        if trained.artifacts_dir is not None:  # the job record, step metrics CSV, checkpoints list
-            client.log_artifacts(run_id, str(trained.artifacts_dir), "openai")
+        if trained.artifacts_dir is not None:  # openai: job record, step metrics, checkpoints; local: loss curve
+            client.log_artifacts(run_id, str(trained.artifacts_dir), "openai" if trained.backend == "openai" else "training")
         client.log_artifact(run_id, str(report.predictions_path), "evaluation")
         client.log_dict(run_id, report.model_dump(mode="json"), "evaluation/report.json")
         client.log_dict(run_id, decision.model_dump(mode="json"), "evaluation/promotion_decision.json")

@@ -116,3 +116,83 @@ def test_a_golden_set_is_evaluated_and_kept_out_of_training(tmp_path):
     missing = load_config(DEMO_CONFIG, [f"evaluate.golden={tmp_path / 'nope.jsonl'}"])
     with pytest.raises(TuneloopError, match="evaluate.golden: .*nope.jsonl does not exist"):
         read_evaluation_set(missing.evaluate, missing.mapping)
+
+
+def test_loss_is_on_assistant_tokens_only(workspace):
+    """Decode the supervised tokens of one real batch: the answers, never the ticket or the system prompt."""
+    from tasks.train_local import build_trainer
+
+    root, cfg, exported, _ = workspace
+    cfg.train.local.max_steps = 1
+    trainer, tok, _ = build_trainer(exported, cfg.train, root / "models", root / "mask")
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
+        trained = tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != -100])
+        assert trained.lstrip().startswith("queue: "), trained
+        assert "Subject:" not in trained and "Lumenfold's help desk" not in trained
+        assert "Subject:" in tok.decode(ids)  # the ticket is in the input, just not trained on
+
+
+CHILD = """
+import sys
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from flows.config import load_config
+from tasks.records import ExportedDataset
+from tasks.train_local import train_lora
+cfg = load_config({config!r}, {overrides!r})
+exported = ExportedDataset.model_validate_json(Path({exported!r}).read_text())
+train_lora(exported, cfg.train, Path({models!r}), Path({out!r}), Path({ckpt!r}))
+"""
+
+
+def test_a_killed_training_resumes_from_its_last_checkpoint(workspace, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    root, _, exported, _ = workspace
+    overrides = ["train.local.max_steps=40", "train.local.checkpoint_every=5", "train.local.batch_size=4",
+                 "train.local.warmup_steps=0"]
+    (tmp_path / "exported.json").write_text(exported.model_dump_json())
+    ckpt = tmp_path / "checkpoints"
+    code = CHILD.format(root=str(ROOT), config=str(DEMO_CONFIG), overrides=overrides, exported=str(tmp_path / "exported.json"),
+                        models=str(root / "models"), out=str(tmp_path / "killed"), ckpt=str(ckpt))
+    child = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not list(ckpt.glob("*/checkpoint-10/adapter_model.safetensors")):
+        assert child.poll() is None, "training ended before it could be killed"
+        time.sleep(0.2)
+    time.sleep(0.5)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    saved = sorted(int(p.name.split("-")[1]) for p in ckpt.glob("*/checkpoint-*"))
+    assert saved and max(saved) < 40
+
+    cfg = load_config(DEMO_CONFIG, overrides)
+    trained = train_lora(exported, cfg.train, root / "models", tmp_path / "resumed", ckpt)
+    assert trained.resumed_from_step == max(saved) >= 10  # not from step 0
+    assert trained.loss_history[0][0] < trained.resumed_from_step  # the history before the kill is kept
+    assert (trained.adapter_path / "adapter_model.safetensors").is_file()
+    assert (trained.artifacts_dir / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert trained.tokens_per_second and trained.peak_memory_mb
+
+    again = train_lora(exported, cfg.train, root / "models", tmp_path / "again", ckpt)
+    assert again.resumed_from_step == 40 and again.train_seconds < trained.train_seconds + 30  # finished: nothing to redo
+
+
+def test_qlora_is_refused_without_cuda(workspace):
+    import torch
+
+    root, cfg, exported, _ = workspace
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: 4-bit loading is allowed here")
+    cfg4 = load_config(DEMO_CONFIG, ["train.local.quantization=4bit", "train.local.max_steps=2"])
+    with pytest.raises(TuneloopError, match="4bit .*needs a CUDA GPU"):
+        train_lora(exported, cfg4.train, root / "models", root / "q")
