@@ -21,8 +21,8 @@ PACK_BASE_BELOW_BYTES = 200 * 2**20
 
 
 class ChampionModel(mlflow.pyfunc.PythonModel):
-    """Input: a list of ticket texts (user messages), a list of chat message lists, or a DataFrame with a
-    ``prompt`` column of either. Output: the model's answers, in order."""
+    """Input: a list of ticket texts (each the user message; the system prompt comes with the model).
+    Output: the model's answers, in order. MLflow validates the input against the type hint."""
 
     def load_context(self, context) -> None:
         self.spec = json.loads(Path(context.artifacts["spec"]).read_text())
@@ -35,15 +35,11 @@ class ChampionModel(mlflow.pyfunc.PythonModel):
             self.tokenizer = load_tokenizer(context.artifacts["adapter"])
             self.model = PeftModel.from_pretrained(load_causal_lm(base), context.artifacts["adapter"])
 
-    def _prompts(self, model_input: Any) -> list[list[dict]]:
-        if hasattr(model_input, "columns"):  # a DataFrame
-            model_input = list(model_input["prompt"] if "prompt" in model_input.columns else model_input.iloc[:, 0])
-        if isinstance(model_input, str | dict):
-            model_input = [model_input]
+    def _prompts(self, texts: list[str]) -> list[list[dict]]:
         system = [{"role": "system", "content": self.spec["system"]}] if self.spec.get("system") else []
-        return [list(p) if isinstance(p, list) else [*system, {"role": "user", "content": str(p)}] for p in model_input]
+        return [[*system, {"role": "user", "content": text}] for text in texts]
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+    def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
         prompts = self._prompts(model_input)
         max_new_tokens = int((params or {}).get("max_new_tokens", self.spec["max_new_tokens"]))
         if self.spec["backend"] == "local":
