@@ -271,7 +271,8 @@ def register_candidate(
             registry.model_name,
             source=f"{run.info.artifact_uri}/model",  # mlflow.pyfunc.load_model("models:/NAME@champion")
             run_id=run_id,
-            tags={**tags, "candidate_accuracy": str(report.candidate.accuracy),
+            tags={**tags, **({"adapter_artifact": f"runs:/{run_id}/adapter"} if trained.adapter_path is not None else {}),
+                  "candidate_accuracy": str(report.candidate.accuracy),
                   "candidate_macro_f1": str(report.candidate.macro_f1), "promoted": str(decision.promoted),
                   "promotion_reason": decision.reason},
             description=decision.reason,

@@ -62,6 +62,7 @@ def test_retrain_registers_promotes_and_a_worse_run_leaves_the_champion(prefect_
     assert answers == [p["candidate"]["text"] for p in predictions]  # what the evaluation saw
     version_tags = client.get_model_version(name, "1").tags
     assert version_tags["dataset_version"] == first.dataset_version  # every model leads back to its data
+    assert version_tags["adapter_artifact"] == f"runs:/{run.info.run_id}/adapter" and version_tags["git_commit"]
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "quality")}
     assert {"quality/quarantine.jsonl", "quality/duplicates.jsonl", "quality/quality_summary.json",
