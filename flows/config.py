@@ -204,10 +204,14 @@ class OpenAITrainConfig(Strict):
     tiktoken_file: ConfigPath | None = Field(
         None, description="a .tiktoken BPE file (as OpenAI publishes it) to use instead of the cache or a download")
 
+    @staticmethod
+    def base_of(model: str) -> str:
+        """A fine-tuned model ``ft:BASE:org::id`` is priced, limited and tokenized like BASE."""
+        return model.split(":")[1] if model.startswith("ft:") and model.count(":") >= 1 else model
+
     def spec(self, model: str | None = None) -> OpenAIModelSpec:
-        """A fine-tuned model (``ft:BASE:org::id``) is priced and limited like its base."""
         name = model or self.model
-        base = name.split(":")[1] if name.startswith("ft:") and name.count(":") >= 1 else name
+        base = self.base_of(name)
         for candidate in (name, base):
             if candidate in self.models:
                 return self.models[candidate]

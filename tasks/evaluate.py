@@ -6,6 +6,7 @@ side by side, and the base is the same model with adapters disabled. Decoding is
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -155,16 +156,12 @@ class GenerationCache:
         self.hits = self.misses = 0
 
     def key(self, e: HeldOutExample) -> str:
-        import hashlib
-
         return hashlib.sha256(orjson.dumps([e.prompt, self.max_new_tokens])).hexdigest()[:24]
 
     def answers(self, identity: str, examples: list[HeldOutExample],
                 produce: Callable[[list[HeldOutExample]], list[str]]) -> list[str]:
         if self.folder is None:
             return produce(examples)
-        import hashlib
-
         path = self.folder / f"{hashlib.sha256(identity.encode()).hexdigest()[:24]}.jsonl"
         known: dict[str, str] = {}
         if path.is_file():
@@ -186,8 +183,6 @@ class GenerationCache:
 
 def adapter_identity(base_model: str, adapter_path: Path) -> str:
     """The same adapter weights on the same base answer the same: hash the weights, not the path."""
-    import hashlib
-
     digest = hashlib.sha256(str(base_model).encode())
     for f in sorted(adapter_path.glob("adapter_*")):
         digest.update(f.name.encode())

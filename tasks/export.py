@@ -23,18 +23,11 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import ExportConfig, OpenAITrainConfig, TrainConfig
 from tasks.chatformat import example_errors
+from tasks.collect import sha256_file
 from tasks.heldout import HeldOutExample, prompt_keys
 from tasks.records import ChatExample, DatasetVersion, ExportedDataset, TuneloopError
 from tasks.snapshot import read_snapshot
-from tasks.tokens import TokenCounter, estimate_cost, token_stats
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from tasks.tokens import ChatTemplateCounter, TokenCounter, estimate_cost, token_stats
 
 
 @dataclass
@@ -64,14 +57,8 @@ def token_plan(train: TrainConfig, models_dir: Path, home: Path | None = None) -
         return TokenPlan(counter=TiktokenCounter(encoding), limit=cfg.spec().context_tokens, openai=cfg, model=cfg.model)
 
     source = resolve_base_model(train, models_dir)
-    counter = _template_counter(load_tokenizer(source), str(train.base_model))
+    counter = ChatTemplateCounter(load_tokenizer(source), str(train.base_model))
     return TokenPlan(counter=counter, limit=train.local.max_length)
-
-
-def _template_counter(tokenizer, name: str):
-    from tasks.tokens import ChatTemplateCounter
-
-    return ChatTemplateCounter(tokenizer, name)
 
 
 def split_examples(examples: list[ChatExample], fraction: float, seed: str) -> tuple[list, list]:

@@ -6,7 +6,6 @@ a run that crashes or fails its gate consumes nothing and the next run reads the
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -64,9 +63,6 @@ def consume(ledger: Ledger, raw: RawBatch, dataset: DatasetVersion) -> Ledger:
 
 
 def commit_ledger(ledger: Ledger, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(orjson.dumps(ledger.model_dump(mode="json"), option=orjson.OPT_INDENT_2))
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    from tasks.state import write_atomically
+
+    write_atomically(path, orjson.dumps(ledger.model_dump(mode="json"), option=orjson.OPT_INDENT_2))

@@ -73,6 +73,17 @@ class StateLayout:
         return self.home / "consumed.json"
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write, fsync, then rename: a reader (or a crash) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
 def tuneloop_home() -> Path:
     return Path(os.environ.get("TUNELOOP_HOME") or Path.cwd() / ".tuneloop").expanduser().resolve()
 

@@ -32,6 +32,7 @@ TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 TOKENS_PER_EXAMPLE = 3  # every reply is primed with <|start|>assistant<|message|>
 NOT_COUNTED = frozenset({"weight"})
+ENCODINGS_URL = "https://openaipublic.blob.core.windows.net/encodings"
 
 # OpenAI's default epochs (fine-tuning guide / chat recipe): 3, kept so that examples x epochs stays in range.
 TARGET_EPOCHS, MIN_TARGET_EXAMPLES, MAX_TARGET_EXAMPLES, MIN_EPOCHS, MAX_EPOCHS = 3, 100, 25_000, 1, 25
@@ -125,9 +126,8 @@ def _encoding_from_file(name: str, path: Path) -> tiktoken.Encoding:
 
 def encoding_for_model(model: str, openai: OpenAITrainConfig, home: Path) -> tiktoken.Encoding:
     import tiktoken
-    from tiktoken_ext import openai_public
 
-    base = model.split(":")[1] if model.startswith("ft:") else model
+    base = openai.base_of(model)
     try:
         name = tiktoken.encoding_name_for_model(base)
     except KeyError:
@@ -143,13 +143,8 @@ def encoding_for_model(model: str, openai: OpenAITrainConfig, home: Path) -> tik
     try:
         return tiktoken.get_encoding(name)
     except (OSError, ValueError) as exc:  # requests' ConnectionError is an OSError
-        import inspect
-        import re
-
-        source = inspect.getsource(openai_public.ENCODING_CONSTRUCTORS.get(name, openai_public.o200k_base))
-        url = next(iter(re.findall(r'"(https://[^"]+\.tiktoken)"', source)), None)
-        where = (f"download {url} on a machine with network and save it as {cache / hashlib.sha1(url.encode()).hexdigest()}"
-                 if url else f"run tiktoken.get_encoding({name!r}) with TIKTOKEN_CACHE_DIR={cache} where there is network")
+        url = f"{ENCODINGS_URL}/{name}.tiktoken"  # where tiktoken_ext.openai_public fetches it from
+        where = f"download {url} on a machine with network and save it as {cache / hashlib.sha1(url.encode()).hexdigest()}"
         raise TuneloopError(
             f"tiktoken encoding {name!r} (for {model}) is not in {cache} and could not be downloaded "
             f"({type(exc).__name__}). To provide it: {where}; or set train.openai.tiktoken_file to the .tiktoken file"

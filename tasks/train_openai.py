@@ -29,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import OpenAITrainConfig, TrainConfig
 from tasks.records import ExportedDataset, TrainedModel, TuneloopError
-from tasks.state import stage_logger
+from tasks.state import stage_logger, write_atomically
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 KEY = "tuneloop_key"
@@ -153,10 +153,7 @@ class _Registry:
 
     def put(self, key: str, value: Any) -> None:
         self.data[key] = value
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_bytes(orjson.dumps(self.data, option=orjson.OPT_INDENT_2))
-        tmp.replace(self.path)
+        write_atomically(self.path, orjson.dumps(self.data, option=orjson.OPT_INDENT_2))
 
 
 def upload(client, path: Path, sha256: str, files: _Registry, cfg: OpenAITrainConfig, secrets: Secrets,
@@ -219,13 +216,9 @@ def find_job(client, key: str, jobs: _Registry, cfg: OpenAITrainConfig, secrets:
 def create_job_once(client, exported: ExportedDataset, train_file: str, validation_file: str | None,
                     cfg: OpenAITrainConfig, metadata: dict[str, str], jobs: _Registry, secrets: Secrets,
                     sleep: Callable[[float], None] = time.sleep):
+    """Create the job; between our retries of the create, look for it first (a retried POST may have made it).
+    The caller has already looked for an existing job before uploading."""
     key = metadata[KEY]
-    log = stage_logger()
-    existing = find_job(client, key, jobs, cfg, secrets, sleep)
-    if existing is not None:
-        log.info(f"openai: reattached to job {existing.id} ({existing.status}) for these files and settings")
-        jobs.put(key, existing.id)
-        return existing
     hyper = {"n_epochs": cfg.n_epochs, "batch_size": cfg.batch_size,
              "learning_rate_multiplier": cfg.learning_rate_multiplier}
     request = dict(model=cfg.model, training_file=train_file, metadata=metadata,
@@ -239,7 +232,7 @@ def create_job_once(client, exported: ExportedDataset, train_file: str, validati
     job = _call(lambda: client.fine_tuning.jobs.create(**request), "jobs.create", cfg, secrets, sleep,
                 before_retry=lambda: find_job(client, key, jobs, cfg, secrets, sleep))
     jobs.put(key, job.id)
-    log.info(f"openai: job {job.id} on {cfg.model} ({job.status})")
+    stage_logger().info(f"openai: job {job.id} on {cfg.model} ({job.status})")
     return job
 
 

@@ -1,6 +1,5 @@
 """Token counts (tiktoken for OpenAI models, the chat template for local), epochs, cost, budget, offline."""
 
-import json
 import random
 
 import pytest
@@ -130,4 +129,3 @@ def test_missing_encoding_offline_says_how_to_provide_it(tmp_path, monkeypatch):
     assert "train.openai.tiktoken_file" in msg
     with pytest.raises(TuneloopError, match="does not know which encoding"):
         encoding_for_model("my-own-model", cfg, tmp_path)
-    json.dumps(msg)  # one plain line, no traceback object
