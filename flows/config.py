@@ -136,12 +136,25 @@ class LocalTrainConfig(Strict):
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)
-    max_length: int = Field(256, ge=16)
+    max_length: int = Field(256, ge=16, description="tokens per training row; longer examples are truncated")
+    packing: bool = Field(
+        True, description="pack examples into rows of max_length without padding (best-fit decreasing); each "
+        "example still attends only to itself. batch_size then counts packed rows, not examples")
+    attn_implementation: str | None = Field(
+        None, description="e.g. flash_attention_2 on a GPU with flash-attn installed; default: the model's own (sdpa)")
     seed: int = 0
     lora: LoraSettings = Field(default_factory=LoraSettings)
     checkpoint_every: int = Field(50, ge=1, description="checkpoint every N steps; a rerun resumes from the last")
     gradient_checkpointing: bool = False
     quantization: Literal["none", "4bit"] = Field("none", description="4bit: QLoRA through bitsandbytes (CUDA only)")
+    devices: int = Field(1, ge=1, description="processes (GPUs) to train on; >1 launches torchrun, one per device")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="with devices > 1: ddp replicates the model; fsdp shards it, for bases too big for one GPU")
+    placement: Literal["inline", "pool"] = Field(
+        "inline", description="inline: train in the retrain flow's process; pool: run the train-local deployment "
+        "on the work pool (work_pool) and wait for it")
+    deployment: str = Field("train-local/train-local", description="the flow/deployment started when placement: pool")
+    progress_every: int = Field(25, ge=1, description="log step, loss, tokens/s and ETA every N steps")
 
 
 class TinyBaseConfig(Strict):
@@ -277,6 +290,29 @@ class RegisterConfig(Strict):
     min_improvement: float = Field(0.0, ge=0)
 
 
+class ScheduleConfig(Strict):
+    """When deployed (tuneloop serve / prefect.yaml): how often to retrain and to check for drift."""
+
+    retrain_cron: str | None = Field("0 3 * * 1", description="cron for scheduled retraining (default: Mondays 03:00)")
+    drift_cron: str | None = Field("0 6 * * *", description="cron for the drift monitor (default: daily 06:00)")
+    timezone: str = "UTC"
+    retrain_interval_seconds: int | None = Field(
+        None, ge=5, description="an interval instead of retrain_cron (demos and tests)")
+    poll_seconds: float = Field(1.0, gt=0, description="tuneloop watch: how often the landing folder or table is checked")
+
+
+class DriftConfig(Strict):
+    """Drift monitor: the champion on recent labeled data, and recent inputs against its training data."""
+
+    window: int = Field(500, ge=10, description="most recent labeled examples to score the champion on")
+    min_examples: int = Field(30, ge=1, description="fewer recent examples than this: no verdict, only a note")
+    max_accuracy_drop: float = Field(
+        0.05, ge=0, description="performance drift: primary metric this far below its value at promotion")
+    psi_threshold: float = Field(0.2, gt=0, description="input drift: population stability index of lengths or labels")
+    vocabulary_threshold: float = Field(
+        0.25, gt=0, le=1, description="input drift: share of recent words never seen in the training data")
+
+
 class PipelineConfig(Strict):
     name: str = "tuneloop"
     source: SourceConfig = Field(default_factory=FolderSource)
@@ -287,9 +323,13 @@ class PipelineConfig(Strict):
     evaluate: EvaluateConfig
     # "register" would shadow pydantic's ABCMeta.register; the YAML key stays "register".
     registry: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
 
     def config_hash(self) -> str:
-        return hashlib.sha256(self.model_dump_json(by_alias=True).encode()).hexdigest()[:16]
+        """What the trained model depends on (when and how drift is checked does not change it)."""
+        data = self.model_dump_json(by_alias=True, exclude={"schedule", "drift"})
+        return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

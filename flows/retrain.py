@@ -86,10 +86,15 @@ def retrain(config: PipelineConfig) -> RetrainResult:
         from tasks.train_openai import train_openai_task
 
         trained = train_openai_task(exported, config.train, state.home, run_dir / "openai", run_id, config.config_hash())
-    else:
-        from tasks.train_local import train_task
+    elif config.train.local.placement == "pool":
+        from tasks.train_pool import train_on_pool_task
 
-        trained = train_task(exported, config.train, state.models, run_dir, state.home / "checkpoints")
+        trained = train_on_pool_task(exported, config.train, tracking_uri, config.registry.experiment, artifacts_dir,
+                                     state.models, run_dir)
+    else:
+        from flows.train_local import train_local
+
+        trained = train_local(exported, config.train, run_dir)
     champion = find_champion_task(config.registry, tracking_uri, run_dir / "champion")
     report = evaluate_task(trained, champion, heldout, config.evaluate, run_dir, config.train.openai,
                            state.home / "generations" if config.evaluate.cache_generations else None)

@@ -152,6 +152,8 @@ class TrainedModel(BaseModel):
     resumed_from_step: int = 0  # local: the checkpoint a rerun continued from
     tokens_per_second: float | None = None  # local: non-padding tokens trained on per second
     peak_memory_mb: float | None = None  # local: GPU peak allocation, or the process's peak RSS on CPU
+    devices: int = 1  # local: processes (GPUs) it trained on
+    training_run_id: str | None = None  # local on a work pool: the MLflow run holding the adapter it trained
 
 
 class Champion(BaseModel):

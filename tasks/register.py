@@ -175,6 +175,8 @@ def register_candidate(
     if trained.backend == "openai":
         tags.update(fine_tuned_model=trained.fine_tuned_model or "", openai_job_id=trained.job_id or "",
                     openai_provider=config.train.openai.provider)
+    if trained.training_run_id:
+        tags["training_run_id"] = trained.training_run_id  # trained on a work pool: that run holds its logs
     run = client.create_run(exp, run_name=f"retrain-{trained.dataset_version[:8]}", tags=tags)
     run_id = run.info.run_id
     try:

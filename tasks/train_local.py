@@ -63,6 +63,18 @@ def _check_quantization(train: TrainConfig) -> dict:
                                                       bnb_4bit_compute_dtype=torch.bfloat16)}
 
 
+def _distributed_args(local, use_cuda: bool) -> dict:
+    """Under torchrun each process is one rank; on CPU the ranks talk through gloo (how CI tests DDP)."""
+    if local.devices == 1:
+        return {}
+    args: dict = {"ddp_backend": "nccl" if use_cuda else "gloo", "ddp_find_unused_parameters": False}
+    if local.distributed == "fsdp":
+        args |= {"fsdp": "full_shard auto_wrap",
+                 "fsdp_config": {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                 "cpu_ram_efficient_loading": True, "state_dict_type": "SHARDED_STATE_DICT"}}
+    return args
+
+
 def build_trainer(exported: ExportedDataset, train: TrainConfig, models_dir: Path, checkpoint_dir: Path,
                   callbacks: list | None = None):
     """The SFTTrainer for this export and config (a test inspects its batches without training)."""
@@ -77,6 +89,8 @@ def build_trainer(exported: ExportedDataset, train: TrainConfig, models_dir: Pat
     load_kwargs = _check_quantization(train)
     base_source = resolve_base_model(train, models_dir)
     tokenizer = load_tokenizer(base_source)
+    if local.attn_implementation:
+        load_kwargs["attn_implementation"] = local.attn_implementation
     model = load_causal_lm(base_source, **load_kwargs)
     lora = LoraConfig(r=local.lora.r, lora_alpha=local.lora.alpha, lora_dropout=local.lora.dropout,
                       target_modules=local.lora.target_modules, task_type="CAUSAL_LM")
@@ -88,8 +102,10 @@ def build_trainer(exported: ExportedDataset, train: TrainConfig, models_dir: Pat
         learning_rate=local.learning_rate,
         warmup_steps=min(local.warmup_steps, local.max_steps),
         lr_scheduler_type="cosine",
-        logging_steps=max(1, min(25, local.max_steps // 10)),
+        logging_steps=max(1, min(local.progress_every, local.max_steps // 10)),
         max_length=local.max_length,
+        packing=local.packing,
+        packing_strategy="bfd",  # padding-free: packed examples keep their own position ids and attention
         assistant_only_loss=True,
         seed=local.seed,
         use_cpu=not use_cuda,
@@ -102,6 +118,7 @@ def build_trainer(exported: ExportedDataset, train: TrainConfig, models_dir: Pat
         report_to=[],
         disable_tqdm=True,
         dataloader_num_workers=0,
+        **_distributed_args(local, use_cuda),
     )
     dataset = Dataset.from_list(_read_messages(exported.train_path))
     if len(dataset) == 0:
@@ -134,50 +151,100 @@ def loss_curve_png(history: list[tuple[int, float]], path: Path) -> Path | None:
 
 def train_lora(exported: ExportedDataset, train: TrainConfig, models_dir: Path, out_dir: Path,
                checkpoints_dir: Path | None = None) -> TrainedModel:
-    from peft import get_peft_model
+    local = train.local
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if local.max_steps == 0:
+        return _untrained_adapter(exported, train, models_dir, out_dir)
+    checkpoint_dir = (checkpoints_dir or out_dir / "checkpoints") / checkpoint_key(exported, train)
+    if local.devices > 1:
+        return _launch_distributed(exported, train, models_dir, out_dir, checkpoint_dir)
+    return _train_here(exported, train, models_dir, out_dir, checkpoint_dir)
+
+
+def _untrained_adapter(exported: ExportedDataset, train: TrainConfig, models_dir: Path, out_dir: Path) -> TrainedModel:
+    """No training asked for: the adapter is LoRA's initialisation, which leaves the base unchanged."""
+    from peft import LoraConfig, get_peft_model
+
+    local, started = train.local, time.perf_counter()
+    quiet_libraries()
+    base_source = resolve_base_model(train, models_dir)
+    lora = LoraConfig(r=local.lora.r, lora_alpha=local.lora.alpha, lora_dropout=local.lora.dropout,
+                      target_modules=local.lora.target_modules, task_type="CAUSAL_LM")
+    adapter_dir = out_dir / "adapter"
+    get_peft_model(load_causal_lm(base_source), lora).save_pretrained(adapter_dir)
+    load_tokenizer(base_source).save_pretrained(adapter_dir)
+    return TrainedModel(backend="local", base_model=str(base_source), adapter_path=adapter_dir,
+                        dataset_version=exported.dataset_version, steps=0, train_loss=None,
+                        train_seconds=round(time.perf_counter() - started, 2))
+
+
+def _progress_callback(log, started: float, start_step: int):
+    """Step, loss, tokens/s and ETA in the run log every few steps; a live bar too when a person is watching."""
     from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if sys.stderr.isatty() and state.is_world_process_zero:
+                from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+                self.bar = Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                                    TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), transient=True)
+                self.task = self.bar.add_task("train", total=state.max_steps, completed=start_step, loss="-")
+                self.bar.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar:
+                self.bar.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not (logs and "loss" in logs) or not state.is_world_process_zero:
+                return
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            rate = (state.global_step - start_step) / elapsed
+            eta = (state.max_steps - state.global_step) / max(rate, 1e-9)
+            tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+            if self.bar:
+                self.bar.update(self.task, loss=f"{logs['loss']:.4f}")
+            log.info(f"train: step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+                     f"({tokens / elapsed:,.0f} tokens/s, ETA {eta:.0f}s)")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar:
+                self.bar.stop()
+
+    return Progress()
+
+
+def _train_here(exported: ExportedDataset, train: TrainConfig, models_dir: Path, out_dir: Path,
+                checkpoint_dir: Path) -> TrainedModel | None:
+    """Train in this process (one device, or one rank under torchrun); only rank 0 saves and reports."""
     from transformers.trainer_utils import get_last_checkpoint
 
     local = train.local
     log = stage_logger()
     adapter_dir = out_dir / "adapter"
     started = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    if local.max_steps == 0:
-        # No training asked for: the adapter is LoRA's initialisation, which leaves the base unchanged.
-        from peft import LoraConfig
-
-        quiet_libraries()
-        base_source = resolve_base_model(train, models_dir)
-        lora = LoraConfig(r=local.lora.r, lora_alpha=local.lora.alpha, lora_dropout=local.lora.dropout,
-                          target_modules=local.lora.target_modules, task_type="CAUSAL_LM")
-        get_peft_model(load_causal_lm(base_source), lora).save_pretrained(adapter_dir)
-        load_tokenizer(base_source).save_pretrained(adapter_dir)
-        return TrainedModel(backend="local", base_model=str(base_source), adapter_path=adapter_dir,
-                            dataset_version=exported.dataset_version, steps=0, train_loss=None,
-                            train_seconds=round(time.perf_counter() - started, 2))
-
-    checkpoint_dir = (checkpoints_dir or out_dir / "checkpoints") / checkpoint_key(exported, train)
     resume = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
-
-    class ProgressLog(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                done = state.global_step - (start_step or 0)
-                rate = done / max(time.perf_counter() - started, 1e-9)
-                eta = (state.max_steps - state.global_step) / max(rate, 1e-9)
-                log.info(f"train: step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}"
-                         f" ({rate:.1f} steps/s, ETA {eta:.0f}s)")
-
     start_step = int(Path(resume).name.rsplit("-", 1)[1]) if resume else 0
-    trainer, tokenizer, base_source = build_trainer(exported, train, models_dir, checkpoint_dir, [ProgressLog()])
-    if resume:
+    trainer, tokenizer, base_source = build_trainer(exported, train, models_dir, checkpoint_dir,
+                                                    [_progress_callback(log, started, start_step)])
+    if resume and trainer.is_world_process_zero():
         log.info(f"train: resuming from {resume} (step {start_step} of {local.max_steps})")
     result = trainer.train(resume_from_checkpoint=resume)
+    if local.devices > 1:
+        _record_rank(trainer, out_dir / "training")
+    fsdp = bool(getattr(trainer, "is_fsdp_enabled", False))
+    if fsdp:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(adapter_dir))  # gathers the shards of the adapter onto rank 0
+    if not trainer.is_world_process_zero():
+        return None
     seconds = time.perf_counter() - started
     history = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
-    trainer.model.save_pretrained(adapter_dir)
+    if not fsdp:
+        trainer.model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
     training_dir = out_dir / "training"
     training_dir.mkdir(exist_ok=True)
@@ -197,7 +264,91 @@ def train_lora(exported: ExportedDataset, train: TrainConfig, models_dir: Path, 
         resumed_from_step=start_step,
         tokens_per_second=round(tokens / seconds, 1) if tokens and trained_steps > 0 else None,
         peak_memory_mb=_peak_memory_mb(),
+        devices=local.devices,
     )
+
+
+def _record_rank(trainer, training_dir: Path) -> None:
+    """Each rank says what it trained on (the first batch of its shard), so a test can see both ranks worked."""
+    import torch.distributed as dist
+
+    batch = next(iter(trainer.get_train_dataloader()))
+    training_dir.mkdir(parents=True, exist_ok=True)
+    rank = dist.get_rank()
+    (training_dir / f"rank-{rank}.json").write_bytes(orjson.dumps({
+        "rank": rank, "world_size": dist.get_world_size(), "global_step": trainer.state.global_step,
+        "backend": dist.get_backend(),
+        "first_batch_sha256": hashlib.sha256(batch["input_ids"].cpu().numpy().tobytes()).hexdigest(),
+    }))
+
+
+def _launch_distributed(exported: ExportedDataset, train: TrainConfig, models_dir: Path, out_dir: Path,
+                        checkpoint_dir: Path) -> TrainedModel:
+    """The same training under torchrun, one process per device; rank 0 writes the result this process reads."""
+    import collections
+    import subprocess
+
+    import torch
+
+    log = stage_logger()
+    if train.local.distributed == "fsdp" and not torch.cuda.is_available():
+        raise TuneloopError("train.local.distributed: fsdp shards the model over GPUs and this machine has no CUDA; "
+                            "use distributed: ddp to train with several CPU processes")
+    if torch.cuda.is_available() and train.local.devices > torch.cuda.device_count():
+        raise TuneloopError(f"train.local.devices: {train.local.devices} but this machine has "
+                            f"{torch.cuda.device_count()} GPU(s)")
+    # Build or check the base once here, so the ranks do not race to build the tiny model or fail one by one.
+    base = resolve_base_model(train, models_dir)
+    spec = out_dir / "distributed.json"
+    result_path = out_dir / "trained.json"
+    result_path.unlink(missing_ok=True)
+    spec.write_bytes(orjson.dumps({
+        "exported": exported.model_dump(mode="json"),
+        "train": train.model_copy(update={"base_model": str(base)}).model_dump(mode="json"),
+        "models_dir": str(models_dir), "out_dir": str(out_dir), "checkpoint_dir": str(checkpoint_dir),
+        "result": str(result_path),
+    }))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={train.local.devices}",
+           "-m", "tasks.train_local", str(spec)]
+    log.info(f"train: launching {train.local.devices} processes ({train.local.distributed}) with torchrun")
+    tail: collections.deque[str] = collections.deque(maxlen=15)
+    failures: list[str] = []
+    root = Path(__file__).resolve().parent.parent
+    with subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            if " failed: " in line and line.startswith("train: rank"):
+                failures.append(line.strip())
+            elif line.startswith("train: "):
+                log.info(line.rstrip())
+    if proc.returncode != 0 or not result_path.is_file():
+        detail = "\n".join(failures or tail)
+        raise TuneloopError(f"train: distributed training on {train.local.devices} processes failed "
+                            f"(exit {proc.returncode}); last output:\n{detail}")
+    trained = TrainedModel.model_validate_json(result_path.read_bytes())
+    return trained.model_copy(update={"base_model": str(base)})
+
+
+def _worker_main(spec_path: str) -> None:
+    """Entry point of one torchrun rank."""
+    import logging
+
+    spec = orjson.loads(Path(spec_path).read_bytes())
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    train = TrainConfig.model_validate(spec["train"])
+    try:
+        trained = _train_here(ExportedDataset.model_validate(spec["exported"]), train, Path(spec["models_dir"]),
+                              Path(spec["out_dir"]), Path(spec["checkpoint_dir"]))
+    except Exception as exc:
+        import os
+        import traceback
+
+        traceback.print_exc()
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"train: rank {os.environ.get('RANK', '?')} failed: {type(exc).__name__}: {message}", flush=True)
+        raise SystemExit(1) from None
+    if trained is not None:
+        Path(spec["result"]).write_text(trained.model_dump_json())
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -208,3 +359,7 @@ def train_task(exported: ExportedDataset, train: TrainConfig, models_dir: Path, 
     get_run_logger().info(f"train: {trained.steps} steps in {trained.train_seconds:.1f}s{resumed}, final loss "
                           f"{trained.train_loss}, {trained.tokens_per_second} tokens/s, peak {trained.peak_memory_mb} MB")
     return trained
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1])

@@ -134,6 +134,30 @@ def test_loss_is_on_assistant_tokens_only(workspace):
         assert "Subject:" in tok.decode(ids)  # the ticket is in the input, just not trained on
 
 
+
+def test_packed_examples_share_a_row_but_not_their_attention(workspace):
+    """Packing puts several examples in one unpadded row; each must still see only itself."""
+    import torch
+
+    from tasks.train_local import build_trainer
+
+    root, cfg, exported, _ = workspace
+    cfg.train.local.max_steps = 1
+    assert cfg.train.local.packing  # on by default
+    trainer, _, _ = build_trainer(exported, cfg.train, root / "models", root / "packed")
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in batch or batch["attention_mask"] is None  # padding-free
+    ids, pos = batch["input_ids"][:1], batch["position_ids"][:1]
+    starts = [i for i, p in enumerate(pos[0].tolist()) if p == 0] + [ids.shape[1]]
+    assert len(starts) > 2, "one row should hold several examples"
+    model = trainer.model.eval()
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        for a, b in zip(starts, starts[1:], strict=False):
+            alone = model(input_ids=ids[:, a:b], use_cache=False).logits
+            assert torch.allclose(packed[:, a:b], alone, atol=1e-4), f"example at {a}:{b} attended across its row"
+
+
 CHILD = """
 import sys
 sys.path.insert(0, {root!r})
@@ -196,3 +220,26 @@ def test_qlora_is_refused_without_cuda(workspace):
     cfg4 = load_config(DEMO_CONFIG, ["train.local.quantization=4bit", "train.local.max_steps=2"])
     with pytest.raises(TuneloopError, match="4bit .*needs a CUDA GPU"):
         train_lora(exported, cfg4.train, root / "models", root / "q")
+
+
+def test_two_cpu_processes_train_one_adapter_with_ddp(workspace, tmp_path):
+    """train.local.devices: 2 runs torchrun with two gloo ranks; both train on their own shard, rank 0 saves."""
+    root, _, exported, _ = workspace
+    cfg = load_config(DEMO_CONFIG, ["train.local.max_steps=4", "train.local.batch_size=2", "train.local.devices=2"])
+    trained = train_lora(exported, cfg.train, root / "models", tmp_path / "ddp")
+    ranks = [json.loads((trained.artifacts_dir / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and {r["backend"] for r in ranks} == {"gloo"}
+    assert [r["global_step"] for r in ranks] == [4, 4]
+    assert ranks[0]["first_batch_sha256"] != ranks[1]["first_batch_sha256"]  # each rank had its own shard
+    assert trained.devices == 2 and len(trained.loss_history) == 4 and trained.tokens_per_second
+    assert sorted(p.name for p in trained.adapter_path.glob("adapter_model*")) == ["adapter_model.safetensors"]
+    model = load_causal_lm(trained.adapter_path)  # one adapter, loadable on its own
+    assert model is not None
+
+    fsdp = load_config(DEMO_CONFIG, ["train.local.max_steps=2", "train.local.devices=2",
+                                     "train.local.distributed=fsdp"])
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(TuneloopError, match="fsdp shards the model over GPUs"):
+            train_lora(exported, fsdp.train, root / "models", tmp_path / "fsdp")

@@ -1,0 +1,32 @@
+"""The ``train-local`` flow: LoRA training where the GPUs are.
+
+Deployed to the ``gpu`` work pool (deployments/prefect.yaml), it is started by the retrain flow with
+``run_deployment`` when ``train.local.placement: pool``; with ``placement: inline`` (the demo) the retrain
+flow calls it in-process as a subflow. On a pool, data and adapter travel through the MLflow run
+``training_run_id``; the returned record is a persisted result, so the caller can read it from elsewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from flows.config import TrainConfig
+from tasks.records import ExportedDataset, TrainedModel
+from tasks.state import prepare_state
+from tasks.train_local import train_task
+from tasks.train_pool import fetch_export_task, publish_training_task
+
+
+@flow(name="train-local", persist_result=True)
+def train_local(exported: ExportedDataset, train: TrainConfig, out_dir: Path | None = None,
+                tracking_uri: str | None = None, training_run_id: str | None = None) -> TrainedModel:
+    """Train a LoRA adapter on the export; with a training run, fetch from and publish to MLflow."""
+    state = prepare_state()
+    if training_run_id is None:  # inline: same process, same disk
+        return train_task(exported, train, state.models, out_dir or state.runs / "train-local", state.home / "checkpoints")
+    work = state.runs / f"train-local-{training_run_id[:12]}"
+    exported = fetch_export_task(exported, tracking_uri, training_run_id, work)
+    trained = train_task(exported, train, state.models, work, state.home / "checkpoints")
+    return publish_training_task(trained, tracking_uri, training_run_id)

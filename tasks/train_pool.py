@@ -1,0 +1,120 @@
+"""Training on another machine: the retrain flow hands the export over through MLflow, starts the
+``train-local`` deployment on the ``gpu`` work pool and takes the adapter back from MLflow.
+
+Nothing crosses machines as a local path: the export goes up as artifacts of a training run, the worker
+downloads them, trains, logs the adapter, loss curve and metrics to that run, and hands back a
+``TrainedModel`` (a persisted Prefect result) that names the run; the caller downloads the adapter.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flows.config import TrainConfig
+from tasks.base_model import resolve_base_model
+from tasks.records import ExportedDataset, TrainedModel, TuneloopError
+from tasks.register import client_for, experiment_id
+from tasks.state import stage_logger
+
+TRAINING_KIND = "training"
+
+
+def start_training_run(exported: ExportedDataset, tracking_uri: str, experiment: str,
+                       artifacts_dir: Path | None) -> str:
+    """An MLflow run that carries the export to the worker and the adapter back."""
+    client = client_for(tracking_uri)
+    run = client.create_run(experiment_id(client, experiment, artifacts_dir),
+                            run_name=f"train-{exported.dataset_version}",
+                            tags={"tuneloop.kind": TRAINING_KIND, "dataset_version": exported.dataset_version})
+    client.log_artifacts(run.info.run_id, str(exported.directory), "dataset")
+    return run.info.run_id
+
+
+def fetch_export(exported: ExportedDataset, tracking_uri: str, run_id: str, dst: Path) -> ExportedDataset:
+    """The caller's export, downloaded on this machine and checked against the hashes in its record."""
+    import hashlib
+
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="dataset", dst_path=str(dst),
+                                                     tracking_uri=tracking_uri))
+    moved = exported.model_copy(update={
+        "directory": local, "train_path": local / exported.train_path.name,
+        "validation_path": local / exported.validation_path.name, "manifest_path": local / exported.manifest_path.name})
+    for name, digest in exported.sha256.items():
+        path = local / name
+        if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise TuneloopError(f"train: {name} downloaded from MLflow run {run_id} does not match its sha256")
+    return moved
+
+
+def publish_training(trained: TrainedModel, tracking_uri: str, run_id: str) -> TrainedModel:
+    """Adapter, loss curve and metrics into the training run; the record handed back names no local path."""
+    from mlflow.entities import Metric
+
+    client = client_for(tracking_uri)
+    client.log_artifacts(run_id, str(trained.adapter_path), "adapter")
+    if trained.artifacts_dir is not None:
+        client.log_artifacts(run_id, str(trained.artifacts_dir), "training")
+    now = int(time.time() * 1000)
+    metrics = [Metric("loss", loss, now, step) for step, loss in trained.loss_history]
+    for name in ("tokens_per_second", "peak_memory_mb", "train_seconds"):
+        if getattr(trained, name) is not None:
+            metrics.append(Metric(name, float(getattr(trained, name)), now, 0))
+    client.log_batch(run_id, metrics=metrics)
+    client.set_terminated(run_id, "FINISHED")
+    return trained.model_copy(update={"adapter_path": None, "artifacts_dir": None, "training_run_id": run_id})
+
+
+def train_on_pool(exported: ExportedDataset, train: TrainConfig, tracking_uri: str, experiment: str,
+                  artifacts_dir: Path | None, models_dir: Path, run_dir: Path) -> TrainedModel:
+    import mlflow
+    from prefect.deployments import run_deployment
+
+    log = stage_logger()
+    if tracking_uri.startswith("sqlite:"):
+        log.warning("train.local.placement: pool with a SQLite MLflow store works only when the worker shares "
+                    "this machine's disk; point registry.tracking_uri at an MLflow server for a remote worker")
+    run_id = start_training_run(exported, tracking_uri, experiment, artifacts_dir)
+    name = train.local.deployment
+    log.info(f"train: starting deployment {name} (MLflow training run {run_id}); waiting for a worker of its pool")
+    try:
+        flow_run = run_deployment(name=name, timeout=None, parameters={
+            "exported": exported.model_dump(mode="json"), "train": train.model_dump(mode="json"),
+            "tracking_uri": tracking_uri, "training_run_id": run_id})
+    except Exception as exc:  # ObjectNotFound and friends: a deployment that was never created
+        raise TuneloopError(f"train.local.placement: pool, but deployment {name!r} cannot be started ({exc}); "
+                            "deploy it first: tuneloop serve, or prefect deploy --prefect-file "
+                            "deployments/prefect.yaml --name train-local") from None
+    state = flow_run.state
+    if state is None or not state.is_completed():
+        raise TuneloopError(f"train: flow run {flow_run.name} of {name} ended "
+                            f"{state.name if state else 'without a state'}: {state.message if state else ''}")
+    trained: TrainedModel = state.result()
+    adapter = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter",
+                                                       dst_path=str(run_dir), tracking_uri=tracking_uri))
+    training = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="training",
+                                                        dst_path=str(run_dir), tracking_uri=tracking_uri))
+    # The worker's copy of the base is its own; this machine evaluates against its own copy of the same base.
+    return trained.model_copy(update={"adapter_path": adapter, "artifacts_dir": training,
+                                      "base_model": str(resolve_base_model(train, models_dir))})
+
+
+@task(name="train-on-pool", cache_policy=NO_CACHE)
+def train_on_pool_task(exported: ExportedDataset, train: TrainConfig, tracking_uri: str, experiment: str,
+                       artifacts_dir: Path | None, models_dir: Path, run_dir: Path) -> TrainedModel:
+    return train_on_pool(exported, train, tracking_uri, experiment, artifacts_dir, models_dir, run_dir)
+
+
+@task(name="fetch-export", cache_policy=NO_CACHE)
+def fetch_export_task(exported: ExportedDataset, tracking_uri: str, run_id: str, dst: Path) -> ExportedDataset:
+    return fetch_export(exported, tracking_uri, run_id, dst)
+
+
+@task(name="publish-training", cache_policy=NO_CACHE)
+def publish_training_task(trained: TrainedModel, tracking_uri: str, run_id: str) -> TrainedModel:
+    return publish_training(trained, tracking_uri, run_id)
