@@ -1,6 +1,7 @@
 """Benchmark: LoRA SFT throughput, tuneloop's training configuration vs a plain padded Trainer.
 
-Same model, same LoRA settings, same examples of mixed lengths (log-normal, 20 to max_length tokens),
+Same model, same LoRA settings, same examples of mixed lengths (demo tickets as threads of 1 to 20
+messages, log-normal: ~40 to well over max_length tokens),
 one epoch each, each in its own process (so peak memory is its own):
 
 - ``baseline_padded_trainer``: transformers ``Trainer`` on the peft model, every batch padded to
@@ -36,22 +37,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-WORDS = ("sync folder invoice plan upgrade Lumenfold desktop client conflict copy share link password reset"
-         " two-factor phone laptop error files photos backup restore version history trash billing refund"
-         " annual monthly seat admin SSO team workspace quota storage").split()
 SYSTEM = "You are Lumenfold's help desk. Route the ticket to a queue and write the first reply."
+DEMO = ROOT / "data" / "demo" / "tickets.jsonl"
 
 
 def make_data(path: Path, n: int, seed: int = 3) -> None:
+    """Demo tickets as threads of mixed length: 1 to ~20 messages of a customer's history (log-normal), the
+    way exported support conversations look; the answer is the routing line and the first reply."""
     rng = random.Random(seed)
+    tickets = []
+    for line in DEMO.read_text().splitlines():  # the demo file has broken lines on purpose: skip them here
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if all(isinstance(row.get(k), str) and row[k] for k in ("subject", "body", "queue", "answer")):
+            tickets.append(row)
     with path.open("w") as fh:
         for _ in range(n):
-            words = max(8, min(600, int(rng.lognormvariate(4.2, 0.8))))
-            answer = max(3, min(80, int(rng.lognormvariate(2.5, 0.7))))
+            first = rng.choice(tickets)
+            k = max(1, min(20, int(rng.lognormvariate(0.7, 0.9))))
+            thread = "\n\n> ".join(str(t["body"]) for t in [first, *rng.sample(tickets, k - 1)])
             fh.write(json.dumps({"messages": [
                 {"role": "system", "content": SYSTEM},
-                {"role": "user", "content": " ".join(rng.choices(WORDS, k=words))},
-                {"role": "assistant", "content": "queue: " + " ".join(rng.choices(WORDS, k=answer))}]}) + "\n")
+                {"role": "user", "content": f"Subject: {first['subject']}\n\n{thread}"},
+                {"role": "assistant", "content": f"queue: {first['queue']}\n{first['answer']}"}]}) + "\n")
 
 
 def build_model(workdir: Path, gpu: bool) -> Path:
@@ -59,11 +69,10 @@ def build_model(workdir: Path, gpu: bool) -> Path:
     from flows.config import TinyBaseConfig
     from tasks.base_model import build_tiny_model
 
-    corpus = workdir / "corpus.jsonl"
+    corpus = DEMO
     out = workdir / ("model-gpu" if gpu else "model-cpu")
     if out.is_dir():
         return out
-    corpus.write_text((workdir / "data.jsonl").read_text())
     tiny = (TinyBaseConfig(corpus=[corpus], vocab_size=2048, hidden_size=1024, num_layers=24, num_heads=16,
                            max_position_embeddings=2048) if gpu else
             TinyBaseConfig(corpus=[corpus], vocab_size=1024, hidden_size=256, num_layers=4, num_heads=4,
@@ -222,8 +231,9 @@ def main() -> None:
     for name, r in (("plain Trainer, padded to max_length", base), ("tuneloop (packed, padding-free)", ours)):
         table.add_row(name, str(r["steps"]), f"{r['padding_share']:.0%}", f"{r['tokens']:,}", f"{r['seconds']:.1f}",
                       f"{r['tokens_per_s']:,.0f}", f"{r['peak_mb']:,.0f}")
-    Console().print(table)
-    Console().print(f"speedup {speedup:.2f}x" + (f", MFU {mfu:.1%}" if mfu is not None else ""))
+    console = Console(width=max(Console().width, 110))
+    console.print(table)
+    console.print(f"speedup {speedup:.2f}x" + (f", MFU {mfu:.1%}" if mfu is not None else ""))
     device = torch.cuda.get_device_name(0) if gpu else f"CPU {platform.machine()}, {os.cpu_count()} cores"
     print(json.dumps({
         "benchmark": "train", "baseline_name": "baseline_padded_trainer (transformers Trainer, pad to max_length, no packing)",

@@ -304,6 +304,97 @@ def rollback(reason: Annotated[str, typer.Option(help="why, recorded on both ver
     print(f"{name}: champion rolled back from version {current} to version {previous}")
 
 
+def _config_path(config: Path | None) -> Path:
+    from flows.config import DEFAULT_CONFIG
+
+    return (config or DEFAULT_CONFIG).resolve()
+
+
+@app.command()
+def serve(config: ConfigOption = None, set_: SetOption = None,
+          watch: Annotated[bool, typer.Option(help="also run the landing watcher in this process")] = True) -> None:
+    """Serve the retrain and drift-monitor deployments (schedule, data-landed and drift triggers) against
+    the Prefect server in PREFECT_API_URL, with the landing watcher; runs until stopped."""
+    from flows.serve import serve as serve_all
+
+    try:
+        serve_all(_config_path(config), set_ or [], watch=watch)
+    except TuneloopError as exc:
+        fail(str(exc), 2)
+
+
+@app.command()
+def watch(config: ConfigOption = None, set_: SetOption = None,
+          once: Annotated[bool, typer.Option(help="check once and exit")] = False) -> None:
+    """Watch the landing folder (or SQL table) and emit tuneloop.data.landed for each complete new landing."""
+    import logging
+
+    from flows.config import load_config
+    from flows.serve import require_api
+    from tasks.state import prepare_state
+    from tasks.watch import watch as watch_landing
+
+    state = prepare_state()
+    try:
+        cfg = load_config(_config_path(config), set_ or [])
+        require_api()
+    except TuneloopError as exc:
+        fail(str(exc), 2)
+    out = logging.getLogger("tuneloop.watch")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    out.addHandler(handler)
+    out.setLevel(logging.INFO)
+    out.propagate = False
+    landing = getattr(cfg.source, "landing", None) or state.landing
+    out.info(f"watching {landing} every {cfg.schedule.poll_seconds:g}s")
+    try:
+        watch_landing(cfg, state.home, once=once)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def drift(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Run the drift monitor once: champion on recent data, recent inputs vs its training data."""
+    from flows.config import load_config
+    from tasks.state import prepare_state
+
+    prepare_state()
+    try:
+        cfg = load_config(config, set_ or [])
+    except TuneloopError as exc:
+        fail(str(exc), 2)
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from flows.drift import drift_monitor
+    from tasks.drift import drift_markdown
+
+    try:
+        report = drift_monitor(cfg)
+    except TuneloopError as exc:
+        fail(str(exc), 1)
+    Console().print(Markdown(drift_markdown(report)))
+
+
+@app.command()
+def notify(webhook: Annotated[str, typer.Option(help="URL that receives a JSON POST (Slack/Teams webhook, ...)")],
+           config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Create the Prefect webhook block and automations that notify when a retrain fails or a model is promoted."""
+    from flows.config import load_config
+    from flows.serve import require_api
+    from tasks.notify import setup_notifications
+
+    try:
+        cfg = load_config(config, set_ or [])
+        require_api()
+        names = setup_notifications(cfg.registry.model_name, webhook)
+    except TuneloopError as exc:
+        fail(str(exc), 2)
+    print("automations: " + ", ".join(names) + " -> webhook block tuneloop-notify")
+
+
 def main() -> None:
     try:
         app()

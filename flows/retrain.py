@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.config import PipelineConfig
+from flows.config import PipelineConfig, load_config
 from tasks.collect import collect_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task, token_plan_task
@@ -22,7 +22,7 @@ from tasks.heldout import read_evaluation_set
 from tasks.ledger import commit_ledger, consume, load_ledger
 from tasks.quality import enforce_min_examples, quality_task, required_fields
 from tasks.records import RetrainResult
-from tasks.register import find_champion_task, register_task
+from tasks.register import champion_dataset_version, find_champion_task, register_task
 from tasks.snapshot import load_snapshot, snapshot_task
 from tasks.state import prepare_state
 from tasks.tokens import CostEstimate, enforce_budget
@@ -31,6 +31,8 @@ from tasks.tokens import CostEstimate, enforce_budget
 def cancel_openai_jobs(flow, flow_run, state) -> None:
     """Cancelling the flow run cancels the fine-tuning job it started (it would otherwise go on, billed)."""
     config = flow_run.parameters.get("config")
+    if isinstance(config, str):
+        config = load_config(config, flow_run.parameters.get("overrides") or [])
     config = PipelineConfig.model_validate(config) if isinstance(config, dict) else config
     if config is None or config.train.backend != "openai":
         return
@@ -43,11 +45,19 @@ def cancel_openai_jobs(flow, flow_run, state) -> None:
 
 
 @flow(name="retrain", on_cancellation=[cancel_openai_jobs])
-def retrain(config: PipelineConfig) -> RetrainResult:
-    """Retrain on everything new in the source; promote the result only if it is better."""
+def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, reason: str | None = None) -> RetrainResult:
+    """Retrain on everything new in the source; promote the result only if it is better.
+
+    ``config`` is the configuration or, for deployments, the path of its YAML file (with ``overrides``);
+    ``reason`` says what started the run (a schedule, data landing, drift) and is only logged.
+    """
 
     state = prepare_state()
     log = get_run_logger()
+    if isinstance(config, str):
+        config = load_config(config, overrides or [])
+    if reason:
+        log.info(f"started by: {reason}")
     run_id = flow_run.get_id() or "local"
     run_dir = state.runs / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{run_id[:8]}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -74,6 +84,13 @@ def retrain(config: PipelineConfig) -> RetrainResult:
         log.info(message)
         return RetrainResult(status="nothing_new", message=message, dataset_version=ledger.dataset_version,
                              run_dir=run_dir)
+
+    champion_data = champion_dataset_version(config.registry, tracking_uri)
+    if champion_data == dataset.version:
+        commit_ledger(ledger.model_copy(update={"trained_version": dataset.version}), state.ledger)
+        message = f"dataset version {dataset.version} is what the champion was trained on: nothing to retrain"
+        log.info(message)
+        return RetrainResult(status="nothing_new", message=message, dataset_version=dataset.version, run_dir=run_dir)
 
     plan = token_plan_task(config.train, state.models, state.home)
     exported = export_task(dataset, config.export, heldout, state.home / "exports", plan, config.config_hash())

@@ -92,6 +92,17 @@ def experiment_id(client, name: str, artifacts_dir: Path | None) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+def champion_dataset_version(registry: RegisterConfig, tracking_uri: str) -> str | None:
+    """The dataset version the current champion was trained on (None before the first promotion)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client_for(tracking_uri).get_model_version_by_alias(registry.model_name, CHAMPION).tags.get(
+            "dataset_version")
+    except MlflowException:
+        return None
+
+
 def find_champion(registry: RegisterConfig, tracking_uri: str, dst: Path) -> Champion | None:
     """The current champion's adapter, downloaded from the registry, or None before the first promotion."""
     import mlflow
@@ -374,4 +385,8 @@ def register_task(config: PipelineConfig, checked: CheckedBatch | None, exported
     mv = register_candidate(config, checked, exported, trained, report, tracking_uri, artifacts_dir, flow_run_id)
     create_markdown_artifact(decision_markdown(mv), key="registration", description="promotion decision")
     get_run_logger().info(f"register: {mv.name} version {mv.version}; {mv.decision.reason}")
+    if mv.decision.promoted:
+        from tasks.notify import announce_promotion
+
+        announce_promotion(mv.name, mv.version, f"{mv.name} version {mv.version} promoted: {mv.decision.reason}")
     return mv

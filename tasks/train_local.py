@@ -95,10 +95,16 @@ def build_trainer(exported: ExportedDataset, train: TrainConfig, models_dir: Pat
     lora = LoraConfig(r=local.lora.r, lora_alpha=local.lora.alpha, lora_dropout=local.lora.dropout,
                       target_modules=local.lora.target_modules, task_type="CAUSAL_LM")
     use_cuda = torch.cuda.is_available()
+    # Padding-free batches are one flattened sequence. Flash attention's varlen kernels cost what the examples
+    # cost; sdpa/eager build a dense mask over the whole flattened batch (quadratic in batch x max_length),
+    # so there each micro-batch is one packed row and the batch is reached by gradient accumulation.
+    varlen = (local.attn_implementation or "").startswith(("flash_attention", "kernels-community/flash"))
+    rows = local.batch_size if (varlen or not local.packing) else 1
     args = SFTConfig(
         output_dir=str(checkpoint_dir),
         max_steps=local.max_steps,
-        per_device_train_batch_size=local.batch_size,
+        per_device_train_batch_size=rows,
+        gradient_accumulation_steps=local.batch_size // rows,
         learning_rate=local.learning_rate,
         warmup_steps=min(local.warmup_steps, local.max_steps),
         lr_scheduler_type="cosine",

@@ -115,7 +115,7 @@ class PrefectServer:
             try:
                 yield
             finally:
-                APILogHandler.flush()  # send the run logs while the server is still up
+                APILogHandler().flush()  # send the run logs while the server is still up
 
 
 @contextmanager

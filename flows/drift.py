@@ -1,0 +1,57 @@
+"""The drift monitor flow: score the champion on recent data, compare recent inputs with its training
+data, log both to MLflow, show them as a Prefect artifact, and ask for a retrain when either has drifted.
+
+The retrain is asked for, not called: the flow emits ``tuneloop.drift.detected`` and the retrain
+deployment's trigger starts it, under the same one-at-a-time limit as every other retrain.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.config import PipelineConfig, load_config
+from tasks.drift import DriftReport, check_drift, drift_markdown, log_drift
+from tasks.state import prepare_state
+
+DRIFT_EVENT = "tuneloop.drift.detected"
+
+
+def model_resource(config: PipelineConfig) -> dict[str, str]:
+    return {"prefect.resource.id": f"tuneloop.model.{config.registry.model_name}",
+            "prefect.resource.name": config.registry.model_name}
+
+
+@task(name="check-drift", cache_policy=NO_CACHE)
+def check_drift_task(config: PipelineConfig, home, tracking_uri: str, work_dir) -> DriftReport:
+    return check_drift(config, home, tracking_uri, work_dir)
+
+
+@flow(name="drift-monitor")
+def drift_monitor(config: PipelineConfig | str, overrides: list[str] | None = None) -> DriftReport:
+    """Check the champion for performance and input drift; emit tuneloop.drift.detected when it has."""
+    from prefect.events import emit_event
+
+    state = prepare_state()
+    log = get_run_logger()
+    if isinstance(config, str):
+        config = load_config(config, overrides or [])
+    tracking_uri = state.resolve_tracking_uri(config.registry.tracking_uri)
+    artifacts_dir = None if tracking_uri.startswith(("http://", "https://", "databricks")) else state.mlflow_artifacts
+    work_dir = state.runs / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-drift"
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    report = check_drift_task(config, state.home, tracking_uri, work_dir)
+    log_drift(report, config, tracking_uri, artifacts_dir)
+    create_markdown_artifact(drift_markdown(report), key="drift-report", description="drift monitor")
+    if report.drifted:
+        log.warning("drift detected: " + "; ".join(report.reasons))
+        emit_event(DRIFT_EVENT, resource=model_resource(config),
+                   payload={"reasons": report.reasons, "champion_version": report.champion_version,
+                            "summary": "; ".join(report.reasons)})
+    else:
+        log.info(f"no drift: {report.note or 'every signal under its threshold'}")
+    return report

@@ -1,0 +1,236 @@
+"""Drift: is the champion still good on what the company sends now?
+
+Two signals. Performance drift: the champion's primary metric on the most recent labeled examples against
+its value when it was promoted (its held-out score). Input drift: recent inputs against the champion's
+training snapshot: the population stability index (PSI) of ticket lengths and of labels, and the share of
+recent words the training data never contained (a new product line shows up here before any label does).
+
+"Recent" is what arrived after the champion's training data: complete landing files not consumed yet (put
+through the quality gate, nothing committed) and, failing those, examples of newer dataset versions.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from flows.config import PipelineConfig
+from tasks.records import ChatExample, TuneloopError
+
+WORD = re.compile(r"[^\W\d_]{2,}", re.UNICODE)
+EPS = 1e-4
+
+
+class DriftReport(BaseModel):
+    champion_version: str | None = None
+    champion_dataset_version: str | None = None
+    n_reference: int = 0
+    n_recent: int = 0
+    recent_from: str = ""
+    metric: str = "accuracy"
+    at_promotion: float | None = None
+    recent_value: float | None = None
+    metric_drop: float | None = None
+    psi_length: float | None = None
+    psi_label: float | None = None
+    new_vocabulary_share: float | None = None
+    drifted: bool = False
+    reasons: list[str] = Field(default_factory=list)
+    note: str = ""
+
+
+def psi(expected: Counter, actual: Counter) -> float:
+    """Population stability index over the union of categories (a small floor keeps empty bins finite)."""
+    keys = set(expected) | set(actual)
+    n_e, n_a = sum(expected.values()) or 1, sum(actual.values()) or 1
+    total = 0.0
+    for k in keys:
+        e = max(expected.get(k, 0) / n_e, EPS)
+        a = max(actual.get(k, 0) / n_a, EPS)
+        total += (a - e) * math.log(a / e)
+    return round(total, 4)
+
+
+def length_psi(reference: list[int], recent: list[int], bins: int = 10) -> float:
+    """PSI of lengths in the reference's deciles (the usual binning for a numeric feature)."""
+    ordered = sorted(reference)
+    edges = sorted({ordered[min(len(ordered) - 1, int(len(ordered) * q / bins))] for q in range(1, bins)})
+
+    def bucket(values: list[int]) -> Counter:
+        import bisect
+
+        return Counter(bisect.bisect_right(edges, v) for v in values)
+
+    return psi(bucket(reference), bucket(recent))
+
+
+def new_vocabulary_share(reference: list[str], recent: list[str]) -> float:
+    """Share of recent word occurrences whose word never appears in the reference texts."""
+    known = {w for t in reference for w in WORD.findall(t.casefold())}
+    words = [w for t in recent for w in WORD.findall(t.casefold())]
+    return round(sum(w not in known for w in words) / len(words), 4) if words else 0.0
+
+
+def _user_text(example: ChatExample) -> str:
+    return "\n".join(str(m.get("content") or "") for m in example.messages if m.get("role") == "user")
+
+
+def input_drift(reference: list[ChatExample], recent: list[ChatExample]) -> dict[str, float]:
+    ref_texts, new_texts = [_user_text(e) for e in reference], [_user_text(e) for e in recent]
+    out = {"psi_length": length_psi([len(t) for t in ref_texts], [len(t) for t in new_texts]),
+           "new_vocabulary_share": new_vocabulary_share(ref_texts, new_texts)}
+    if any(e.label for e in reference):
+        out["psi_label"] = psi(Counter(e.label for e in reference), Counter(e.label for e in recent))
+    return out
+
+
+def recent_examples(config: PipelineConfig, home: Path, champion_dataset: str | None,
+                    work_dir: Path) -> tuple[list[ChatExample], str]:
+    """The newest labeled examples the champion was not trained on, and where they came from."""
+    from tasks.collect import make_source
+    from tasks.ledger import load_ledger
+    from tasks.quality import check_batch, required_fields
+    from tasks.snapshot import _lines
+    from tasks.state import StateLayout
+
+    state = StateLayout(home)
+    ledger = load_ledger(state.ledger)
+    landing = getattr(config.source, "landing", None) or state.landing
+    raw = make_source(config.source, landing, required_fields(config.mapping)).collect(ledger)
+    if raw.files or (raw.sql and raw.sql.n_rows):
+        checked = check_batch(raw, config.source, config.mapping, config.quality, work_dir)
+        rows = [ChatExample.model_validate_json(line) for line in _lines(checked.accepted_path)]
+        if rows:
+            return rows[-config.drift.window:], f"{len(rows)} accepted records not yet trained on"
+    if ledger.dataset_version and ledger.dataset_version != champion_dataset:
+        seen = set()
+        if champion_dataset and (state.datasets / f"{champion_dataset}.jsonl").exists():
+            seen = {ChatExample.model_validate_json(line).content_hash
+                    for line in _lines(state.datasets / f"{champion_dataset}.jsonl")}
+        newer = [e for e in (ChatExample.model_validate_json(line)
+                             for line in _lines(state.datasets / f"{ledger.dataset_version}.jsonl"))
+                 if e.content_hash not in seen]
+        if newer:
+            return newer[-config.drift.window:], f"dataset version {ledger.dataset_version} (newer than the champion's)"
+    return [], ""
+
+
+def champion_score(model_uri: str, examples: list[ChatExample], config: PipelineConfig, tracking_uri: str) -> float:
+    """The registered champion (its MLflow pyfunc, whatever the backend) scored on labeled examples."""
+    import mlflow
+
+    from tasks.evaluate import parse_label, score
+    from tasks.heldout import HeldOutExample
+
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pyfunc.load_model(model_uri)
+    answers = model.predict([_user_text(e) for e in examples])
+    held = [HeldOutExample(record_id=e.record_id, prompt=[m for m in e.messages if m.get("role") != "assistant"],
+                           expected=next((str(m["content"]) for m in e.messages if m.get("role") == "assistant"), ""),
+                           label=e.label) for e in examples]
+    pattern = re.compile(config.evaluate.label_pattern)
+    labels = [parse_label(a, pattern) for a in answers] if config.evaluate.task == "classification" else answers
+    return score(labels, held, answers, config.evaluate.task).metric(config.evaluate.primary_metric)
+
+
+def check_drift(config: PipelineConfig, home: Path, tracking_uri: str, work_dir: Path) -> DriftReport:
+    from mlflow.exceptions import MlflowException
+
+    from tasks.register import CHAMPION, client_for
+    from tasks.snapshot import _lines
+
+    client = client_for(tracking_uri)
+    metric = config.evaluate.primary_metric
+    try:
+        version = client.get_model_version_by_alias(config.registry.model_name, CHAMPION)
+    except MlflowException:
+        return DriftReport(metric=metric, note=f"no champion of {config.registry.model_name} yet: nothing to monitor")
+    champion_dataset = version.tags.get("dataset_version")
+    report = DriftReport(champion_version=str(version.version), champion_dataset_version=champion_dataset,
+                         metric=metric)
+    run = client.get_run(version.run_id)
+    report.at_promotion = run.data.metrics.get(f"candidate_{metric}")
+    recent, origin = recent_examples(config, home, champion_dataset, work_dir)
+    report.n_recent, report.recent_from = len(recent), origin
+    if len(recent) < config.drift.min_examples:
+        report.note = (f"{len(recent)} recent examples (fewer than drift.min_examples = {config.drift.min_examples}):"
+                       " no verdict")
+        return report
+
+    snapshot = home / "datasets" / f"{champion_dataset}.jsonl"
+    if not snapshot.exists():
+        raise TuneloopError(f"drift: the champion's training snapshot {snapshot} is missing from this state folder")
+    reference = [ChatExample.model_validate_json(line) for line in _lines(snapshot)]
+    report.n_reference = len(reference)
+    shifts = input_drift(reference, recent)
+    report.psi_length, report.new_vocabulary_share = shifts["psi_length"], shifts["new_vocabulary_share"]
+    report.psi_label = shifts.get("psi_label")
+
+    labeled = [e for e in recent if e.label is not None] if config.evaluate.task == "classification" else recent
+    if len(labeled) >= config.drift.min_examples:
+        report.recent_value = round(champion_score(f"models:/{config.registry.model_name}@{CHAMPION}", labeled, config,
+                                                   tracking_uri), 4)
+        if report.at_promotion is not None:
+            report.metric_drop = round(report.at_promotion - report.recent_value, 4)
+
+    d = config.drift
+    if report.metric_drop is not None and report.metric_drop > d.max_accuracy_drop:
+        report.reasons.append(f"performance: {metric} {report.recent_value:.3f} on {len(labeled)} recent examples, "
+                              f"{report.metric_drop:.3f} below {report.at_promotion:.3f} at promotion "
+                              f"(drift.max_accuracy_drop {d.max_accuracy_drop})")
+    for name, value in (("ticket length", report.psi_length), ("label", report.psi_label)):
+        if value is not None and value > d.psi_threshold:
+            report.reasons.append(f"input: PSI of {name} distribution {value:.3f} > {d.psi_threshold}")
+    if report.new_vocabulary_share > d.vocabulary_threshold:
+        report.reasons.append(f"input: {report.new_vocabulary_share:.1%} of recent words never occur in the training "
+                              f"data (> {d.vocabulary_threshold:.0%})")
+    report.drifted = bool(report.reasons)
+    return report
+
+
+def drift_markdown(report: DriftReport) -> str:
+    def f(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    lines = [f"## Drift check of champion v{report.champion_version or '-'}", "",
+             f"**{'DRIFT' if report.drifted else 'no drift'}**" + (f": {report.note}" if report.note else ""), "",
+             "| signal | value |", "|---|---|",
+             f"| recent examples | {report.n_recent} ({report.recent_from or 'none'}) |",
+             f"| {report.metric} at promotion | {f(report.at_promotion)} |",
+             f"| {report.metric} on recent data | {f(report.recent_value)} |",
+             f"| drop | {f(report.metric_drop)} |",
+             f"| PSI ticket length | {f(report.psi_length)} |",
+             f"| PSI labels | {f(report.psi_label)} |",
+             f"| new vocabulary share | {f(report.new_vocabulary_share)} |"]
+    lines += ["", *[f"- {r}" for r in report.reasons]]
+    return "\n".join(lines)
+
+
+def log_drift(report: DriftReport, config: PipelineConfig, tracking_uri: str, artifacts_dir: Path | None) -> str | None:
+    """One MLflow run per champion version, a step per check: the UI charts drift over time."""
+    import time
+
+    from mlflow.entities import Metric
+
+    from tasks.register import client_for, experiment_id
+
+    if report.champion_version is None:
+        return None
+    client = client_for(tracking_uri)
+    exp = experiment_id(client, config.registry.experiment, artifacts_dir)
+    found = client.search_runs([exp], filter_string=(
+        f"tags.`tuneloop.kind` = 'drift' and tags.champion_version = '{report.champion_version}'"), max_results=1)
+    run_id = found[0].info.run_id if found else client.create_run(
+        exp, run_name=f"drift-{config.registry.model_name}-v{report.champion_version}",
+        tags={"tuneloop.kind": "drift", "champion_version": report.champion_version}).info.run_id
+    step = len(client.get_metric_history(run_id, "n_recent"))
+    now = int(time.time() * 1000)
+    values = {"n_recent": report.n_recent, "recent_metric": report.recent_value, "metric_drop": report.metric_drop,
+              "psi_length": report.psi_length, "psi_label": report.psi_label,
+              "new_vocabulary_share": report.new_vocabulary_share, "drifted": float(report.drifted)}
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items() if v is not None])
+    return run_id

@@ -1,0 +1,69 @@
+"""Notifications: a webhook (Slack, Teams, anything that takes a POST) told when a retrain fails and when a
+model is promoted, through a Prefect notification block and two automations on the server.
+
+Automations live on the Prefect server, not in prefect.yaml (which can only declare triggers that start
+deployments), so ``tuneloop notify --webhook URL`` creates them; deployments/automations.yaml is the
+same thing for ``prefect automation create``.
+"""
+
+from __future__ import annotations
+
+PROMOTED_EVENT = "tuneloop.model.promoted"
+BLOCK_NAME = "tuneloop-notify"
+
+
+def automations(model_name: str, block_document_id) -> list:
+    from prefect.automations import Automation
+    from prefect.events.actions import SendNotification
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    failed = Automation(
+        name="tuneloop: retrain failed",
+        description="A retrain flow run failed or crashed.",
+        trigger=EventTrigger(
+            expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
+            match_related={"prefect.resource.role": "flow", "prefect.resource.name": "retrain"},
+            posture=Posture.Reactive, threshold=1),
+        actions=[SendNotification(
+            block_document_id=block_document_id,
+            subject="tuneloop: retrain {{ flow_run.name }} {{ flow_run.state.name }}",
+            body="Flow run {{ flow_run.name }} ended {{ flow_run.state.name }}: {{ flow_run.state.message }}")])
+    promoted = Automation(
+        name="tuneloop: model promoted",
+        description="A new champion was promoted in the MLflow registry.",
+        trigger=EventTrigger(expect={PROMOTED_EVENT}, match={"prefect.resource.id": f"tuneloop.model.{model_name}"},
+                             posture=Posture.Reactive, threshold=1),
+        actions=[SendNotification(
+            block_document_id=block_document_id,
+            subject="tuneloop: {{ event.resource.name }} v{{ event.payload.version }} is the new champion",
+            body="{{ event.payload.summary }}")])
+    return [failed, promoted]
+
+
+def setup_notifications(model_name: str, webhook_url: str) -> list[str]:
+    """Create (or replace) the webhook block and the two automations; returns the automations' names."""
+    from prefect.automations import Automation
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    block = CustomWebhookNotificationBlock(
+        name="tuneloop", url=webhook_url, method="POST",
+        json_data={"text": "{{subject}}\n{{body}}", "subject": "{{subject}}", "body": "{{body}}"},
+        allow_private_urls=True)  # company webhooks often live on private addresses
+    block_id = block.save(BLOCK_NAME, overwrite=True)
+    names = []
+    for automation in automations(model_name, block_id):
+        try:
+            Automation.read(name=automation.name).delete()
+        except ValueError:
+            pass
+        automation.create()
+        names.append(automation.name)
+    return names
+
+
+def announce_promotion(model_name: str, version: str, summary: str) -> None:
+    from prefect.events import emit_event
+
+    emit_event(PROMOTED_EVENT, resource={"prefect.resource.id": f"tuneloop.model.{model_name}",
+                                         "prefect.resource.name": model_name},
+               payload={"version": version, "summary": summary})
