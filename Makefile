@@ -16,13 +16,14 @@ export TOKENIZERS_PARALLELISM ?= false
 
 LANDING := $(TUNELOOP_HOME)/landing
 
-.PHONY: help install demo test lint mlflow-ui prefect-ui clean
+.PHONY: help install demo test lint mlflow-ui prefect-ui prefect-server serve clean
 
 help:
 	@echo "make demo        set up .venv and run the whole pipeline on the bundled demo data"
 	@echo "make test        set up .venv and run the test suite"
 	@echo "make mlflow-ui   open the MLflow UI on the demo's state (http://127.0.0.1:5000)"
 	@echo "make prefect-ui  open the Prefect UI on the demo's state (http://127.0.0.1:4200)"
+	@echo "make serve       serve the deployments + landing watcher against a running Prefect server"
 	@echo "make clean       delete the state folder ($(TUNELOOP_HOME))"
 
 $(VENV)/.installed: pyproject.toml
@@ -52,6 +53,12 @@ mlflow-ui: $(VENV)/.installed
 
 prefect-ui: $(VENV)/.installed
 	PREFECT_HOME=$(TUNELOOP_HOME)/prefect $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+
+# The same server, for `tuneloop serve` (PREFECT_API_URL=http://127.0.0.1:4200/api).
+prefect-server: prefect-ui
+
+serve: $(VENV)/.installed
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} $(VENV)/bin/tuneloop serve --config deployments/demo.yaml
 
 clean:
 	rm -rf $(TUNELOOP_HOME)

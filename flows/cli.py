@@ -312,13 +312,15 @@ def _config_path(config: Path | None) -> Path:
 
 @app.command()
 def serve(config: ConfigOption = None, set_: SetOption = None,
-          watch: Annotated[bool, typer.Option(help="also run the landing watcher in this process")] = True) -> None:
+          watch: Annotated[bool, typer.Option(help="also run the landing watcher in this process")] = True,
+          query_seconds: Annotated[float, typer.Option(help="how often the runner asks for runs to start")] = 1.0,
+          ) -> None:
     """Serve the retrain and drift-monitor deployments (schedule, data-landed and drift triggers) against
     the Prefect server in PREFECT_API_URL, with the landing watcher; runs until stopped."""
     from flows.serve import serve as serve_all
 
     try:
-        serve_all(_config_path(config), set_ or [], watch=watch)
+        serve_all(_config_path(config), set_ or [], watch=watch, query_seconds=query_seconds)
     except TuneloopError as exc:
         fail(str(exc), 2)
 

@@ -210,3 +210,34 @@ def test_a_failed_retrain_and_a_promotion_reach_the_webhook(loop, tmp_path):
     assert subjects[0].startswith("tuneloop: lumenfold-support v7 is the new champion")
     assert subjects[1].startswith("tuneloop: retrain ") and "Failed" in subjects[1]
     assert any("config file not found" in r["body"] for r in received)
+
+
+def test_prefect_yaml_deploys_retrain_drift_monitor_and_train_local(loop):
+    """The worker route: `prefect deploy --all` from deployments/prefect.yaml against a real server."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    loop.cli("work-pool", "create", "tuneloop", "--type", "process")
+    loop.cli("work-pool", "create", "gpu", "--type", "process")
+    loop.cli("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all", cwd=ROOT)
+
+    async def read():
+        async with get_client() as client:
+            deps = {n: await client.read_deployment_by_name(n)
+                    for n in ("retrain/retrain", "drift-monitor/drift-monitor", "train-local/train-local")}
+            return deps, await client.read_automations()
+
+    with loop.client_settings():
+        deps, automations = asyncio.run(read())
+    retrain = deps["retrain/retrain"]
+    assert [s.schedule.cron for s in retrain.schedules] == ["0 3 * * 1"]
+    assert retrain.global_concurrency_limit.limit == 1
+    assert retrain.concurrency_options.collision_strategy.value == "ENQUEUE"
+    assert retrain.parameters["config"] == "deployments/demo.yaml" and retrain.work_pool_name == "tuneloop"
+    assert [s.schedule.cron for s in deps["drift-monitor/drift-monitor"].schedules] == ["0 6 * * *"]
+    assert deps["train-local/train-local"].work_pool_name == "gpu"
+    triggers = {a.name: a for a in automations}
+    landed = triggers["retrain when data lands"].trigger
+    assert landed.expect == {"tuneloop.data.landed"} and landed.match.root["tuneloop.coalesced"] == "false"
+    assert triggers["retrain on drift"].trigger.expect == {"tuneloop.drift.detected"}
