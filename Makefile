@@ -16,13 +16,14 @@ export TOKENIZERS_PARALLELISM ?= false
 
 LANDING := $(TUNELOOP_HOME)/landing
 
-.PHONY: help install demo test lint mlflow-ui prefect-ui prefect-server serve clean
+.PHONY: help install demo drift-demo test lint mlflow-ui prefect-ui prefect-server serve clean
 
 help:
 	@echo "make demo        set up .venv and run the whole pipeline on the bundled demo data"
 	@echo "make test        set up .venv and run the test suite"
 	@echo "make mlflow-ui   open the MLflow UI on the demo's state (http://127.0.0.1:5000)"
 	@echo "make prefect-ui  open the Prefect UI on the demo's state (http://127.0.0.1:4200)"
+	@echo "make drift-demo  six weeks with a product launch: the loop vs a frozen model, with a plot"
 	@echo "make serve       serve the deployments + landing watcher against a running Prefect server"
 	@echo "make clean       delete the state folder ($(TUNELOOP_HOME))"
 
@@ -56,6 +57,10 @@ prefect-ui: $(VENV)/.installed
 
 # The same server, for `tuneloop serve` (PREFECT_API_URL=http://127.0.0.1:4200/api).
 prefect-server: prefect-ui
+
+# Six weeks of tickets with a product launch at week 3: the loop vs a frozen model (~10 min on 2 cores).
+drift-demo: $(VENV)/.installed
+	TUNELOOP_HOME=$(CURDIR)/.tuneloop-drift/home $(VENV)/bin/tuneloop scenario drift --out .tuneloop-drift
 
 serve: $(VENV)/.installed
 	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} $(VENV)/bin/tuneloop serve --config deployments/demo.yaml

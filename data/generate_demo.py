@@ -108,9 +108,9 @@ QUEUES: tuple[Queue, ...] = (
 )
 
 
-def _fill(template: str, rng: random.Random, name: str) -> str:
+def _fill(template: str, rng: random.Random, name: str, plans: list[str] = PLANS) -> str:
     return template.format(
-        plan=rng.choice(PLANS),
+        plan=rng.choice(plans),
         years=rng.randint(1, 9),
         device=rng.choice(DEVICES),
         when=rng.choice(WHEN),
@@ -120,13 +120,14 @@ def _fill(template: str, rng: random.Random, name: str) -> str:
     )
 
 
-def make_ticket(rng: random.Random, index: int, start: datetime) -> dict:
+def make_ticket(rng: random.Random, index: int, start: datetime, queues: tuple[Queue, ...] = QUEUES,
+                weights: list[float] | None = None, plans: list[str] = PLANS) -> dict:
     """One realistic ticket: a queue's subject and problem wrapped in customer chatter."""
-    queue = rng.choice(QUEUES)
+    queue = rng.choices(queues, weights=weights)[0] if weights else rng.choice(queues)
     name = rng.choice(FIRST_NAMES)
-    parts = [rng.choice(GREETINGS), _fill(rng.choice(queue.problems), rng, name)]
+    parts = [rng.choice(GREETINGS), _fill(rng.choice(queue.problems), rng, name, plans)]
     for _ in range(rng.randint(0, 2)):
-        parts.append(_fill(rng.choice(CONTEXT), rng, name))
+        parts.append(_fill(rng.choice(CONTEXT), rng, name, plans))
     parts.append(rng.choice(SIGNOFFS))
     body = " ".join(p for p in parts if p)
     created = start + timedelta(minutes=17 * index + rng.randint(0, 16))
@@ -134,11 +135,11 @@ def make_ticket(rng: random.Random, index: int, start: datetime) -> dict:
         "ticket_id": f"LF-{100000 + index}",
         "created_at": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "channel": rng.choice(CHANNELS),
-        "plan": rng.choice(PLANS),
+        "plan": rng.choice(plans),
         "subject": rng.choice(GENERIC_SUBJECTS) if rng.random() < 0.2 else rng.choice(queue.subjects),
         "body": body,
         "queue": queue.label,
-        "answer": _fill(queue.reply, rng, name),
+        "answer": _fill(queue.reply, rng, name, plans),
     }
 
 
