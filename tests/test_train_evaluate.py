@@ -145,11 +145,15 @@ def test_packed_examples_share_a_row_but_not_their_attention(workspace):
     cfg.train.local.max_steps = 1
     assert cfg.train.local.packing  # on by default
     trainer, _, _ = build_trainer(exported, cfg.train, root / "models", root / "packed")
-    batch = next(iter(trainer.get_train_dataloader()))
-    assert "attention_mask" not in batch or batch["attention_mask"] is None  # padding-free
-    ids, pos = batch["input_ids"][:1], batch["position_ids"][:1]
-    starts = [i for i, p in enumerate(pos[0].tolist()) if p == 0] + [ids.shape[1]]
-    assert len(starts) > 2, "one row should hold several examples"
+    rows = []
+    for batch in trainer.get_train_dataloader():
+        assert "attention_mask" not in batch or batch["attention_mask"] is None  # padding-free
+        ids, pos = batch["input_ids"][:1], batch["position_ids"][:1]
+        starts = [i for i, p in enumerate(pos[0].tolist()) if p == 0] + [ids.shape[1]]
+        rows.append(len(starts) - 1)
+        if len(starts) > 3:
+            break
+    assert max(rows) >= 3, f"packed rows should hold several examples, got {rows}"
     model = trainer.model.eval()
     with torch.no_grad():
         packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits
