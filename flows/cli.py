@@ -47,16 +47,29 @@ def run(config: ConfigOption = None, set_: SetOption = None) -> None:
     from tasks.state import prepare_state
 
     state = prepare_state()
+    cfg = _load_config(config, set_)
+    from flows.retrain import retrain
+
+    result = _run_flow(retrain, cfg)
+    from flows.report import print_retrain_summary
+
+    print_retrain_summary(result, state)
+
+
+def _load_config(config: Path | None, set_: list[str] | None):
+    """The config, or exit 2 with the error (the state folder is prepared before: Prefect reads it on import)."""
     from flows.config import load_config
 
     try:
-        cfg = load_config(config, set_ or [])
+        return load_config(config, set_ or [])
     except TuneloopError as exc:
         fail(str(exc), 2)
-    from flows.retrain import retrain
 
+
+def _run_flow(flow_fn, *args):
+    """Run a flow in this process; a stage's error or an ephemeral server that did not start is one line."""
     try:
-        result = retrain(cfg)
+        return flow_fn(*args)
     except TuneloopError as exc:
         fail(str(exc), 1)
     except RuntimeError as exc:
@@ -65,9 +78,6 @@ def run(config: ConfigOption = None, set_: SetOption = None) -> None:
         fail("the local Prefect API server did not start (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="
              f"{os.environ.get('PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS')}); raise that timeout, or start "
              "one with `make prefect-ui` and set PREFECT_API_URL=http://127.0.0.1:4200/api", 1)
-    from flows.report import print_retrain_summary
-
-    print_retrain_summary(result, state)
 
 
 @app.command()
@@ -359,25 +369,17 @@ def watch(config: ConfigOption = None, set_: SetOption = None,
 @app.command()
 def drift(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Run the drift monitor once: champion on recent data, recent inputs vs its training data."""
-    from flows.config import load_config
     from tasks.state import prepare_state
 
     prepare_state()
-    try:
-        cfg = load_config(config, set_ or [])
-    except TuneloopError as exc:
-        fail(str(exc), 2)
+    cfg = _load_config(config, set_)
     from rich.console import Console
     from rich.markdown import Markdown
 
     from flows.drift import drift_monitor
     from tasks.drift import drift_markdown
 
-    try:
-        report = drift_monitor(cfg)
-    except TuneloopError as exc:
-        fail(str(exc), 1)
-    Console().print(Markdown(drift_markdown(report)))
+    Console().print(Markdown(drift_markdown(_run_flow(drift_monitor, cfg))))
 
 
 @app.command()

@@ -64,24 +64,20 @@ def build_deployments(config_path: Path, overrides: list[str]) -> tuple[Pipeline
     config = load_config(config_path, overrides)
     params = {"config": str(config_path.resolve()), "overrides": overrides}
     sched = config.schedule
-    timing = ({"interval": sched.retrain_interval_seconds} if sched.retrain_interval_seconds else
-              {"cron": sched.retrain_cron} if sched.retrain_cron else {})
-    if "cron" in timing:
+
+    def cron(expr: str | None) -> dict:
         from prefect.client.schemas.schedules import CronSchedule
 
-        timing = {"schedule": CronSchedule(cron=timing["cron"], timezone=sched.timezone)}
+        return {"schedule": CronSchedule(cron=expr, timezone=sched.timezone)} if expr else {}
+
+    timing = {"interval": sched.retrain_interval_seconds} if sched.retrain_interval_seconds else cron(sched.retrain_cron)
     retrain_dep = retrain.to_deployment(
         name="retrain", parameters=params, triggers=retrain_triggers(config, params),
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
         description="Retrain on new data; promote only a better model.", tags=["tuneloop", config.name], **timing)
-    drift_timing = {}
-    if sched.drift_cron:
-        from prefect.client.schemas.schedules import CronSchedule
-
-        drift_timing = {"schedule": CronSchedule(cron=sched.drift_cron, timezone=sched.timezone)}
     drift_dep = drift_monitor.to_deployment(
         name="drift-monitor", parameters=params, description="Check the champion for drift; ask for a retrain.",
-        tags=["tuneloop", config.name], **drift_timing)
+        tags=["tuneloop", config.name], **cron(sched.drift_cron))
     return config, [retrain_dep, drift_dep]
 
 

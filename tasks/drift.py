@@ -94,7 +94,7 @@ def recent_examples(config: PipelineConfig, home: Path, champion_dataset: str | 
     from tasks.collect import make_source
     from tasks.ledger import load_ledger
     from tasks.quality import check_batch, required_fields
-    from tasks.snapshot import _lines
+    from tasks.snapshot import read_examples
     from tasks.state import StateLayout
 
     state = StateLayout(home)
@@ -103,16 +103,14 @@ def recent_examples(config: PipelineConfig, home: Path, champion_dataset: str | 
     raw = make_source(config.source, landing, required_fields(config.mapping)).collect(ledger)
     if raw.files or (raw.sql and raw.sql.n_rows):
         checked = check_batch(raw, config.source, config.mapping, config.quality, work_dir)
-        rows = [ChatExample.model_validate_json(line) for line in _lines(checked.accepted_path)]
+        rows = read_examples(checked.accepted_path)
         if rows:
             return rows[-config.drift.window:], f"{len(rows)} accepted records not yet trained on"
     if ledger.dataset_version and ledger.dataset_version != champion_dataset:
         seen = set()
         if champion_dataset and (state.datasets / f"{champion_dataset}.jsonl").exists():
-            seen = {ChatExample.model_validate_json(line).content_hash
-                    for line in _lines(state.datasets / f"{champion_dataset}.jsonl")}
-        newer = [e for e in (ChatExample.model_validate_json(line)
-                             for line in _lines(state.datasets / f"{ledger.dataset_version}.jsonl"))
+            seen = {e.content_hash for e in read_examples(state.datasets / f"{champion_dataset}.jsonl")}
+        newer = [e for e in read_examples(state.datasets / f"{ledger.dataset_version}.jsonl")
                  if e.content_hash not in seen]
         if newer:
             return newer[-config.drift.window:], f"dataset version {ledger.dataset_version} (newer than the champion's)"
@@ -141,7 +139,7 @@ def check_drift(config: PipelineConfig, home: Path, tracking_uri: str, work_dir:
     from mlflow.exceptions import MlflowException
 
     from tasks.register import CHAMPION, client_for
-    from tasks.snapshot import _lines
+    from tasks.snapshot import read_examples
 
     client = client_for(tracking_uri)
     metric = config.evaluate.primary_metric
@@ -164,7 +162,7 @@ def check_drift(config: PipelineConfig, home: Path, tracking_uri: str, work_dir:
     snapshot = home / "datasets" / f"{champion_dataset}.jsonl"
     if not snapshot.exists():
         raise TuneloopError(f"drift: the champion's training snapshot {snapshot} is missing from this state folder")
-    reference = [ChatExample.model_validate_json(line) for line in _lines(snapshot)]
+    reference = read_examples(snapshot)
     report.n_reference = len(reference)
     shifts = input_drift(reference, recent)
     report.psi_length, report.new_vocabulary_share = shifts["psi_length"], shifts["new_vocabulary_share"]

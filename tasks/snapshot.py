@@ -80,9 +80,13 @@ def load_snapshot(datasets_dir: Path, version: str) -> DatasetVersion:
     return DatasetVersion(version=version, path=path, n_examples=sum(1 for _ in _lines(path)))
 
 
-def read_snapshot(dataset: DatasetVersion) -> list[ChatExample]:
+def read_examples(path: Path) -> list[ChatExample]:
     """Parsed and validated in one step by pydantic's JSON parser (faster than orjson + validate here)."""
-    return [ChatExample.model_validate_json(line) for line in _lines(dataset.path)]
+    return [ChatExample.model_validate_json(line) for line in _lines(path)]
+
+
+def read_snapshot(dataset: DatasetVersion) -> list[ChatExample]:
+    return read_examples(dataset.path)
 
 
 @task(name="snapshot", cache_policy=NO_CACHE)

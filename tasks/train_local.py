@@ -31,7 +31,9 @@ def _read_messages(path: Path) -> list[dict]:
 
 def checkpoint_key(exported: ExportedDataset, train: TrainConfig) -> str:
     """Same data, same base, same settings: the same training, so its checkpoints can be resumed."""
-    settings = train.model_dump_json(include={"base_model", "tiny", "local"})
+    # Where it trains and how often it reports do not change the training: a pool retry resumes inline too.
+    settings = train.model_dump_json(include={"base_model", "tiny", "local"},
+                                     exclude={"local": {"placement", "deployment", "progress_every"}})
     return f"{exported.dataset_version}-{hashlib.sha256(settings.encode()).hexdigest()[:12]}"
 
 

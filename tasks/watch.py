@@ -64,8 +64,8 @@ class Watcher:
                                  + ([f"{sql.n_rows} rows of {sql.selectable} past {sql.watermark}"] if sql else [])),
         }
 
-    def retrain_waiting(self) -> bool:
-        """A retrain that has not started yet will collect whatever lands now."""
+    def _runs(self, *states) -> list:
+        """Flow runs of the retrain deployment in these state types."""
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import (
             DeploymentFilter,
@@ -74,26 +74,24 @@ class Watcher:
             FlowRunFilterState,
             FlowRunFilterStateType,
         )
+
+        with get_client(sync_client=True) as client:
+            return client.read_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[self.deployment.split("/")[-1]])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=list(states)))),
+                limit=50)
+
+    def retrain_waiting(self) -> bool:
+        """A retrain that has not started yet will collect whatever lands now."""
         from prefect.client.schemas.objects import StateType
 
-        if self.last_trigger and datetime.now(UTC) - self.last_trigger < timedelta(seconds=30):
-            # The event of the last landing may not have become a flow run yet (a few seconds).
-            with get_client(sync_client=True) as client:
-                runs = client.read_flow_runs(
-                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[self.deployment.split("/")[-1]])),
-                    flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
-                        any_=[StateType.RUNNING, StateType.COMPLETED, StateType.FAILED, StateType.CRASHED]))),
-                    limit=20)
-            started_since = [r for r in runs if r.start_time and r.start_time >= self.last_trigger]
-            if not started_since:
-                return True
-        with get_client(sync_client=True) as client:
-            waiting = client.read_flow_runs(
-                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[self.deployment.split("/")[-1]])),
-                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
-                    any_=[StateType.SCHEDULED, StateType.PENDING]))),
-                limit=50)
         now = datetime.now(UTC)
+        if self.last_trigger and now - self.last_trigger < timedelta(seconds=30):
+            # The event of the last landing may not have become a flow run yet (a few seconds).
+            started = self._runs(StateType.RUNNING, StateType.COMPLETED, StateType.FAILED, StateType.CRASHED)
+            if not any(r.start_time and r.start_time >= self.last_trigger for r in started):
+                return True
+        waiting = self._runs(StateType.SCHEDULED, StateType.PENDING)
         return any(not r.auto_scheduled or (r.expected_start_time and r.expected_start_time <= now) for r in waiting)
 
     def announce(self, landed: dict) -> bool:
