@@ -144,6 +144,9 @@ class LocalTrainConfig(Strict):
         None, description="e.g. flash_attention_2 on a GPU with flash-attn installed; default: the model's own (sdpa)")
     seed: int = 0
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    init_from: Literal["base", "champion"] = Field(
+        "base", description="base: a fresh adapter each retrain; champion: a warm start, the champion's adapter "
+        "trained further on the whole new dataset (same base and LoRA shape, else fresh, with a log line why)")
     checkpoint_every: int = Field(50, ge=1, description="checkpoint every N steps; a rerun resumes from the last")
     gradient_checkpointing: bool = False
     quantization: Literal["none", "4bit"] = Field("none", description="4bit: QLoRA through bitsandbytes (CUDA only)")
@@ -265,7 +268,10 @@ class EvaluateConfig(Strict):
     n_worst: int = Field(10, ge=0, description="wrong answers per model kept for error analysis")
     cache_generations: bool = Field(True, description="reuse a model's answers to the same prompts across runs")
     label_pattern: str = Field(r"^\s*(\S+)", description="regex whose first group is the predicted label")
-    max_new_tokens: int = Field(8, ge=1)
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="tokens each model may answer with. Unset: just enough for the longest held-out "
+        "reference (classification: up to the end of its label). Set too short for a label, it is raised to fit "
+        "(a cut-off label would be scored wrong), with a warning")
     batch_size: int = Field(64, ge=1)
     max_examples: int | None = Field(None, ge=1)
     primary_metric: METRICS = Field("accuracy", description="what a candidate must improve to become champion")
@@ -304,7 +310,9 @@ class ScheduleConfig(Strict):
 class DriftConfig(Strict):
     """Drift monitor: the champion on recent labeled data, and recent inputs against its training data."""
 
-    window: int = Field(500, ge=10, description="most recent labeled examples to score the champion on")
+    window: int = Field(
+        500, ge=10, description="most recent labeled examples to score the champion on; their length and label "
+        "distributions are compared with the champion's last `window` training examples")
     min_examples: int = Field(30, ge=1, description="fewer recent examples than this: no verdict, only a note")
     max_accuracy_drop: float = Field(
         0.05, ge=0, description="performance drift: primary metric this far below its value at promotion")

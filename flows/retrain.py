@@ -26,6 +26,7 @@ from tasks.register import champion_dataset_version, find_champion_task, registe
 from tasks.snapshot import load_snapshot, snapshot_task
 from tasks.state import prepare_state
 from tasks.tokens import CostEstimate, enforce_budget
+from tasks.train_local import warm_start_task
 
 
 def cancel_openai_jobs(flow, flow_run, state) -> None:
@@ -99,6 +100,8 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
             dataset, config.export, heldout, state.home / "exports", plan, config.config_hash())
     enforce_budget(CostEstimate.model_validate(exported.estimate) if exported.estimate else None,
                    config.train.max_cost_usd)
+    champion = find_champion_task(config.registry, tracking_uri, run_dir / "champion")
+    init_adapter = warm_start_task(champion, config.train, state.models)
     if config.train.backend == "openai":
         from tasks.train_openai import train_openai_task
 
@@ -107,12 +110,13 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
         from tasks.train_pool import train_on_pool_task
 
         trained = train_on_pool_task(exported, config.train, tracking_uri, config.registry.experiment, artifacts_dir,
-                                     state.models, run_dir)
+                                     state.models, run_dir, init_adapter)
     else:
         from flows.train_local import train_local
 
-        trained = train_local(exported, config.train, run_dir)
-    champion = find_champion_task(config.registry, tracking_uri, run_dir / "champion")
+        trained = train_local(exported, config.train, run_dir, init_adapter=init_adapter)
+    if init_adapter is not None:
+        trained = trained.model_copy(update={"warm_start_from": champion.version})
     report = evaluate_task(trained, champion, heldout, config.evaluate, run_dir, config.train.openai,
                            state.home / "generations" if config.evaluate.cache_generations else None)
     version = register_task(config, checked, exported, trained, report, tracking_uri, artifacts_dir, run_id)

@@ -16,17 +16,22 @@ from flows.config import TrainConfig
 from tasks.records import ExportedDataset, TrainedModel
 from tasks.state import prepare_state
 from tasks.train_local import train_task
-from tasks.train_pool import fetch_export_task, publish_training_task
+from tasks.train_pool import fetch_export_task, fetch_init_adapter_task, publish_training_task
 
 
 @flow(name="train-local", persist_result=True)
 def train_local(exported: ExportedDataset, train: TrainConfig, out_dir: Path | None = None,
-                tracking_uri: str | None = None, training_run_id: str | None = None) -> TrainedModel:
-    """Train a LoRA adapter on the export; with a training run, fetch from and publish to MLflow."""
+                tracking_uri: str | None = None, training_run_id: str | None = None,
+                init_adapter: Path | None = None, warm_start: bool = False) -> TrainedModel:
+    """Train a LoRA adapter on the export (or continue ``init_adapter``); with a training run, fetch the
+    export (and with ``warm_start`` the adapter to continue) from it and publish the result to it."""
     state = prepare_state()
     if training_run_id is None:  # inline: same process, same disk
-        return train_task(exported, train, state.models, out_dir or state.runs / "train-local", state.home / "checkpoints")
+        return train_task(exported, train, state.models, out_dir or state.runs / "train-local",
+                          state.home / "checkpoints", init_adapter)
     work = state.runs / f"train-local-{training_run_id[:12]}"
     exported = fetch_export_task(exported, tracking_uri, training_run_id, work)
-    trained = train_task(exported, train, state.models, work, state.home / "checkpoints")
+    if warm_start:
+        init_adapter = fetch_init_adapter_task(tracking_uri, training_run_id, work)
+    trained = train_task(exported, train, state.models, work, state.home / "checkpoints", init_adapter)
     return publish_training_task(trained, tracking_uri, training_run_id)

@@ -79,12 +79,20 @@ def _user_text(example: ChatExample) -> str:
     return "\n".join(str(m.get("content") or "") for m in example.messages if m.get("role") == "user")
 
 
-def input_drift(reference: list[ChatExample], recent: list[ChatExample]) -> dict[str, float]:
+def input_drift(reference: list[ChatExample], recent: list[ChatExample], window: int | None = None) -> dict[str, float]:
+    """Recent inputs against the champion's training data (in landing order, newest last).
+
+    Distributions (lengths, labels) are compared with the last ``window`` training examples: the world as
+    the champion last learned it. Against all of its data, a lasting change (a new queue) would read as drift
+    forever after a retrain had absorbed it, since the old examples still outnumber the new. Vocabulary is
+    compared with all of it: a word the model was ever trained on is not new.
+    """
+    latest = reference[-window:] if window else reference
     ref_texts, new_texts = [_user_text(e) for e in reference], [_user_text(e) for e in recent]
-    out = {"psi_length": length_psi([len(t) for t in ref_texts], [len(t) for t in new_texts]),
+    out = {"psi_length": length_psi([len(_user_text(e)) for e in latest], [len(t) for t in new_texts]),
            "new_vocabulary_share": new_vocabulary_share(ref_texts, new_texts)}
-    if any(e.label for e in reference):
-        out["psi_label"] = psi(Counter(e.label for e in reference), Counter(e.label for e in recent))
+    if any(e.label for e in latest):
+        out["psi_label"] = psi(Counter(e.label for e in latest), Counter(e.label for e in recent))
     return out
 
 
@@ -164,7 +172,7 @@ def check_drift(config: PipelineConfig, home: Path, tracking_uri: str, work_dir:
         raise TuneloopError(f"drift: the champion's training snapshot {snapshot} is missing from this state folder")
     reference = read_examples(snapshot)
     report.n_reference = len(reference)
-    shifts = input_drift(reference, recent)
+    shifts = input_drift(reference, recent, config.drift.window)
     report.psi_length, report.new_vocabulary_share = shifts["psi_length"], shifts["new_vocabulary_share"]
     report.psi_label = shifts.get("psi_label")
 

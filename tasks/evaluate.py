@@ -45,6 +45,33 @@ def generate(model, tokenizer, examples: list[HeldOutExample], max_new_tokens: i
     return outputs
 
 
+def answer_budget(heldout: list[HeldOutExample], evaluate: EvaluateConfig, pattern: re.Pattern[str],
+                  counters: list[Callable[[list[str]], list[int]]], warn: Callable[[str], None] | None = None) -> int:
+    """How many new tokens every model may answer with: enough to write what the held-out references write.
+
+    A label cut off mid-word is scored wrong, and which labels need more tokens depends on the tokenizer (a
+    tiny one spells a new queue name letter by letter), so for classification a configured budget that cannot
+    fit the longest reference label is raised to fit, with a warning; unset, it is sized from the references.
+    """
+    if evaluate.task == "classification":
+        texts = [e.expected[:m.end(1)] if (m := pattern.search(e.expected)) else e.expected for e in heldout]
+    else:
+        texts = [e.expected for e in heldout]
+    per_text = [max(n) for n in zip(*(count(texts) for count in counters), strict=True)] if counters else [0]
+    longest = max(per_text, default=0)
+    needed = longest + 2  # the references' tokens may merge differently in context; and room to stop
+    if evaluate.max_new_tokens is None:
+        return needed if evaluate.task == "classification" else longest + 1
+    if evaluate.task == "classification" and evaluate.max_new_tokens < needed:
+        label = heldout[per_text.index(longest)].label
+        if warn:
+            warn(f"evaluate.max_new_tokens={evaluate.max_new_tokens} cannot fit the label {label!r} of the held-out "
+                 f"references ({longest} tokens with this tokenizer): answering with {needed} instead, "
+                 "since a cut-off label would be scored wrong")
+        return needed
+    return evaluate.max_new_tokens
+
+
 def _normalize(text: str) -> str:
     return " ".join(text.split()).casefold()
 
@@ -249,12 +276,19 @@ def worst_examples(labels: list[str | None], texts: list[str], heldout: list[Hel
 def evaluate_models(
     trained: TrainedModel, champion: Champion | None, heldout: list[HeldOutExample],
     evaluate: EvaluateConfig, run_dir: Path, openai: OpenAITrainConfig | None = None,
-    cache_dir: Path | None = None,
+    cache_dir: Path | None = None, warn: Callable[[str], None] | None = None,
 ) -> EvalReport:
     if evaluate.task == "classification" and any(e.label is None for e in heldout):
         raise TuneloopError("evaluate: held-out examples need a label (mapping.label) for classification; "
                             "or set evaluate.task: generation")
     pattern = re.compile(evaluate.label_pattern, re.MULTILINE)
+    counters: list[Callable[[list[str]], list[int]]] = []
+    if trained.backend == "local" or (champion is not None and champion.adapter_path is not None):
+        tokenizer = load_tokenizer(trained.adapter_path or champion.adapter_path)
+        counters.append(lambda texts: [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
+    if trained.backend == "openai" or (champion is not None and champion.fine_tuned_model):
+        counters.append(lambda texts: [len(t.encode()) for t in texts])  # an API tokenizer: at most a token a byte
+    evaluate = evaluate.model_copy(update={"max_new_tokens": answer_budget(heldout, evaluate, pattern, counters, warn)})
     cache = GenerationCache(cache_dir, evaluate.max_new_tokens)
 
     def api(model: str) -> list[str]:
@@ -301,6 +335,7 @@ def evaluate_models(
         worst=errors,
         n_golden=sum(e.record_id.startswith(GOLDEN_PREFIX) for e in heldout),
         cached_answers=cache.hits,
+        max_new_tokens=evaluate.max_new_tokens,
     )
 
 
@@ -330,9 +365,10 @@ def comparison_markdown(report: EvalReport) -> str:
 def evaluate_task(trained: TrainedModel, champion: Champion | None, heldout: list[HeldOutExample],
                   evaluate: EvaluateConfig, run_dir: Path, openai: OpenAITrainConfig | None = None,
                   cache_dir: Path | None = None) -> EvalReport:
-    report = evaluate_models(trained, champion, heldout, evaluate, run_dir, openai, cache_dir)
+    report = evaluate_models(trained, champion, heldout, evaluate, run_dir, openai, cache_dir,
+                             warn=get_run_logger().warning)
     create_markdown_artifact(comparison_markdown(report), key="evaluation", description="base vs champion vs candidate")
     champ = f", champion {report.champion.accuracy:.3f}" if report.champion else ""
     get_run_logger().info(f"evaluate: base {report.base.accuracy:.3f}{champ}, candidate {report.candidate.accuracy:.3f}"
-          f" on {report.n_examples} held-out examples")
+          f" on {report.n_examples} held-out examples (answers of up to {report.max_new_tokens} tokens)")
     return report

@@ -154,6 +154,7 @@ class TrainedModel(BaseModel):
     peak_memory_mb: float | None = None  # local: GPU peak allocation, or the process's peak RSS on CPU
     devices: int = 1  # local: processes (GPUs) it trained on
     training_run_id: str | None = None  # local on a work pool: the MLflow run holding the adapter it trained
+    warm_start_from: str | None = None  # local: the champion version whose adapter training continued from
 
 
 class Champion(BaseModel):
@@ -199,6 +200,7 @@ class EvalReport(BaseModel):
     worst: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)  # per model, the wrong answers
     n_golden: int = 0  # of n_examples, how many came from evaluate.golden
     cached_answers: int = 0  # answers taken from the generation cache instead of generated again
+    max_new_tokens: int = 8  # the answer budget every model had (evaluate.answer_budget)
 
 
 class PromotionDecision(BaseModel):

@@ -188,6 +188,8 @@ def register_candidate(
                     openai_provider=config.train.openai.provider)
     if trained.training_run_id:
         tags["training_run_id"] = trained.training_run_id  # trained on a work pool: that run holds its logs
+    if trained.warm_start_from:
+        tags["warm_start_from"] = trained.warm_start_from  # the champion version whose adapter it continued
     run = client.create_run(exp, run_name=f"retrain-{trained.dataset_version[:8]}", tags=tags)
     run_id = run.info.run_id
     try:
@@ -195,6 +197,7 @@ def register_candidate(
 
         now = int(time.time() * 1000)
         params = flatten(config.model_dump(mode="json", by_alias=True))
+        params["evaluate.max_new_tokens"] = str(report.max_new_tokens)  # the budget used, also when sized from the data
         if "source.url" in params:  # a SQLAlchemy URL may carry a password
             from tasks.collect import redacted_url
 
@@ -278,7 +281,7 @@ def register_candidate(
         pyfunc_dir = save_champion_model(
             report.predictions_path.parent / "pyfunc" / "model", trained.backend, trained.base_model,
             trained.adapter_path, trained.fine_tuned_model, openai_settings, config.mapping.system,
-            config.evaluate.max_new_tokens)
+            report.max_new_tokens)
         client.log_artifacts(run_id, str(pyfunc_dir), "model")
         version = client.create_model_version(
             registry.model_name,

@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import TrainConfig
 from tasks.base_model import load_causal_lm, load_tokenizer, quiet_libraries, resolve_base_model
-from tasks.records import ExportedDataset, TrainedModel, TuneloopError
+from tasks.records import Champion, ExportedDataset, TrainedModel, TuneloopError
 from tasks.state import stage_logger
 
 
@@ -29,12 +29,58 @@ def _read_messages(path: Path) -> list[dict]:
         return [{"messages": orjson.loads(line)["messages"]} for line in fh if line.strip()]
 
 
-def checkpoint_key(exported: ExportedDataset, train: TrainConfig) -> str:
-    """Same data, same base, same settings: the same training, so its checkpoints can be resumed."""
+def checkpoint_key(exported: ExportedDataset, train: TrainConfig, init_adapter: Path | None = None) -> str:
+    """Same data, same base, same settings, same starting adapter: the same training, so it can be resumed."""
     # Where it trains and how often it reports do not change the training: a pool retry resumes inline too.
     settings = train.model_dump_json(include={"base_model", "tiny", "local"},
                                      exclude={"local": {"placement", "deployment", "progress_every"}})
-    return f"{exported.dataset_version}-{hashlib.sha256(settings.encode()).hexdigest()[:12]}"
+    digest = hashlib.sha256(settings.encode())
+    if init_adapter is not None:
+        for f in sorted(init_adapter.glob("adapter_*")):
+            digest.update(f.read_bytes())
+    return f"{exported.dataset_version}-{digest.hexdigest()[:12]}"
+
+
+def warm_start_refusal(adapter: Path, train: TrainConfig, trained_on: str, base_model: str) -> str | None:
+    """Why this adapter cannot be trained further under this config (None: it can).
+
+    Continuing an adapter only makes sense on the base it was trained on and in the LoRA shape the config
+    asks for; otherwise the run starts from a fresh adapter and says why.
+    """
+    config_path = adapter / "adapter_config.json"
+    if not config_path.is_file():
+        return f"{adapter} holds no adapter_config.json"
+    if trained_on != base_model:
+        return f"it was trained on another base model ({trained_on}, now {base_model})"
+    found = orjson.loads(config_path.read_bytes())
+    lora = train.local.lora
+    differs = [f"{k} {found.get(k)} -> {v}" for k, v in (("r", lora.r), ("lora_alpha", lora.alpha))
+               if found.get(k) != v]
+    if lora.target_modules != "all-linear" and sorted(found.get("target_modules") or []) != sorted(lora.target_modules):
+        differs.append(f"target_modules {found.get('target_modules')} -> {lora.target_modules}")
+    return "the LoRA settings changed (" + ", ".join(differs) + ")" if differs else None
+
+
+def warm_start_adapter(champion: Champion | None, train: TrainConfig, models_dir: Path) -> Path | None:
+    """The adapter a retrain continues from (``train.local.init_from: champion``), or None for a fresh one.
+
+    Retraining from scratch each time spends most steps relearning what the champion knows; continuing from
+    the champion spends them on what changed, and keeps one run's luck from undoing the last one's.
+    """
+    if train.backend != "local" or train.local.init_from != "champion":
+        return None
+    log = stage_logger()
+    if champion is None or champion.adapter_path is None:
+        log.info("train: init_from champion, but " + ("there is no champion yet" if champion is None else
+                 f"champion v{champion.version} is not a local adapter") + ": starting from a fresh adapter")
+        return None
+    why = warm_start_refusal(champion.adapter_path, train, champion.base_model,
+                             str(resolve_base_model(train, models_dir)))
+    if why:
+        log.warning(f"train: cannot continue champion v{champion.version}'s adapter: {why}; starting from a fresh one")
+        return None
+    log.info(f"train: warm start from champion v{champion.version}'s adapter")
+    return champion.adapter_path
 
 
 def _peak_memory_mb() -> float:
@@ -78,7 +124,7 @@ def _distributed_args(local, use_cuda: bool) -> dict:
 
 
 def build_trainer(exported: ExportedDataset, train: TrainConfig, models_dir: Path, checkpoint_dir: Path,
-                  callbacks: list | None = None):
+                  callbacks: list | None = None, init_adapter: Path | None = None):
     """The SFTTrainer for this export and config (a test inspects its batches without training)."""
     import torch
     from datasets import Dataset
@@ -94,6 +140,10 @@ def build_trainer(exported: ExportedDataset, train: TrainConfig, models_dir: Pat
     if local.attn_implementation:
         load_kwargs["attn_implementation"] = local.attn_implementation
     model = load_causal_lm(base_source, **load_kwargs)
+    if init_adapter is not None:  # a warm start: the champion's adapter, trained further
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     lora = LoraConfig(r=local.lora.r, lora_alpha=local.lora.alpha, lora_dropout=local.lora.dropout,
                       target_modules=local.lora.target_modules, task_type="CAUSAL_LM")
     use_cuda = torch.cuda.is_available()
@@ -132,7 +182,7 @@ def build_trainer(exported: ExportedDataset, train: TrainConfig, models_dir: Pat
     if len(dataset) == 0:
         raise TuneloopError(f"train: {exported.train_path} holds no examples")
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=lora, callbacks=callbacks or [])
+                         peft_config=None if init_adapter is not None else lora, callbacks=callbacks or [])
     trainer.remove_callback(PrinterCallback)  # our progress log says the same, once, in the run log
     return trainer, tokenizer, base_source
 
@@ -158,28 +208,36 @@ def loss_curve_png(history: list[tuple[int, float]], path: Path) -> Path | None:
 
 
 def train_lora(exported: ExportedDataset, train: TrainConfig, models_dir: Path, out_dir: Path,
-               checkpoints_dir: Path | None = None) -> TrainedModel:
+               checkpoints_dir: Path | None = None, init_adapter: Path | None = None) -> TrainedModel:
+    """A LoRA adapter trained on the export: a fresh one, or ``init_adapter`` trained further (a warm start)."""
     local = train.local
     out_dir.mkdir(parents=True, exist_ok=True)
     if local.max_steps == 0:
-        return _untrained_adapter(exported, train, models_dir, out_dir)
-    checkpoint_dir = (checkpoints_dir or out_dir / "checkpoints") / checkpoint_key(exported, train)
+        return _untrained_adapter(exported, train, models_dir, out_dir, init_adapter)
+    checkpoint_dir = (checkpoints_dir or out_dir / "checkpoints") / checkpoint_key(exported, train, init_adapter)
     if local.devices > 1:
-        return _launch_distributed(exported, train, models_dir, out_dir, checkpoint_dir)
-    return _train_here(exported, train, models_dir, out_dir, checkpoint_dir)
+        return _launch_distributed(exported, train, models_dir, out_dir, checkpoint_dir, init_adapter)
+    return _train_here(exported, train, models_dir, out_dir, checkpoint_dir, init_adapter)
 
 
-def _untrained_adapter(exported: ExportedDataset, train: TrainConfig, models_dir: Path, out_dir: Path) -> TrainedModel:
-    """No training asked for: the adapter is LoRA's initialisation, which leaves the base unchanged."""
+def _untrained_adapter(exported: ExportedDataset, train: TrainConfig, models_dir: Path, out_dir: Path,
+                       init_adapter: Path | None = None) -> TrainedModel:
+    """No training asked for: the adapter is LoRA's initialisation (which leaves the base unchanged), or on a
+    warm start the adapter it would have continued."""
     from peft import LoraConfig, get_peft_model
 
     local, started = train.local, time.perf_counter()
     quiet_libraries()
     base_source = resolve_base_model(train, models_dir)
-    lora = LoraConfig(r=local.lora.r, lora_alpha=local.lora.alpha, lora_dropout=local.lora.dropout,
-                      target_modules=local.lora.target_modules, task_type="CAUSAL_LM")
     adapter_dir = out_dir / "adapter"
-    get_peft_model(load_causal_lm(base_source), lora).save_pretrained(adapter_dir)
+    if init_adapter is not None:
+        import shutil
+
+        shutil.copytree(init_adapter, adapter_dir, dirs_exist_ok=True)
+    else:
+        lora = LoraConfig(r=local.lora.r, lora_alpha=local.lora.alpha, lora_dropout=local.lora.dropout,
+                          target_modules=local.lora.target_modules, task_type="CAUSAL_LM")
+        get_peft_model(load_causal_lm(base_source), lora).save_pretrained(adapter_dir)
     load_tokenizer(base_source).save_pretrained(adapter_dir)
     return TrainedModel(backend="local", base_model=str(base_source), adapter_path=adapter_dir,
                         dataset_version=exported.dataset_version, steps=0, train_loss=None,
@@ -226,7 +284,7 @@ def _progress_callback(log, started: float, start_step: int):
 
 
 def _train_here(exported: ExportedDataset, train: TrainConfig, models_dir: Path, out_dir: Path,
-                checkpoint_dir: Path) -> TrainedModel | None:
+                checkpoint_dir: Path, init_adapter: Path | None = None) -> TrainedModel | None:
     """Train in this process (one device, or one rank under torchrun); only rank 0 saves and reports."""
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -237,7 +295,7 @@ def _train_here(exported: ExportedDataset, train: TrainConfig, models_dir: Path,
     resume = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
     start_step = int(Path(resume).name.rsplit("-", 1)[1]) if resume else 0
     trainer, tokenizer, base_source = build_trainer(exported, train, models_dir, checkpoint_dir,
-                                                    [_progress_callback(log, started, start_step)])
+                                                    [_progress_callback(log, started, start_step)], init_adapter)
     if resume and trainer.is_world_process_zero():
         log.info(f"train: resuming from {resume} (step {start_step} of {local.max_steps})")
     result = trainer.train(resume_from_checkpoint=resume)
@@ -291,7 +349,7 @@ def _record_rank(trainer, training_dir: Path) -> None:
 
 
 def _launch_distributed(exported: ExportedDataset, train: TrainConfig, models_dir: Path, out_dir: Path,
-                        checkpoint_dir: Path) -> TrainedModel:
+                        checkpoint_dir: Path, init_adapter: Path | None = None) -> TrainedModel:
     """The same training under torchrun, one process per device; rank 0 writes the result this process reads."""
     import collections
     import subprocess
@@ -314,7 +372,7 @@ def _launch_distributed(exported: ExportedDataset, train: TrainConfig, models_di
         "exported": exported.model_dump(mode="json"),
         "train": train.model_copy(update={"base_model": str(base)}).model_dump(mode="json"),
         "models_dir": str(models_dir), "out_dir": str(out_dir), "checkpoint_dir": str(checkpoint_dir),
-        "result": str(result_path),
+        "result": str(result_path), "init_adapter": str(init_adapter) if init_adapter else None,
     }))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={train.local.devices}",
            "-m", "tasks.train_local", str(spec)]
@@ -346,7 +404,8 @@ def _worker_main(spec_path: str) -> None:
     train = TrainConfig.model_validate(spec["train"])
     try:
         trained = _train_here(ExportedDataset.model_validate(spec["exported"]), train, Path(spec["models_dir"]),
-                              Path(spec["out_dir"]), Path(spec["checkpoint_dir"]))
+                              Path(spec["out_dir"]), Path(spec["checkpoint_dir"]),
+                              Path(spec["init_adapter"]) if spec.get("init_adapter") else None)
     except Exception as exc:
         import os
         import traceback
@@ -359,10 +418,15 @@ def _worker_main(spec_path: str) -> None:
         Path(spec["result"]).write_text(trained.model_dump_json())
 
 
+@task(name="warm-start", cache_policy=NO_CACHE)
+def warm_start_task(champion: Champion | None, train: TrainConfig, models_dir: Path) -> Path | None:
+    return warm_start_adapter(champion, train, models_dir)
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(exported: ExportedDataset, train: TrainConfig, models_dir: Path, out_dir: Path,
-               checkpoints_dir: Path | None = None) -> TrainedModel:
-    trained = train_lora(exported, train, models_dir, out_dir, checkpoints_dir)
+               checkpoints_dir: Path | None = None, init_adapter: Path | None = None) -> TrainedModel:
+    trained = train_lora(exported, train, models_dir, out_dir, checkpoints_dir, init_adapter)
     resumed = f" (resumed from step {trained.resumed_from_step})" if trained.resumed_from_step else ""
     get_run_logger().info(f"train: {trained.steps} steps in {trained.train_seconds:.1f}s{resumed}, final loss "
                           f"{trained.train_loss}, {trained.tokens_per_second} tokens/s, peak {trained.peak_memory_mb} MB")

@@ -24,14 +24,24 @@ TRAINING_KIND = "training"
 
 
 def start_training_run(exported: ExportedDataset, tracking_uri: str, experiment: str,
-                       artifacts_dir: Path | None) -> str:
-    """An MLflow run that carries the export to the worker and the adapter back."""
+                       artifacts_dir: Path | None, init_adapter: Path | None = None) -> str:
+    """An MLflow run that carries the export (and an adapter to continue) to the worker and the adapter back."""
     client = client_for(tracking_uri)
     run = client.create_run(experiment_id(client, experiment, artifacts_dir),
                             run_name=f"train-{exported.dataset_version}",
                             tags={"tuneloop.kind": TRAINING_KIND, "dataset_version": exported.dataset_version})
     client.log_artifacts(run.info.run_id, str(exported.directory), "dataset")
+    if init_adapter is not None:
+        client.log_artifacts(run.info.run_id, str(init_adapter), "init_adapter")
     return run.info.run_id
+
+
+def fetch_init_adapter(tracking_uri: str, run_id: str, dst: Path) -> Path:
+    """The adapter a warm start continues, as the caller put it into the training run."""
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="init_adapter", dst_path=str(dst),
+                                                    tracking_uri=tracking_uri))
 
 
 def fetch_export(exported: ExportedDataset, tracking_uri: str, run_id: str, dst: Path) -> ExportedDataset:
@@ -71,7 +81,8 @@ def publish_training(trained: TrainedModel, tracking_uri: str, run_id: str) -> T
 
 
 def train_on_pool(exported: ExportedDataset, train: TrainConfig, tracking_uri: str, experiment: str,
-                  artifacts_dir: Path | None, models_dir: Path, run_dir: Path) -> TrainedModel:
+                  artifacts_dir: Path | None, models_dir: Path, run_dir: Path,
+                  init_adapter: Path | None = None) -> TrainedModel:
     import mlflow
     from prefect.deployments import run_deployment
 
@@ -79,13 +90,13 @@ def train_on_pool(exported: ExportedDataset, train: TrainConfig, tracking_uri: s
     if tracking_uri.startswith("sqlite:"):
         log.warning("train.local.placement: pool with a SQLite MLflow store works only when the worker shares "
                     "this machine's disk; point registry.tracking_uri at an MLflow server for a remote worker")
-    run_id = start_training_run(exported, tracking_uri, experiment, artifacts_dir)
+    run_id = start_training_run(exported, tracking_uri, experiment, artifacts_dir, init_adapter)
     name = train.local.deployment
     log.info(f"train: starting deployment {name} (MLflow training run {run_id}); waiting for a worker of its pool")
     try:
         flow_run = run_deployment(name=name, timeout=None, parameters={
             "exported": exported.model_dump(mode="json"), "train": train.model_dump(mode="json"),
-            "tracking_uri": tracking_uri, "training_run_id": run_id})
+            "tracking_uri": tracking_uri, "training_run_id": run_id, "warm_start": init_adapter is not None})
     except Exception as exc:  # ObjectNotFound and friends: a deployment that was never created
         raise TuneloopError(f"train.local.placement: pool, but deployment {name!r} cannot be started ({exc}); "
                             "deploy it first: tuneloop serve, or prefect deploy --prefect-file "
@@ -106,8 +117,9 @@ def train_on_pool(exported: ExportedDataset, train: TrainConfig, tracking_uri: s
 
 @task(name="train-on-pool", cache_policy=NO_CACHE)
 def train_on_pool_task(exported: ExportedDataset, train: TrainConfig, tracking_uri: str, experiment: str,
-                       artifacts_dir: Path | None, models_dir: Path, run_dir: Path) -> TrainedModel:
-    return train_on_pool(exported, train, tracking_uri, experiment, artifacts_dir, models_dir, run_dir)
+                       artifacts_dir: Path | None, models_dir: Path, run_dir: Path,
+                       init_adapter: Path | None = None) -> TrainedModel:
+    return train_on_pool(exported, train, tracking_uri, experiment, artifacts_dir, models_dir, run_dir, init_adapter)
 
 
 @task(name="fetch-export", cache_policy=NO_CACHE)
@@ -118,3 +130,8 @@ def fetch_export_task(exported: ExportedDataset, tracking_uri: str, run_id: str,
 @task(name="publish-training", cache_policy=NO_CACHE)
 def publish_training_task(trained: TrainedModel, tracking_uri: str, run_id: str) -> TrainedModel:
     return publish_training(trained, tracking_uri, run_id)
+
+
+@task(name="fetch-init-adapter", cache_policy=NO_CACHE)
+def fetch_init_adapter_task(tracking_uri: str, run_id: str, dst: Path) -> Path:
+    return fetch_init_adapter(tracking_uri, run_id, dst)

@@ -39,6 +39,22 @@ def test_input_drift_compares_user_text_and_labels():
     assert input_drift(ref, ref)["psi_label"] == 0.0
 
 
+
+def test_a_change_the_champion_has_learned_is_no_longer_drift():
+    """Distributions compare with the champion's newest training examples; vocabulary with all of them."""
+    before = [example(f"my files do not sync {i}", "sync", i) for i in range(300)]
+    after = [example(f"{'the hub firmware fails' if i % 3 else 'my files do not sync'} {i}", "hub" if i % 3 else "sync",
+                     300 + i) for i in range(60)]
+    recent = [example(f"{'the hub pairing fails' if i % 3 else 'sync is stuck'} {i}", "hub" if i % 3 else "sync", i)
+              for i in range(60)]
+    trained = before + after  # the champion retrained after the launch: old examples still outnumber new ones
+    assert input_drift(trained, recent)["psi_label"] > 0.2  # against everything: drift forever
+    learned = input_drift(trained, recent, window=60)
+    assert learned["psi_label"] < 0.05  # against what it learned last: none
+    assert learned["new_vocabulary_share"] == input_drift(trained, recent)["new_vocabulary_share"] > 0
+    assert input_drift(before, recent, window=60)["psi_label"] > 0.2  # before the retrain: drift
+
+
 def test_the_scenario_is_deterministic_and_drifts_at_the_week_it_says(tmp_path):
     from generate_scenario import generate
 

@@ -25,8 +25,8 @@ def test_retrain_trains_on_the_gpu_pool_through_a_worker(tmp_path, monkeypatch):
     lines = (DEMO / "tickets.jsonl").read_text().splitlines(True)
     (caller_home / "landing" / "tickets.jsonl").write_text("".join(lines[:400]))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load_config(DEMO_CONFIG, ["train.local.max_steps=30", "evaluate.max_examples=40",
-                                    f"register.tracking_uri={uri}", "train.local.placement=pool"])
+    overrides = ["evaluate.max_examples=40", f"register.tracking_uri={uri}", "train.local.placement=pool"]
+    cfg = load_config(DEMO_CONFIG, ["train.local.max_steps=30", *overrides])
 
     with prefect_server(tmp_path / "prefect") as server:
         server.cli("work-pool", "create", "gpu", "--type", "process")
@@ -43,6 +43,10 @@ def test_retrain_trains_on_the_gpu_pool_through_a_worker(tmp_path, monkeypatch):
                     return await client.read_flow_runs()
 
             runs = asyncio.run(train_runs())
+            # A warm start on the pool: the champion's adapter reaches the worker through the training run.
+            (caller_home / "landing" / "more.jsonl").write_text("".join(lines[400:450]))
+            warm = retrain(load_config(DEMO_CONFIG, [*overrides, "train.local.init_from=champion", "train.local.max_steps=1",
+                                                     "train.local.learning_rate=1e-12", "train.local.warmup_steps=0"]))
         assert worker.poll() is None
 
     assert result.status == "trained" and result.model_version.decision.promoted
@@ -62,3 +66,9 @@ def test_retrain_trains_on_the_gpu_pool_through_a_worker(tmp_path, monkeypatch):
     # The candidate evaluated here is the adapter the worker logged, downloaded from MLflow.
     assert str(tmp_path / "caller") in str(result.run_dir)
     assert result.report.candidate.accuracy > result.report.base.accuracy
+
+    assert warm.status == "trained" and not warm.model_version.decision.promoted  # the champion again: a tie
+    assert warm.report.candidate.accuracy == warm.report.champion.accuracy == result.report.candidate.accuracy
+    assert client.get_model_version(warm.model_version.name, warm.model_version.version).tags["warm_start_from"] == "1"
+    warm_training = client.get_run(warm.model_version.run_id).data.tags["training_run_id"]
+    assert "init_adapter" in {a.path for a in client.list_artifacts(warm_training)}

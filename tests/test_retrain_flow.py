@@ -95,6 +95,15 @@ def test_retrain_registers_promotes_and_a_worse_run_leaves_the_champion(prefect_
     decision = json.loads(open(local).read())
     assert decision["promoted"] is False and decision["deltas"]["accuracy"] == worse.model_version.decision.delta
 
+    # A warm start continues the champion's adapter: at a vanishing learning rate the candidate *is* v1 again
+    # (same answers, a tie, not promoted), and the registry says which champion it continued.
+    (landing / "tickets-3.jsonl").write_text("".join(lines[1000:1100]))
+    warm = retrain(small_config(uri, "train.local.init_from=champion", "train.local.max_steps=1",
+                                "train.local.learning_rate=1e-12", "train.local.warmup_steps=0"))
+    assert warm.model_version.version == "3" and not warm.model_version.decision.promoted
+    assert client.get_model_version(name, "3").tags["warm_start_from"] == "1"
+    assert warm.report.candidate.accuracy == warm.report.champion.accuracy == first.report.candidate.accuracy
+
 
 def test_quality_gate_failure_stops_the_flow_before_training(prefect_harness, home, tmp_path):
     from mlflow import MlflowClient

@@ -54,6 +54,39 @@ def test_untrained_adapter_answers_exactly_like_the_base(workspace):
     assert all(r["candidate"]["text"] == r["base"]["text"] for r in rows)
 
 
+def test_answers_are_long_enough_for_every_label_the_references_write(workspace):
+    """The drift scenario's bug: `queue: hub` is 10 tokens for the tiny tokenizer, 8 cut it to `queue: h`."""
+    import re
+
+    from tasks.base_model import load_tokenizer
+    from tasks.evaluate import answer_budget
+
+    root, cfg, exported, heldout = workspace
+    cfg.train.local.max_steps = 0
+    trained = train_lora(exported, cfg.train, root / "models", root / "budget")
+    tokenizer = load_tokenizer(trained.adapter_path)
+    count = lambda texts: [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]  # noqa: E731
+    hub = heldout[0].model_copy(update={"label": "hub", "expected": "queue: hub\nThanks, re-pair the Hub."})
+    held = [*heldout[:9], hub]
+    need = count(["queue: hub"])[0]
+    assert need > count(["queue: billing"])[0]  # a new word is spelled out in pieces
+    pattern = re.compile(cfg.evaluate.label_pattern, re.MULTILINE)
+
+    warnings: list[str] = []
+    short = cfg.evaluate.model_copy(update={"max_new_tokens": 3})
+    assert answer_budget(held, short, pattern, [count], warnings.append) == need + 2
+    assert "max_new_tokens=3" in warnings[0] and "'hub'" in warnings[0]
+    unset = cfg.evaluate.model_copy(update={"max_new_tokens": None})
+    assert answer_budget(held, unset, pattern, [count]) == need + 2
+    generous = cfg.evaluate.model_copy(update={"max_new_tokens": 40})
+    assert answer_budget(held, generous, pattern, [count], warnings.append) == 40 and len(warnings) == 1
+    generation = cfg.evaluate.model_copy(update={"task": "generation", "max_new_tokens": None})
+    assert answer_budget(held, generation, pattern, [count]) == max(count([h.expected for h in held])) + 1
+
+    report = evaluate_models(trained, None, held, short, root / "budget", warn=warnings.append)
+    assert report.max_new_tokens == need + 2 and len(warnings) == 2
+
+
 def test_tiny_base_model_is_built_once_and_reused(workspace):
     root, cfg, _, _ = workspace
     first = resolve_base_model(cfg.train, root / "models")
@@ -247,3 +280,42 @@ def test_two_cpu_processes_train_one_adapter_with_ddp(workspace, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(TuneloopError, match="fsdp shards the model over GPUs"):
             train_lora(exported, fsdp.train, root / "models", tmp_path / "fsdp")
+
+
+def test_a_warm_start_continues_the_champions_adapter_only_when_it_fits(workspace):
+    """init_from: champion trains the champion's adapter further; another base or LoRA shape starts fresh."""
+    from safetensors.torch import load_file
+
+    from tasks.records import Champion
+    from tasks.train_local import checkpoint_key, warm_start_adapter, warm_start_refusal
+
+    root, cfg, exported, _ = workspace
+    cfg.train.local.max_steps = 5
+    champion_adapter = train_lora(exported, cfg.train, root / "models", root / "warm-champion").adapter_path
+    base = str(resolve_base_model(cfg.train, root / "models"))
+    champion = Champion(version="3", adapter_path=champion_adapter, base_model=base)
+
+    assert warm_start_adapter(champion, cfg.train, root / "models") is None  # init_from: base (the default)
+    warm = cfg.train.model_copy(deep=True)
+    warm.local.init_from = "champion"
+    assert warm_start_adapter(None, warm, root / "models") is None  # no champion yet
+    assert warm_start_adapter(champion, warm, root / "models") == champion_adapter
+    other_shape = warm.model_copy(deep=True)
+    other_shape.local.lora.r = 8
+    assert warm_start_refusal(champion_adapter, other_shape, base, base) == "the LoRA settings changed (r 16 -> 8)"
+    assert warm_start_adapter(champion, other_shape, root / "models") is None
+    assert "another base model" in warm_start_refusal(champion_adapter, warm, "acme/other-base", base)
+    assert checkpoint_key(exported, warm, champion_adapter) != checkpoint_key(exported, warm)
+
+    # One step at a vanishing learning rate: a warm start ends where the champion ended, a fresh one at LoRA's
+    # initialisation (B = 0), so the first candidate of a warm-started retrain is the champion, not the base.
+    warm.local.max_steps, warm.local.learning_rate, warm.local.warmup_steps = 1, 1e-12, 0
+    continued = train_lora(exported, warm, root / "models", root / "warm", init_adapter=champion_adapter)
+    fresh = train_lora(exported, warm, root / "models", root / "fresh")
+    before = load_file(champion_adapter / "adapter_model.safetensors")
+    after = load_file(continued.adapter_path / "adapter_model.safetensors")
+    lora_b = [k for k in before if "lora_B" in k]
+    assert lora_b and any(before[k].abs().max() > 1e-3 for k in lora_b)
+    assert all((after[k] - before[k]).abs().max() < 1e-6 for k in before)
+    assert all(t.abs().max() < 1e-6 for k, t in load_file(fresh.adapter_path / "adapter_model.safetensors").items()
+               if "lora_B" in k)
