@@ -2,7 +2,8 @@
 
 Each week, in the order the deployed triggers would start them: the week's file lands in the landing
 folder; the drift monitor flow compares it with the champion's training data (and scores the champion on
-it); the retrain flow trains on the grown dataset and the promotion gate decides. The trigger wiring
+it); the retrain flow trains on the grown dataset, continuing the champion's adapter (the scenario config
+sets ``train.local.init_from: champion``), and the promotion gate decides. The trigger wiring
 itself (watcher, events, one-at-a-time) is what tests/test_deployments.py runs against a real server; here
 the same flows run in this process so the whole story takes minutes, not a week.
 
@@ -139,7 +140,7 @@ def plot(outcomes: list[WeekOutcome], drift_at: int, path: Path) -> Path:
     ax.set_ylabel("queue accuracy")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="lower right", fontsize=8)
     ax.set_title(f"Lumenfold support: a product launch at week {drift_at}, with and without the loop")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
