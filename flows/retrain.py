@@ -100,8 +100,10 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
             dataset, config.export, heldout, state.home / "exports", plan, config.config_hash())
     enforce_budget(CostEstimate.model_validate(exported.estimate) if exported.estimate else None,
                    config.train.max_cost_usd)
-    champion = find_champion_task(config.registry, tracking_uri, run_dir / "champion")
-    init_adapter = warm_start_task(champion, config.train, state.models)
+    init_adapter, warm_from = None, None
+    if config.train.backend == "local" and config.train.local.init_from == "champion":
+        warm_from = find_champion_task(config.registry, tracking_uri, run_dir / "warm-start")
+        init_adapter = warm_start_task(warm_from, config.train, state.models)
     if config.train.backend == "openai":
         from tasks.train_openai import train_openai_task
 
@@ -116,7 +118,9 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
 
         trained = train_local(exported, config.train, run_dir, init_adapter=init_adapter)
     if init_adapter is not None:
-        trained = trained.model_copy(update={"warm_start_from": champion.version})
+        trained = trained.model_copy(update={"warm_start_from": warm_from.version})
+    # Looked up after training: a champion promoted meanwhile (tuneloop promote) is the one to beat.
+    champion = find_champion_task(config.registry, tracking_uri, run_dir / "champion")
     report = evaluate_task(trained, champion, heldout, config.evaluate, run_dir, config.train.openai,
                            state.home / "generations" if config.evaluate.cache_generations else None)
     version = register_task(config, checked, exported, trained, report, tracking_uri, artifacts_dir, run_id)
