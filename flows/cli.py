@@ -431,7 +431,8 @@ def scenario_drift(
     png = plot(outcomes, drift_at, out / "drift-scenario.png")
     from tasks.state import StateLayout
 
-    run_id = log_scenario(outcomes, png, StateLayout(out / "home").tracking_uri, "lumenfold-scenario")
+    tracking_uri = StateLayout(out / "home").tracking_uri
+    run_id = log_scenario(outcomes, png, tracking_uri, "lumenfold-scenario")
     table = Table(title=f"drift scenario: launch at week {drift_at}")
     for col in ("week", "champion", "accuracy (loop)", "accuracy (frozen)", "drift", "retrain", "promoted"):
         table.add_column(col, justify="right")
@@ -448,7 +449,7 @@ def scenario_drift(
     for o in outcomes:
         for reason in o.drift_reasons:
             console.print(f"week {o.week}: {reason}", highlight=False)
-    console.print(f"plot: {png}\nMLflow run {run_id} in {StateLayout(out / 'home').tracking_uri}")
+    console.print(f"plot: {png}\nMLflow run {run_id} in {tracking_uri}")
 
 
 def main() -> None:

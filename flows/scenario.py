@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -43,16 +42,6 @@ class WeekOutcome(BaseModel):
     promoted_version: str | None
 
 
-def _accuracy(model_uri: str, eval_rows: list[dict], user_template: str, pattern: str) -> float:
-    import mlflow
-
-    model = mlflow.pyfunc.load_model(model_uri)
-    answers = model.predict([user_template.format(**r) for r in eval_rows])
-    label = re.compile(pattern)
-    got = [(m.group(1) if (m := label.search(a)) else None) for a in answers]
-    return round(sum(g == r["queue"] for g, r in zip(got, eval_rows, strict=True)) / len(eval_rows), 4)
-
-
 def fresh_workspace(work: Path) -> None:
     """Wipe and point the state folder (and Prefect's home) at it, before Prefect is imported."""
     from tasks.state import prepare_state
@@ -72,6 +61,8 @@ def run_scenario(work: Path, weeks: int = 6, drift_at: int = 3, seed: int = 11,
 
     from flows.drift import drift_monitor
     from flows.retrain import retrain
+    from tasks.drift import pyfunc_score
+    from tasks.heldout import read_heldout
     from tasks.register import client_for
     from tasks.state import prepare_state
 
@@ -89,16 +80,16 @@ def run_scenario(work: Path, weeks: int = 6, drift_at: int = 3, seed: int = 11,
         cfg = load_config(SCENARIO_CONFIG, [f"evaluate.holdout={holdout}", f"register.tracking_uri={tracking_uri}",
                                             *(overrides or [])])
         name = cfg.registry.model_name
-        eval_rows = [json.loads(line) for line in paths["eval"].read_text().splitlines()]
+        week_eval = read_heldout(paths["eval"], cfg.mapping)
         client = client_for(tracking_uri)
         try:
             champion = str(client.get_model_version_by_alias(name, "champion").version)
         except MlflowException:  # no champion before the first retrain
             champion = None
-        frozen = (_accuracy(f"models:/{name}/1", eval_rows, cfg.mapping.user, cfg.evaluate.label_pattern)
-                  if champion else None)
-        champion_acc = (_accuracy(f"models:/{name}@champion", eval_rows, cfg.mapping.user, cfg.evaluate.label_pattern)
-                        if champion else None)
+        frozen = champion_acc = None
+        if champion:  # the week-1 model and the champion, on the tickets users sent this week
+            frozen, champion_acc = (round(pyfunc_score(uri, week_eval, cfg, tracking_uri).accuracy, 4)
+                                    for uri in (f"models:/{name}/1", f"models:/{name}@champion"))
         drift = drift_monitor(cfg)
         result = retrain(cfg, reason=f"data landed: {paths['train'].name}")
         promoted = (result.model_version.version if result.model_version and result.model_version.decision.promoted

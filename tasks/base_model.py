@@ -113,6 +113,15 @@ def build_tiny_model(tiny: TinyBaseConfig, out: Path) -> Path:
     return out
 
 
+def adapter_identity(base_model: str, adapter_path: Path) -> str:
+    """The same adapter weights on the same base answer the same: hash the weights, not the path."""
+    digest = hashlib.sha256(str(base_model).encode())
+    for f in sorted(adapter_path.glob("adapter_*")):
+        digest.update(f.name.encode())
+        digest.update(f.read_bytes())
+    return f"local:{digest.hexdigest()[:24]}"
+
+
 def resolve_base_model(train: TrainConfig, models_dir: Path) -> Path | str:
     """Where to load the base model from: the cached tiny model (built on first use) or the configured id."""
     if train.base_model != TINY:

@@ -15,11 +15,15 @@ import math
 import re
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
 from flows.config import PipelineConfig
-from tasks.records import ChatExample, TuneloopError
+from tasks.records import ChatExample, ModelScore, TuneloopError
+
+if TYPE_CHECKING:
+    from tasks.heldout import HeldOutExample
 
 WORD = re.compile(r"[^\W\d_]{2,}", re.UNICODE)
 EPS = 1e-4
@@ -75,8 +79,12 @@ def new_vocabulary_share(reference: list[str], recent: list[str]) -> float:
     return round(sum(w not in known for w in words) / len(words), 4) if words else 0.0
 
 
+def _user_of(messages: list[dict]) -> str:
+    return "\n".join(str(m.get("content") or "") for m in messages if m.get("role") == "user")
+
+
 def _user_text(example: ChatExample) -> str:
-    return "\n".join(str(m.get("content") or "") for m in example.messages if m.get("role") == "user")
+    return _user_of(example.messages)
 
 
 def input_drift(reference: list[ChatExample], recent: list[ChatExample], window: int | None = None) -> dict[str, float]:
@@ -87,12 +95,12 @@ def input_drift(reference: list[ChatExample], recent: list[ChatExample], window:
     forever after a retrain had absorbed it, since the old examples still outnumber the new. Vocabulary is
     compared with all of it: a word the model was ever trained on is not new.
     """
-    latest = reference[-window:] if window else reference
+    latest = slice(-window, None) if window else slice(None)
     ref_texts, new_texts = [_user_text(e) for e in reference], [_user_text(e) for e in recent]
-    out = {"psi_length": length_psi([len(_user_text(e)) for e in latest], [len(t) for t in new_texts]),
+    out = {"psi_length": length_psi([len(t) for t in ref_texts[latest]], [len(t) for t in new_texts]),
            "new_vocabulary_share": new_vocabulary_share(ref_texts, new_texts)}
-    if any(e.label for e in latest):
-        out["psi_label"] = psi(Counter(e.label for e in latest), Counter(e.label for e in recent))
+    if any(e.label for e in reference[latest]):
+        out["psi_label"] = psi(Counter(e.label for e in reference[latest]), Counter(e.label for e in recent))
     return out
 
 
@@ -125,22 +133,29 @@ def recent_examples(config: PipelineConfig, home: Path, champion_dataset: str | 
     return [], ""
 
 
-def champion_score(model_uri: str, examples: list[ChatExample], config: PipelineConfig, tracking_uri: str) -> float:
-    """The registered champion (its MLflow pyfunc, whatever the backend) scored on labeled examples."""
+def pyfunc_score(model_uri: str, held: list[HeldOutExample], config: PipelineConfig, tracking_uri: str) -> ModelScore:
+    """A registered model (its MLflow pyfunc, whatever the backend) scored on labeled examples, called the way
+    a user calls it: with the user's text."""
     import mlflow
 
     from tasks.evaluate import parse_label, score
-    from tasks.heldout import HeldOutExample
 
     mlflow.set_tracking_uri(tracking_uri)
     model = mlflow.pyfunc.load_model(model_uri)
-    answers = model.predict([_user_text(e) for e in examples])
+    answers = model.predict([_user_of(h.prompt) for h in held])
+    pattern = re.compile(config.evaluate.label_pattern)
+    labels = [parse_label(a, pattern) for a in answers] if config.evaluate.task == "classification" else answers
+    return score(labels, held, answers, config.evaluate.task)
+
+
+def champion_score(model_uri: str, examples: list[ChatExample], config: PipelineConfig, tracking_uri: str) -> float:
+    """The registered champion scored on recent labeled examples, in the primary metric."""
+    from tasks.heldout import HeldOutExample
+
     held = [HeldOutExample(record_id=e.record_id, prompt=[m for m in e.messages if m.get("role") != "assistant"],
                            expected=next((str(m["content"]) for m in e.messages if m.get("role") == "assistant"), ""),
                            label=e.label) for e in examples]
-    pattern = re.compile(config.evaluate.label_pattern)
-    labels = [parse_label(a, pattern) for a in answers] if config.evaluate.task == "classification" else answers
-    return score(labels, held, answers, config.evaluate.task).metric(config.evaluate.primary_metric)
+    return pyfunc_score(model_uri, held, config, tracking_uri).metric(config.evaluate.primary_metric)
 
 
 def check_drift(config: PipelineConfig, home: Path, tracking_uri: str, work_dir: Path) -> DriftReport:

@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.config import EvaluateConfig, JudgeConfig, OpenAITrainConfig
-from tasks.base_model import load_causal_lm, load_tokenizer, quiet_libraries
+from tasks.base_model import adapter_identity, load_causal_lm, load_tokenizer, quiet_libraries
 from tasks.heldout import GOLDEN_PREFIX, HeldOutExample
 from tasks.records import Champion, EvalReport, ModelScore, TrainedModel, TuneloopError
 
@@ -206,15 +206,6 @@ class GenerationCache:
                     known[self.key(e)] = a
                     fh.write(orjson.dumps({"k": self.key(e), "a": a, "model": identity}) + b"\n")
         return [known[self.key(e)] for e in examples]
-
-
-def adapter_identity(base_model: str, adapter_path: Path) -> str:
-    """The same adapter weights on the same base answer the same: hash the weights, not the path."""
-    digest = hashlib.sha256(str(base_model).encode())
-    for f in sorted(adapter_path.glob("adapter_*")):
-        digest.update(f.name.encode())
-        digest.update(f.read_bytes())
-    return f"local:{digest.hexdigest()[:24]}"
 
 
 def _local_answers(trained: TrainedModel, champion: Champion | None, heldout: list[HeldOutExample],

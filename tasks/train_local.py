@@ -19,7 +19,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.config import TrainConfig
-from tasks.base_model import load_causal_lm, load_tokenizer, quiet_libraries, resolve_base_model
+from tasks.base_model import (
+    adapter_identity,
+    load_causal_lm,
+    load_tokenizer,
+    quiet_libraries,
+    resolve_base_model,
+)
 from tasks.records import Champion, ExportedDataset, TrainedModel, TuneloopError
 from tasks.state import stage_logger
 
@@ -34,11 +40,9 @@ def checkpoint_key(exported: ExportedDataset, train: TrainConfig, init_adapter: 
     # Where it trains and how often it reports do not change the training: a pool retry resumes inline too.
     settings = train.model_dump_json(include={"base_model", "tiny", "local"},
                                      exclude={"local": {"placement", "deployment", "progress_every"}})
-    digest = hashlib.sha256(settings.encode())
     if init_adapter is not None:
-        for f in sorted(init_adapter.glob("adapter_*")):
-            digest.update(f.read_bytes())
-    return f"{exported.dataset_version}-{digest.hexdigest()[:12]}"
+        settings += adapter_identity(str(train.base_model), init_adapter)
+    return f"{exported.dataset_version}-{hashlib.sha256(settings.encode()).hexdigest()[:12]}"
 
 
 def warm_start_refusal(adapter: Path, train: TrainConfig, trained_on: str, base_model: str) -> str | None:
