@@ -47,7 +47,7 @@ test: $(VENV)/.installed
 	$(VENV)/bin/pytest
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check flows tasks tests bench data
+	$(VENV)/bin/ruff check src flows tasks tests bench data docs
 
 mlflow-ui: $(VENV)/.installed
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(TUNELOOP_HOME)/mlflow.db --host 127.0.0.1 --port 5000

@@ -74,10 +74,10 @@ def worker(kind: str, folder: Path) -> dict:
     t0 = time.perf_counter()
     import great_expectations  # noqa: F401  (import time reported separately)
 
-    from flows.config import DEFAULT_CONFIG, load_config
-    from tasks.collect import make_source
-    from tasks.ledger import Ledger
-    from tasks.quality import check_batch, required_fields
+    from tuneloop.core.config import DEFAULT_CONFIG, load_config
+    from tuneloop.tasks.collect import make_source
+    from tuneloop.tasks.ledger import Ledger
+    from tuneloop.tasks.quality import check_batch, required_fields
 
     imports = time.perf_counter() - t0
     cfg = load_config(DEFAULT_CONFIG)

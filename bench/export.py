@@ -139,10 +139,10 @@ def openai_recipe(path: Path, out: Path, encoding) -> tuple[float, list[int]]:
 def ours(path: Path, workdir: Path, encoding) -> tuple[float, list[int], dict]:
     import orjson
 
-    from flows.config import ExportConfig, OpenAITrainConfig
-    from tasks.export import TokenPlan, export_chat_jsonl
-    from tasks.records import DatasetVersion
-    from tasks.tokens import TiktokenCounter
+    from tuneloop.core.config import ExportConfig, OpenAITrainConfig
+    from tuneloop.core.records import DatasetVersion
+    from tuneloop.tasks.export import TokenPlan, export_chat_jsonl
+    from tuneloop.tasks.tokens import TiktokenCounter
 
     counter = TiktokenCounter(encoding)
     openai = OpenAITrainConfig()

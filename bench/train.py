@@ -66,8 +66,8 @@ def make_data(path: Path, n: int, seed: int = 3) -> None:
 
 def build_model(workdir: Path, gpu: bool) -> Path:
     """A tokenizer trained on the bench words, and a random Llama: tiny on CPU, ~0.5B on a GPU."""
-    from flows.config import TinyBaseConfig
-    from tasks.base_model import build_tiny_model
+    from tuneloop.core.config import TinyBaseConfig
+    from tuneloop.tasks.base_model import build_tiny_model
 
     corpus = DEMO
     out = workdir / ("model-gpu" if gpu else "model-cpu")
@@ -138,9 +138,9 @@ def run_baseline(workdir: Path, model_dir: Path, max_length: int, batch: int) ->
 
 
 def run_ours(workdir: Path, model_dir: Path, max_length: int, batch: int) -> dict:
-    from flows.config import TrainConfig
-    from tasks.records import ExportedDataset
-    from tasks.train_local import build_trainer
+    from tuneloop.core.config import TrainConfig
+    from tuneloop.core.records import ExportedDataset
+    from tuneloop.tasks.train_local import build_trainer
 
     data = workdir / "data.jsonl"
     n = sum(1 for _ in data.open())
@@ -175,7 +175,7 @@ def flops_per_token(model_dir: Path, max_length: int) -> float:
 
 
 def child(which: str, workdir: Path, max_length: int, batch: int) -> None:
-    from tasks.base_model import quiet_libraries
+    from tuneloop.tasks.base_model import quiet_libraries
 
     quiet_libraries()
     model_dir = Path(os.environ["BENCH_MODEL"])

@@ -13,9 +13,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import PipelineConfig, load_config
-from tasks.drift import DriftReport, check_drift, drift_markdown, log_drift
-from tasks.state import prepare_state
+from tuneloop.core.config import PipelineConfig, load_config
+from tuneloop.core.state import prepare_state
+from tuneloop.tasks.drift import DriftReport, check_drift, drift_markdown, log_drift
 
 DRIFT_EVENT = "tuneloop.drift.detected"
 

@@ -14,19 +14,19 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.config import PipelineConfig, load_config
-from tasks.collect import collect_task
-from tasks.evaluate import evaluate_task
-from tasks.export import export_task, token_plan_task
-from tasks.heldout import read_evaluation_set
-from tasks.ledger import commit_ledger, consume, load_ledger
-from tasks.quality import enforce_min_examples, quality_task, required_fields
-from tasks.records import RetrainResult
-from tasks.register import champion_dataset_version, find_champion_task, register_task
-from tasks.snapshot import load_snapshot, snapshot_task
-from tasks.state import prepare_state
-from tasks.tokens import CostEstimate, enforce_budget
-from tasks.train_local import warm_start_task
+from tuneloop.core.config import PipelineConfig, load_config
+from tuneloop.core.records import RetrainResult
+from tuneloop.core.state import prepare_state
+from tuneloop.tasks.collect import collect_task
+from tuneloop.tasks.evaluate import evaluate_task
+from tuneloop.tasks.export import export_task, token_plan_task
+from tuneloop.tasks.heldout import read_evaluation_set
+from tuneloop.tasks.ledger import commit_ledger, consume, load_ledger
+from tuneloop.tasks.quality import enforce_min_examples, quality_task, required_fields
+from tuneloop.tasks.register import champion_dataset_version, find_champion_task, register_task
+from tuneloop.tasks.snapshot import load_snapshot, snapshot_task
+from tuneloop.tasks.tokens import CostEstimate, enforce_budget
+from tuneloop.tasks.train_local import warm_start_task
 
 
 def cancel_openai_jobs(flow, flow_run, state) -> None:
@@ -37,7 +37,7 @@ def cancel_openai_jobs(flow, flow_run, state) -> None:
     config = PipelineConfig.model_validate(config) if isinstance(config, dict) else config
     if config is None or config.train.backend != "openai":
         return
-    from tasks.train_openai import cancel_jobs_of_flow_run
+    from tuneloop.tasks.train_openai import cancel_jobs_of_flow_run
 
     cancelled = cancel_jobs_of_flow_run(config.train.openai, str(flow_run.id))
     logging.getLogger("tuneloop").warning(
@@ -105,16 +105,16 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
         warm_from = find_champion_task(config.registry, tracking_uri, run_dir / "warm-start")
         init_adapter = warm_start_task(warm_from, config.train, state.models)
     if config.train.backend == "openai":
-        from tasks.train_openai import train_openai_task
+        from tuneloop.tasks.train_openai import train_openai_task
 
         trained = train_openai_task(exported, config.train, state.home, run_dir / "openai", run_id, config.config_hash())
     elif config.train.local.placement == "pool":
-        from tasks.train_pool import train_on_pool_task
+        from tuneloop.tasks.train_pool import train_on_pool_task
 
         trained = train_on_pool_task(exported, config.train, tracking_uri, config.registry.experiment, artifacts_dir,
                                      state.models, run_dir, init_adapter)
     else:
-        from flows.train_local import train_local
+        from tuneloop.flows.train_local import train_local
 
         trained = train_local(exported, config.train, run_dir, init_adapter=init_adapter)
     if init_adapter is not None:

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.config import TrainConfig
-from tasks.records import ExportedDataset, TrainedModel
-from tasks.state import prepare_state
-from tasks.train_local import train_task
-from tasks.train_pool import fetch_export_task, fetch_init_adapter_task, publish_training_task
+from tuneloop.core.config import TrainConfig
+from tuneloop.core.records import ExportedDataset, TrainedModel
+from tuneloop.core.state import prepare_state
+from tuneloop.tasks.train_local import train_task
+from tuneloop.tasks.train_pool import fetch_export_task, fetch_init_adapter_task, publish_training_task
 
 
 @flow(name="train-local", persist_result=True)

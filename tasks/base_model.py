@@ -13,10 +13,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.records import TuneloopError
+from tuneloop.core.records import TuneloopError
 
 if TYPE_CHECKING:
-    from flows.config import TinyBaseConfig, TrainConfig
+    from tuneloop.core.config import TinyBaseConfig, TrainConfig
 
 TINY = "tiny"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]

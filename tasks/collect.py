@@ -27,9 +27,9 @@ import orjson
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import FolderSource, SourceConfig, SqlSource
-from tasks.ledger import Ledger
-from tasks.records import LandingFile, QuarantineEntry, RawBatch, SqlSlice, TuneloopError
+from tuneloop.core.config import FolderSource, SourceConfig, SqlSource
+from tuneloop.core.records import LandingFile, QuarantineEntry, RawBatch, SqlSlice, TuneloopError
+from tuneloop.tasks.ledger import Ledger
 
 INCOMPLETE_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet",

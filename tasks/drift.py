@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
-from flows.config import PipelineConfig
-from tasks.records import ChatExample, ModelScore, TuneloopError
+from tuneloop.core.config import PipelineConfig
+from tuneloop.core.records import ChatExample, ModelScore, TuneloopError
 
 if TYPE_CHECKING:
-    from tasks.heldout import HeldOutExample
+    from tuneloop.tasks.heldout import HeldOutExample
 
 WORD = re.compile(r"[^\W\d_]{2,}", re.UNICODE)
 EPS = 1e-4
@@ -107,11 +107,11 @@ def input_drift(reference: list[ChatExample], recent: list[ChatExample], window:
 def recent_examples(config: PipelineConfig, home: Path, champion_dataset: str | None,
                     work_dir: Path) -> tuple[list[ChatExample], str]:
     """The newest labeled examples the champion was not trained on, and where they came from."""
-    from tasks.collect import make_source
-    from tasks.ledger import load_ledger
-    from tasks.quality import check_batch, required_fields
-    from tasks.snapshot import read_examples
-    from tasks.state import StateLayout
+    from tuneloop.core.state import StateLayout
+    from tuneloop.tasks.collect import make_source
+    from tuneloop.tasks.ledger import load_ledger
+    from tuneloop.tasks.quality import check_batch, required_fields
+    from tuneloop.tasks.snapshot import read_examples
 
     state = StateLayout(home)
     ledger = load_ledger(state.ledger)
@@ -138,7 +138,7 @@ def pyfunc_score(model_uri: str, held: list[HeldOutExample], config: PipelineCon
     a user calls it: with the user's text."""
     import mlflow
 
-    from tasks.evaluate import parse_label, score
+    from tuneloop.tasks.evaluate import parse_label, score
 
     mlflow.set_tracking_uri(tracking_uri)
     model = mlflow.pyfunc.load_model(model_uri)
@@ -150,7 +150,7 @@ def pyfunc_score(model_uri: str, held: list[HeldOutExample], config: PipelineCon
 
 def champion_score(model_uri: str, examples: list[ChatExample], config: PipelineConfig, tracking_uri: str) -> float:
     """The registered champion scored on recent labeled examples, in the primary metric."""
-    from tasks.heldout import HeldOutExample
+    from tuneloop.tasks.heldout import HeldOutExample
 
     held = [HeldOutExample(record_id=e.record_id, prompt=[m for m in e.messages if m.get("role") != "assistant"],
                            expected=next((str(m["content"]) for m in e.messages if m.get("role") == "assistant"), ""),
@@ -161,8 +161,8 @@ def champion_score(model_uri: str, examples: list[ChatExample], config: Pipeline
 def check_drift(config: PipelineConfig, home: Path, tracking_uri: str, work_dir: Path) -> DriftReport:
     from mlflow.exceptions import MlflowException
 
-    from tasks.register import CHAMPION, client_for
-    from tasks.snapshot import read_examples
+    from tuneloop.tasks.register import CHAMPION, client_for
+    from tuneloop.tasks.snapshot import read_examples
 
     client = client_for(tracking_uri)
     metric = config.evaluate.primary_metric
@@ -237,7 +237,7 @@ def log_drift(report: DriftReport, config: PipelineConfig, tracking_uri: str, ar
 
     from mlflow.entities import Metric
 
-    from tasks.register import client_for, experiment_id
+    from tuneloop.tasks.register import client_for, experiment_id
 
     if report.champion_version is None:
         return None

@@ -16,10 +16,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import EvaluateConfig, JudgeConfig, OpenAITrainConfig
-from tasks.base_model import adapter_identity, load_causal_lm, load_tokenizer, quiet_libraries
-from tasks.heldout import GOLDEN_PREFIX, HeldOutExample
-from tasks.records import Champion, EvalReport, ModelScore, TrainedModel, TuneloopError
+from tuneloop.core.config import EvaluateConfig, JudgeConfig, OpenAITrainConfig
+from tuneloop.core.records import Champion, EvalReport, ModelScore, TrainedModel, TuneloopError
+from tuneloop.tasks.base_model import adapter_identity, load_causal_lm, load_tokenizer, quiet_libraries
+from tuneloop.tasks.heldout import GOLDEN_PREFIX, HeldOutExample
 
 
 def parse_label(text: str, pattern: re.Pattern[str]) -> str | None:
@@ -155,7 +155,7 @@ def chat_completions(openai: OpenAITrainConfig, model: str, prompts: list[list[d
     """Greedy answers of an API model, ``eval_concurrency`` requests at a time, each retried like training calls."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tasks.train_openai import Secrets, _call, api_key, make_client
+    from tuneloop.tasks.train_openai import Secrets, _call, api_key, make_client
 
     client = make_client(openai)
     secrets = Secrets(api_key(openai))

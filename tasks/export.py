@@ -21,13 +21,13 @@ import orjson
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import ExportConfig, OpenAITrainConfig, TrainConfig
-from tasks.chatformat import example_errors
-from tasks.collect import sha256_file
-from tasks.heldout import HeldOutExample, prompt_keys
-from tasks.records import ChatExample, DatasetVersion, ExportedDataset, TuneloopError
-from tasks.snapshot import read_snapshot
-from tasks.tokens import ChatTemplateCounter, TokenCounter, estimate_cost, token_stats
+from tuneloop.core.config import ExportConfig, OpenAITrainConfig, TrainConfig
+from tuneloop.core.records import ChatExample, DatasetVersion, ExportedDataset, TuneloopError
+from tuneloop.tasks.chatformat import example_errors
+from tuneloop.tasks.collect import sha256_file
+from tuneloop.tasks.heldout import HeldOutExample, prompt_keys
+from tuneloop.tasks.snapshot import read_snapshot
+from tuneloop.tasks.tokens import ChatTemplateCounter, TokenCounter, estimate_cost, token_stats
 
 
 @dataclass
@@ -47,10 +47,10 @@ class TokenPlan:
 def token_plan(train: TrainConfig, models_dir: Path, home: Path | None = None) -> TokenPlan:
     """Count as the backend will: OpenAI models with tiktoken against the model's context and price;
     the local backend with its base model's tokenizer and chat template (the trainer's view)."""
-    from tasks.base_model import load_tokenizer, resolve_base_model
+    from tuneloop.tasks.base_model import load_tokenizer, resolve_base_model
 
     if train.backend == "openai":
-        from tasks.tokens import TiktokenCounter, encoding_for_model
+        from tuneloop.tasks.tokens import TiktokenCounter, encoding_for_model
 
         cfg = train.openai
         encoding = encoding_for_model(cfg.model, cfg, home or models_dir.parent)
@@ -82,7 +82,7 @@ def split_examples(examples: list[ChatExample], fraction: float, seed: str) -> t
 
 def remove_heldout(examples: list[ChatExample], heldout: list[HeldOutExample]) -> tuple[list[ChatExample], int]:
     """Drop every example that asks a held-out question (normalized user text) or is a held-out example."""
-    from tasks.quality import content_hash
+    from tuneloop.tasks.quality import content_hash
 
     if not heldout:
         return examples, 0

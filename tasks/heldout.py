@@ -7,9 +7,9 @@ from pathlib import Path
 import orjson
 from pydantic import BaseModel
 
-from flows.config import MappingConfig
-from tasks.quality import normalize_texts
-from tasks.records import TuneloopError
+from tuneloop.core.config import MappingConfig
+from tuneloop.core.records import TuneloopError
+from tuneloop.tasks.quality import normalize_texts
 
 
 class HeldOutExample(BaseModel):

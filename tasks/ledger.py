@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, Field
 
-from tasks.records import DatasetVersion, RawBatch, TuneloopError
+from tuneloop.core.records import DatasetVersion, RawBatch, TuneloopError
 
 
 class ConsumedFile(BaseModel):
@@ -63,6 +63,6 @@ def consume(ledger: Ledger, raw: RawBatch, dataset: DatasetVersion) -> Ledger:
 
 
 def commit_ledger(ledger: Ledger, path: Path) -> None:
-    from tasks.state import write_atomically
+    from tuneloop.core.state import write_atomically
 
     write_atomically(path, orjson.dumps(ledger.model_dump(mode="json"), option=orjson.OPT_INDENT_2))

@@ -28,9 +28,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import MappingConfig, QualityConfig, SourceConfig
-from tasks.collect import RecordChunk
-from tasks.records import CheckedBatch, ExpectationOutcome, QuarantineEntry, RawBatch, TuneloopError
+from tuneloop.core.config import MappingConfig, QualityConfig, SourceConfig
+from tuneloop.core.records import CheckedBatch, ExpectationOutcome, QuarantineEntry, RawBatch, TuneloopError
+from tuneloop.tasks.collect import RecordChunk
 
 ROW = "_row"
 UNIQUE = "expect_column_values_to_be_unique"
@@ -574,7 +574,7 @@ class QualityGate:
 def _prepare_in_subprocess(raw: RawBatch, source: SourceConfig, mapping: MappingConfig, quality: QualityConfig,
                            queue) -> None:
     """Producer process: read and prepare chunks; the parent validates them meanwhile (two cores busy)."""
-    from tasks.collect import read_chunks
+    from tuneloop.tasks.collect import read_chunks
 
     try:
         preparer = ChunkPreparer(mapping, quality)
@@ -588,7 +588,7 @@ def _prepare_in_subprocess(raw: RawBatch, source: SourceConfig, mapping: Mapping
 def prepared_chunks(raw: RawBatch, source: SourceConfig, mapping: MappingConfig, quality: QualityConfig,
                     in_subprocess: bool) -> Iterator[PreparedChunk]:
     if not in_subprocess:
-        from tasks.collect import read_chunks
+        from tuneloop.tasks.collect import read_chunks
 
         preparer = ChunkPreparer(mapping, quality)
         for chunk in read_chunks(raw, source):

@@ -13,8 +13,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import PipelineConfig, RegisterConfig
-from tasks.records import (
+from tuneloop.core.config import PipelineConfig, RegisterConfig
+from tuneloop.core.records import (
     Champion,
     CheckedBatch,
     EvalReport,
@@ -199,7 +199,7 @@ def register_candidate(
         params = flatten(config.model_dump(mode="json", by_alias=True))
         params["evaluate.max_new_tokens"] = str(report.max_new_tokens)  # the budget used, also when sized from the data
         if "source.url" in params:  # a SQLAlchemy URL may carry a password
-            from tasks.collect import redacted_url
+            from tuneloop.tasks.collect import redacted_url
 
             params["source.url"] = redacted_url(params["source.url"])
         metrics = {
@@ -273,7 +273,7 @@ def register_candidate(
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        from tasks.champion_model import save_champion_model
+        from tuneloop.core.serving import save_champion_model
 
         openai_settings = config.train.openai.model_dump(include={
             "provider", "base_url", "api_key_env", "azure_endpoint", "azure_api_version", "eval_concurrency",
@@ -389,7 +389,7 @@ def register_task(config: PipelineConfig, checked: CheckedBatch | None, exported
     create_markdown_artifact(decision_markdown(mv), key="registration", description="promotion decision")
     get_run_logger().info(f"register: {mv.name} version {mv.version}; {mv.decision.reason}")
     if mv.decision.promoted:
-        from tasks.notify import announce_promotion
+        from tuneloop.app.notify import announce_promotion
 
         announce_promotion(mv.name, mv.version, f"{mv.name} version {mv.version} promoted: {mv.decision.reason}")
     return mv

@@ -14,7 +14,7 @@ import orjson
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.records import ChatExample, CheckedBatch, DatasetVersion, TuneloopError
+from tuneloop.core.records import ChatExample, CheckedBatch, DatasetVersion, TuneloopError
 
 
 def _lines(path: Path):

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Protocol
 import orjson
 from pydantic import BaseModel
 
-from tasks.records import TuneloopError
+from tuneloop.core.records import TuneloopError
 
 if TYPE_CHECKING:
     import tiktoken
 
-    from flows.config import OpenAITrainConfig
+    from tuneloop.core.config import OpenAITrainConfig
 
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1

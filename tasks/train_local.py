@@ -18,16 +18,16 @@ import orjson
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import TrainConfig
-from tasks.base_model import (
+from tuneloop.core.config import TrainConfig
+from tuneloop.core.records import Champion, ExportedDataset, TrainedModel, TuneloopError
+from tuneloop.core.state import stage_logger
+from tuneloop.tasks.base_model import (
     adapter_identity,
     load_causal_lm,
     load_tokenizer,
     quiet_libraries,
     resolve_base_model,
 )
-from tasks.records import Champion, ExportedDataset, TrainedModel, TuneloopError
-from tasks.state import stage_logger
 
 
 def _read_messages(path: Path) -> list[dict]:
@@ -379,12 +379,11 @@ def _launch_distributed(exported: ExportedDataset, train: TrainConfig, models_di
         "result": str(result_path), "init_adapter": str(init_adapter) if init_adapter else None,
     }))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={train.local.devices}",
-           "-m", "tasks.train_local", str(spec)]
+           "-m", "tuneloop.tasks.train_local", str(spec)]
     log.info(f"train: launching {train.local.devices} processes ({train.local.distributed}) with torchrun")
     tail: collections.deque[str] = collections.deque(maxlen=15)
     failures: list[str] = []
-    root = Path(__file__).resolve().parent.parent
-    with subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
             tail.append(line.rstrip())
             if " failed: " in line and line.startswith("train: rank"):

@@ -27,9 +27,9 @@ import orjson
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import OpenAITrainConfig, TrainConfig
-from tasks.records import ExportedDataset, TrainedModel, TuneloopError
-from tasks.state import stage_logger, write_atomically
+from tuneloop.core.config import OpenAITrainConfig, TrainConfig
+from tuneloop.core.records import ExportedDataset, TrainedModel, TuneloopError
+from tuneloop.core.state import stage_logger, write_atomically
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 KEY = "tuneloop_key"

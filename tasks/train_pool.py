@@ -14,11 +14,11 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import TrainConfig
-from tasks.base_model import resolve_base_model
-from tasks.records import ExportedDataset, TrainedModel, TuneloopError
-from tasks.register import client_for, experiment_id
-from tasks.state import stage_logger
+from tuneloop.core.config import TrainConfig
+from tuneloop.core.records import ExportedDataset, TrainedModel, TuneloopError
+from tuneloop.core.state import stage_logger
+from tuneloop.tasks.base_model import resolve_base_model
+from tuneloop.tasks.register import client_for, experiment_id
 
 TRAINING_KIND = "training"
 

@@ -60,9 +60,9 @@ def prefect_harness():
 
 def gate_folder(folder: Path, cfg, run_dir: Path):
     """Collect everything in a folder (empty ledger) and run the quality gate over it."""
-    from tasks.collect import make_source
-    from tasks.ledger import Ledger
-    from tasks.quality import check_batch, required_fields
+    from tuneloop.tasks.collect import make_source
+    from tuneloop.tasks.ledger import Ledger
+    from tuneloop.tasks.quality import check_batch, required_fields
 
     raw = make_source(cfg.source, folder, required_fields(cfg.mapping)).collect(Ledger())
     return check_batch(raw, cfg.source, cfg.mapping, cfg.quality, run_dir)
@@ -70,8 +70,8 @@ def gate_folder(folder: Path, cfg, run_dir: Path):
 
 def accepted(checked) -> dict:
     """Accepted examples by record id."""
-    from tasks.quality import read_accepted
-    from tasks.records import ChatExample
+    from tuneloop.core.records import ChatExample
+    from tuneloop.tasks.quality import read_accepted
 
     return {row["record_id"]: ChatExample.model_validate(row) for row in read_accepted(checked.accepted_path)}
 

@@ -258,7 +258,7 @@ def exported_files(tmp_path, n=12):
     """A small train/validation export, as the export stage would hand it to the backend."""
     import hashlib
 
-    from tasks.records import ExportedDataset
+    from tuneloop.core.records import ExportedDataset
 
     d = tmp_path / "export"
     d.mkdir(exist_ok=True)

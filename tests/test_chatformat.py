@@ -2,7 +2,7 @@
 
 import json
 
-from tasks.chatformat import example_errors, validate_chat_file
+from tuneloop.tasks.chatformat import example_errors, validate_chat_file
 
 OK = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 CALL = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{\"id\": 1}"}}

@@ -6,7 +6,7 @@ from conftest import ROOT
 
 
 def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True, text=True, **kw)
+    return subprocess.run([sys.executable, "-m", "tuneloop.app.cli", *args], cwd=ROOT, capture_output=True, text=True, **kw)
 
 
 def test_help_lists_the_run_command():
@@ -18,7 +18,7 @@ def test_help_lists_the_run_command():
 def test_help_imports_no_heavy_library():
     """What keeps `tuneloop --help` instant: none of the heavy stacks load until a command needs them."""
     code = ("import sys; sys.argv=['tuneloop','--help']\n"
-            "from flows import cli\n"
+            "from tuneloop.app import cli\n"
             "try: cli.main()\nexcept SystemExit: pass\n"
             "heavy = sorted(m for m in ('torch','transformers','prefect','mlflow','great_expectations','trl','peft')"
             " if m in sys.modules)\nprint('HEAVY', heavy)")
@@ -126,9 +126,9 @@ def test_estimate_prints_tokens_epochs_cost_and_refuses_over_budget(tmp_path, ti
 
 def test_export_command_writes_the_newest_version_and_says_when_there_is_none(tmp_path):
     from conftest import DEMO, DEMO_CONFIG, gate_folder
-    from flows.config import load_config
-    from tasks.ledger import Ledger, commit_ledger
-    from tasks.snapshot import write_snapshot
+    from tuneloop.core.config import load_config
+    from tuneloop.tasks.ledger import Ledger, commit_ledger
+    from tuneloop.tasks.snapshot import write_snapshot
 
     home = tmp_path / "home"
     env = {"TUNELOOP_HOME": str(home), "PATH": "", "DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1"}

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import DEMO, DEMO_CONFIG, gate_folder, write_lines
-from flows.config import FolderSource, SqlSource, load_config
-from tasks.collect import LandingFolder, SqlTable, read_chunks, redacted_url
-from tasks.ledger import Ledger, commit_ledger, consume, load_ledger
-from tasks.records import DatasetVersion, TuneloopError
+from tuneloop.core.config import FolderSource, SqlSource, load_config
+from tuneloop.core.records import DatasetVersion, TuneloopError
+from tuneloop.tasks.collect import LandingFolder, SqlTable, read_chunks, redacted_url
+from tuneloop.tasks.ledger import Ledger, commit_ledger, consume, load_ledger
 
 REQUIRED = ["text"]
 

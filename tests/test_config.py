@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import DEFAULT_CONFIG, PipelineConfig, load_config, parse_override
-from tasks.records import TuneloopError
+from tuneloop.core.config import DEFAULT_CONFIG, PipelineConfig, load_config, parse_override
+from tuneloop.core.records import TuneloopError
 
 
 def write(tmp_path: Path, text: str) -> Path:

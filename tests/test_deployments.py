@@ -52,7 +52,7 @@ def flow_runs(server: PrefectServer, deployment: str) -> list:
 
 
 def consumed(home: Path) -> dict[str, str]:
-    from tasks.state import StateLayout
+    from tuneloop.core.state import StateLayout
 
     ledger = StateLayout(home).ledger
     if not ledger.exists():
@@ -176,7 +176,7 @@ def test_a_failed_retrain_and_a_promotion_reach_the_webhook(loop, tmp_path):
 
     from prefect.events import emit_event
 
-    from flows.retrain import retrain
+    from tuneloop.flows.retrain import retrain
 
     received: list[dict] = []
 

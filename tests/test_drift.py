@@ -5,8 +5,8 @@ import sys
 from collections import Counter
 
 from conftest import ROOT
-from tasks.drift import input_drift, length_psi, new_vocabulary_share, psi
-from tasks.records import ChatExample
+from tuneloop.core.records import ChatExample
+from tuneloop.tasks.drift import input_drift, length_psi, new_vocabulary_share, psi
 
 sys.path.insert(0, str(ROOT / "data"))
 

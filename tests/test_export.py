@@ -4,10 +4,10 @@ import json
 import pytest
 
 from conftest import DEMO, DEMO_CONFIG, accepted, gate_folder
-from flows.config import ExportConfig, load_config
-from tasks.export import export_chat_jsonl
-from tasks.heldout import read_heldout
-from tasks.snapshot import read_snapshot, version_of, write_snapshot
+from tuneloop.core.config import ExportConfig, load_config
+from tuneloop.tasks.export import export_chat_jsonl
+from tuneloop.tasks.heldout import read_heldout
+from tuneloop.tasks.snapshot import read_snapshot, version_of, write_snapshot
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +64,9 @@ def test_split_is_deterministic_and_follows_the_seed(checked, tmp_path):
 
 
 def test_manifest_has_token_stats_and_a_paid_plan_gets_a_cost_estimate(checked, tmp_path, tiktoken_file):
-    from flows.config import OpenAITrainConfig
-    from tasks.export import TokenPlan, token_plan
-    from tasks.tokens import TiktokenCounter, encoding_for_model
+    from tuneloop.core.config import OpenAITrainConfig
+    from tuneloop.tasks.export import TokenPlan, token_plan
+    from tuneloop.tasks.tokens import TiktokenCounter, encoding_for_model
 
     cfg = load_config(DEMO_CONFIG)
     dataset = write_snapshot(checked, tmp_path / "datasets")
@@ -102,7 +102,7 @@ def test_same_inputs_reuse_the_export_and_changed_files_are_rebuilt(checked, tmp
 def test_an_invalid_example_is_never_exported(tmp_path):
     import orjson
 
-    from tasks.records import DatasetVersion, TuneloopError
+    from tuneloop.core.records import DatasetVersion, TuneloopError
 
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}],
              "record_id": str(i), "source": "in.jsonl", "line": i + 1, "content_hash": f"{i:064x}"} for i in range(12)]

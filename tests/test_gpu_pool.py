@@ -8,7 +8,7 @@ import pytest
 from services import prefect_server
 
 from conftest import DEMO, DEMO_CONFIG, ROOT
-from flows.config import load_config
+from tuneloop.core.config import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ def test_retrain_trains_on_the_gpu_pool_through_a_worker(tmp_path, monkeypatch):
     from mlflow import MlflowClient
     from prefect import get_client
 
-    from flows.retrain import retrain
+    from tuneloop.flows.retrain import retrain
 
     caller_home, worker_home = tmp_path / "caller", tmp_path / "worker"
     (caller_home / "landing").mkdir(parents=True)

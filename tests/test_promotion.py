@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.records import EvalReport, ModelScore
-from tasks.register import decide_promotion, flatten
+from tuneloop.core.records import EvalReport, ModelScore
+from tuneloop.tasks.register import decide_promotion, flatten
 
 
 def report(base: float, candidate: float, champion: float | None = None) -> EvalReport:
@@ -50,8 +50,8 @@ def test_a_guard_regression_blocks_promotion_even_when_the_primary_metric_improv
 
 
 def test_scores_per_class_and_macro_f1_and_the_confusion_png(tmp_path):
-    from tasks.evaluate import confusion_png, score
-    from tasks.heldout import HeldOutExample
+    from tuneloop.tasks.evaluate import confusion_png, score
+    from tuneloop.tasks.heldout import HeldOutExample
 
     examples = [HeldOutExample(record_id=str(i), prompt=[], expected="", label=lab)
                 for i, lab in enumerate(["a", "a", "b", "b"])]
@@ -84,7 +84,7 @@ def test_promote_rollback_and_models_on_a_real_registry(tmp_path):
            "MLFLOW_DISABLE_TELEMETRY": "true"}
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "flows.cli", *args, "--set", "register.model_name=m",
+        return subprocess.run([sys.executable, "-m", "tuneloop.app.cli", *args, "--set", "register.model_name=m",
                                "--set", f"register.tracking_uri={uri}"], cwd=ROOT, env=env, capture_output=True, text=True)
 
     assert cli("promote", "1", "--reason", "first").returncode == 0
@@ -110,8 +110,8 @@ def test_promote_rollback_and_models_on_a_real_registry(tmp_path):
 
 
 def test_generation_metrics_exact_match_rouge_l_and_bleu():
-    from tasks.evaluate import score
-    from tasks.heldout import HeldOutExample
+    from tuneloop.tasks.evaluate import score
+    from tuneloop.tasks.heldout import HeldOutExample
 
     examples = [HeldOutExample(record_id=str(i), prompt=[{"role": "user", "content": f"q{i}"}], expected=exp, label=None)
                 for i, exp in enumerate(["reset your password from the login page", "we refunded the invoice"])]
@@ -126,9 +126,9 @@ def test_generation_metrics_exact_match_rouge_l_and_bleu():
 def test_the_llm_judge_grades_through_an_openai_compatible_endpoint(monkeypatch):
     from fake_openai import FakeOpenAI
 
-    from flows.config import JudgeConfig
-    from tasks.evaluate import judge_grade
-    from tasks.heldout import HeldOutExample
+    from tuneloop.core.config import JudgeConfig
+    from tuneloop.tasks.evaluate import judge_grade
+    from tuneloop.tasks.heldout import HeldOutExample
 
     monkeypatch.setenv("JUDGE_KEY", "sk-judge-0123456789")
     seen = []
@@ -146,8 +146,8 @@ def test_the_llm_judge_grades_through_an_openai_compatible_endpoint(monkeypatch)
 
 def test_metrics_the_config_cannot_compute_are_refused_up_front():
     from conftest import DEMO_CONFIG
-    from flows.config import load_config
-    from tasks.records import TuneloopError
+    from tuneloop.core.config import load_config
+    from tuneloop.core.records import TuneloopError
 
     with pytest.raises(TuneloopError, match="uses 'judge': configure evaluate.judge"):
         load_config(DEMO_CONFIG, ["evaluate.primary_metric=judge"])

@@ -4,9 +4,9 @@ import orjson
 import pytest
 
 from conftest import DEMO, DEMO_CONFIG, accepted, gate_folder, write_lines
-from flows.config import load_config
-from tasks.quality import PII_KINDS, QualityGateFailed, enforce_gate, pii_kinds, redact_pii, scan_pii
-from tasks.records import TuneloopError
+from tuneloop.core.config import load_config
+from tuneloop.core.records import TuneloopError
+from tuneloop.tasks.quality import PII_KINDS, QualityGateFailed, enforce_gate, pii_kinds, redact_pii, scan_pii
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from conftest import DEMO, DEMO_CONFIG
-from flows.config import load_config
-from tasks.quality import QualityGateFailed
+from tuneloop.core.config import load_config
+from tuneloop.tasks.quality import QualityGateFailed
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def small_config(tracking_uri: str, *extra: str):
 def test_retrain_registers_promotes_and_a_worse_run_leaves_the_champion(prefect_harness, home, tmp_path):
     from mlflow import MlflowClient
 
-    from flows.retrain import retrain
+    from tuneloop.flows.retrain import retrain
 
     landing = home / "landing"
     landing.mkdir(parents=True)
@@ -108,7 +108,7 @@ def test_retrain_registers_promotes_and_a_worse_run_leaves_the_champion(prefect_
 def test_quality_gate_failure_stops_the_flow_before_training(prefect_harness, home, tmp_path):
     from mlflow import MlflowClient
 
-    from flows.retrain import retrain
+    from tuneloop.flows.retrain import retrain
 
     landing = home / "landing"
     landing.mkdir(parents=True)
@@ -124,9 +124,9 @@ def test_quality_gate_failure_stops_the_flow_before_training(prefect_harness, ho
 def test_an_unchanged_export_is_not_recomputed(prefect_harness, tmp_path):
     from prefect import flow
 
-    from tasks.export import export_task
-    from tasks.records import DatasetVersion
-    from tasks.snapshot import version_of
+    from tuneloop.core.records import DatasetVersion
+    from tuneloop.tasks.export import export_task
+    from tuneloop.tasks.snapshot import version_of
 
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}],
              "record_id": str(i), "source": "in.jsonl", "line": i + 1, "content_hash": f"{i:064x}"} for i in range(12)]

@@ -1,8 +1,8 @@
 import json
 
 from conftest import DEMO, DEMO_CONFIG, gate_folder, write_lines
-from flows.config import load_config
-from tasks.snapshot import load_snapshot, read_snapshot, write_snapshot
+from tuneloop.core.config import load_config
+from tuneloop.tasks.snapshot import load_snapshot, read_snapshot, write_snapshot
 
 
 def batch(tmp_path, name, rows):

@@ -5,9 +5,9 @@ import random
 import pytest
 
 from conftest import DEMO_CONFIG
-from flows.config import OpenAITrainConfig, load_config
-from tasks.records import TuneloopError
-from tasks.tokens import (
+from tuneloop.core.config import OpenAITrainConfig, load_config
+from tuneloop.core.records import TuneloopError
+from tuneloop.tasks.tokens import (
     ChatTemplateCounter,
     TiktokenCounter,
     encoding_for_model,
@@ -70,7 +70,7 @@ def test_weight_is_not_text_and_tool_calls_count_as_json(encoding):
 
 
 def test_chat_template_counter_counts_what_the_trainer_sees(tmp_path):
-    from tasks.base_model import load_tokenizer, resolve_base_model
+    from tuneloop.tasks.base_model import load_tokenizer, resolve_base_model
 
     cfg = load_config(DEMO_CONFIG)
     tok = load_tokenizer(resolve_base_model(cfg.train, tmp_path))

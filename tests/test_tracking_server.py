@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from conftest import DEMO_CONFIG, ROOT
-from flows.config import load_config
-from tasks.records import EvalReport, ExportedDataset, ModelScore, TrainedModel
-from tasks.register import find_champion, register_candidate
+from tuneloop.core.config import load_config
+from tuneloop.core.records import EvalReport, ExportedDataset, ModelScore, TrainedModel
+from tuneloop.tasks.register import find_champion, register_candidate
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +93,7 @@ def test_register_promote_and_fetch_the_champion_through_a_tracking_server(mlflo
     assert not second.decision.promoted and second.version == "2"
 
     env = {**os.environ, "TUNELOOP_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": url}  # from the environment
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "models", "--json"],
+    out = subprocess.run([sys.executable, "-m", "tuneloop.app.cli", "models", "--json"],
                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     versions = json.loads(out.stdout)["versions"]

@@ -5,14 +5,14 @@ import json
 import pytest
 
 from conftest import DEMO, DEMO_CONFIG, gate_folder
-from flows.config import load_config
-from tasks.base_model import load_causal_lm, resolve_base_model
-from tasks.evaluate import evaluate_models
-from tasks.export import export_chat_jsonl
-from tasks.heldout import read_heldout
-from tasks.records import TuneloopError
-from tasks.snapshot import write_snapshot
-from tasks.train_local import train_lora
+from tuneloop.core.config import load_config
+from tuneloop.core.records import TuneloopError
+from tuneloop.tasks.base_model import load_causal_lm, resolve_base_model
+from tuneloop.tasks.evaluate import evaluate_models
+from tuneloop.tasks.export import export_chat_jsonl
+from tuneloop.tasks.heldout import read_heldout
+from tuneloop.tasks.snapshot import write_snapshot
+from tuneloop.tasks.train_local import train_lora
 
 pytestmark = pytest.mark.slow
 
@@ -58,8 +58,8 @@ def test_answers_are_long_enough_for_every_label_the_references_write(workspace)
     """The drift scenario's bug: `queue: hub` is 10 tokens for the tiny tokenizer, 8 cut it to `queue: h`."""
     import re
 
-    from tasks.base_model import load_tokenizer
-    from tasks.evaluate import answer_budget
+    from tuneloop.tasks.base_model import load_tokenizer
+    from tuneloop.tasks.evaluate import answer_budget
 
     root, cfg, exported, heldout = workspace
     cfg.train.local.max_steps = 0
@@ -102,8 +102,8 @@ def test_a_base_model_that_cannot_be_loaded_offline_says_what_to_do(monkeypatch)
 
 
 def test_a_champion_scored_before_is_not_generated_again_and_errors_are_listed(workspace, monkeypatch):
-    import tasks.evaluate as ev
-    from tasks.records import Champion
+    import tuneloop.tasks.evaluate as ev
+    from tuneloop.core.records import Champion
 
     root, cfg, exported, heldout = workspace
     cfg.train.local.max_steps = 5
@@ -130,10 +130,10 @@ def test_a_champion_scored_before_is_not_generated_again_and_errors_are_listed(w
 
 
 def test_a_golden_set_is_evaluated_and_kept_out_of_training(tmp_path):
-    from tasks.export import remove_heldout
-    from tasks.heldout import read_evaluation_set
-    from tasks.quality import content_hash
-    from tasks.records import ChatExample
+    from tuneloop.core.records import ChatExample
+    from tuneloop.tasks.export import remove_heldout
+    from tuneloop.tasks.heldout import read_evaluation_set
+    from tuneloop.tasks.quality import content_hash
 
     golden = tmp_path / "golden.jsonl"
     rows = [json.loads(line) for line in (DEMO / "tickets.jsonl").read_text().splitlines()[:3]]
@@ -153,7 +153,7 @@ def test_a_golden_set_is_evaluated_and_kept_out_of_training(tmp_path):
 
 def test_loss_is_on_assistant_tokens_only(workspace):
     """Decode the supervised tokens of one real batch: the answers, never the ticket or the system prompt."""
-    from tasks.train_local import build_trainer
+    from tuneloop.tasks.train_local import build_trainer
 
     root, cfg, exported, _ = workspace
     cfg.train.local.max_steps = 1
@@ -172,7 +172,7 @@ def test_packed_examples_share_a_row_but_not_their_attention(workspace):
     """Packing puts several examples in one unpadded row; each must still see only itself."""
     import torch
 
-    from tasks.train_local import build_trainer
+    from tuneloop.tasks.train_local import build_trainer
 
     root, cfg, exported, _ = workspace
     cfg.train.local.max_steps = 1
@@ -199,9 +199,9 @@ CHILD = """
 import sys
 sys.path.insert(0, {root!r})
 from pathlib import Path
-from flows.config import load_config
-from tasks.records import ExportedDataset
-from tasks.train_local import train_lora
+from tuneloop.core.config import load_config
+from tuneloop.core.records import ExportedDataset
+from tuneloop.tasks.train_local import train_lora
 cfg = load_config({config!r}, {overrides!r})
 exported = ExportedDataset.model_validate_json(Path({exported!r}).read_text())
 train_lora(exported, cfg.train, Path({models!r}), Path({out!r}), Path({ckpt!r}))
@@ -286,8 +286,8 @@ def test_a_warm_start_continues_the_champions_adapter_only_when_it_fits(workspac
     """init_from: champion trains the champion's adapter further; another base or LoRA shape starts fresh."""
     from safetensors.torch import load_file
 
-    from tasks.records import Champion
-    from tasks.train_local import checkpoint_key, warm_start_adapter, warm_start_refusal
+    from tuneloop.core.records import Champion
+    from tuneloop.tasks.train_local import checkpoint_key, warm_start_adapter, warm_start_refusal
 
     root, cfg, exported, _ = workspace
     cfg.train.local.max_steps = 5

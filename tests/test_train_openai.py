@@ -11,9 +11,9 @@ import pytest
 from fake_openai import FakeOpenAI, Fault, Lifecycle, exported_files
 
 from conftest import ROOT
-from flows.config import TrainConfig
-from tasks.records import TuneloopError
-from tasks.train_openai import train_openai
+from tuneloop.core.config import TrainConfig
+from tuneloop.core.records import TuneloopError
+from tuneloop.tasks.train_openai import train_openai
 
 KEY = "sk-test-PLANTED-0123456789abcdef"
 
@@ -121,9 +121,9 @@ CHILD = """
 import os, sys, time
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 from fake_openai import exported_files  # not the test module: its conftest import clears OPENAI_API_KEY
-from flows.config import TrainConfig
+from tuneloop.core.config import TrainConfig
 from pathlib import Path
-from tasks.train_openai import train_openai
+from tuneloop.tasks.train_openai import train_openai
 tmp = Path({tmp!r})
 cfg = TrainConfig.model_validate({{"openai": {{"provider": "compatible", "base_url": {url!r}, "poll_seconds": 0.2}}}})
 train_openai(exported_files(tmp), cfg, tmp / "home", tmp / "run")
@@ -167,8 +167,8 @@ def test_the_whole_flow_on_the_openai_backend_and_the_key_is_nowhere(prefect_har
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     from conftest import DEMO, DEMO_CONFIG
-    from flows.config import load_config
-    from flows.retrain import retrain
+    from tuneloop.core.config import load_config
+    from tuneloop.flows.retrain import retrain
 
     landing = home / "landing"
     landing.mkdir(parents=True)
@@ -197,7 +197,7 @@ def test_the_whole_flow_on_the_openai_backend_and_the_key_is_nowhere(prefect_har
             "openai/step_metrics.csv", "openai/checkpoints.json", "openai/openai_job.json"}
 
         # the champion is an API model: next time it is re-scored through chat.completions
-        from tasks.register import find_champion
+        from tuneloop.tasks.register import find_champion
 
         champ = find_champion(cfg.registry, uri, tmp_path / "champ")
         assert champ.backend == "openai" and champ.fine_tuned_model == version.tags["fine_tuned_model"]
@@ -227,8 +227,8 @@ def test_the_whole_flow_on_the_openai_backend_and_the_key_is_nowhere(prefect_har
 @pytest.mark.slow
 def test_over_budget_nothing_is_uploaded(prefect_harness, home, tmp_path, key, tiktoken_file):
     from conftest import DEMO, DEMO_CONFIG
-    from flows.config import load_config
-    from flows.retrain import retrain
+    from tuneloop.core.config import load_config
+    from tuneloop.flows.retrain import retrain
 
     landing = home / "landing"
     landing.mkdir(parents=True)
@@ -247,8 +247,8 @@ def test_cancelling_the_flow_run_cancels_its_job(tmp_path, key):
     from types import SimpleNamespace
 
     from conftest import DEMO_CONFIG
-    from flows.config import load_config
-    from flows.retrain import cancel_openai_jobs
+    from tuneloop.core.config import load_config
+    from tuneloop.flows.retrain import cancel_openai_jobs
 
     lifecycle = Lifecycle(statuses=["validating_files"] + ["running"] * 50)
     with FakeOpenAI(lifecycle) as fake:
@@ -270,7 +270,7 @@ def test_tuneloop_run_with_openai_base_url_from_the_environment(tmp_path, tiktok
     with FakeOpenAI(answer=heldout_answer()) as fake:
         env = {"TUNELOOP_HOME": str(home), "PATH": "", "DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1",
                "OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": KEY, "PREFECT_HOME": str(tmp_path / "prefect")}
-        out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--set", "train.backend=openai",
+        out = subprocess.run([sys.executable, "-m", "tuneloop.app.cli", "run", "--set", "train.backend=openai",
                               "--set", "train.openai.poll_seconds=0.01", "--set", "evaluate.max_examples=20",
                               "--set", f"train.openai.tiktoken_file={tiktoken_file}"],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -285,7 +285,7 @@ def test_paused_is_waited_on_then_given_up_after_the_limit(tmp_path, key):
                                sleep=lambda s: None)
         assert trained.fine_tuned_model  # a pause that ends is waited out
     with FakeOpenAI(Lifecycle(statuses=["queued"] + ["paused"] * 100)) as fake:
-        from tasks.train_openai import Secrets, make_client, poll_job
+        from tuneloop.tasks.train_openai import Secrets, make_client, poll_job
 
         cfg = config(fake, max_paused_seconds=30).openai
         client = make_client(cfg)

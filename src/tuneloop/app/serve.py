@@ -20,10 +20,10 @@ import sys
 import threading
 from pathlib import Path
 
-from flows.config import PipelineConfig, load_config
-from tasks.records import TuneloopError
+from tuneloop.core.config import PipelineConfig, load_config, packaged
+from tuneloop.core.records import TuneloopError
 
-ROOT = Path(__file__).resolve().parents[1]
+PREFECT_YAML = packaged("deployments", "prefect.yaml")
 
 
 def require_api() -> str:
@@ -57,9 +57,10 @@ def retrain_triggers(config: PipelineConfig, params: dict) -> list:
 
 def build_deployments(config_path: Path, overrides: list[str]) -> tuple[PipelineConfig, list]:
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.types.entrypoint import EntrypointType
 
-    from flows.drift import drift_monitor
-    from flows.retrain import retrain
+    from tuneloop.flows.drift import drift_monitor
+    from tuneloop.flows.retrain import retrain
 
     config = load_config(config_path, overrides)
     params = {"config": str(config_path.resolve()), "overrides": overrides}
@@ -71,12 +72,14 @@ def build_deployments(config_path: Path, overrides: list[str]) -> tuple[Pipeline
         return {"schedule": CronSchedule(cron=expr, timezone=sched.timezone)} if expr else {}
 
     timing = {"interval": sched.retrain_interval_seconds} if sched.retrain_interval_seconds else cron(sched.retrain_cron)
+    # By module path: the runner imports tuneloop.flows.retrain wherever tuneloop is installed.
+    module = {"entrypoint_type": EntrypointType.MODULE_PATH}
     retrain_dep = retrain.to_deployment(
-        name="retrain", parameters=params, triggers=retrain_triggers(config, params),
+        name="retrain", **module, parameters=params, triggers=retrain_triggers(config, params),
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
         description="Retrain on new data; promote only a better model.", tags=["tuneloop", config.name], **timing)
     drift_dep = drift_monitor.to_deployment(
-        name="drift-monitor", parameters=params, description="Check the champion for drift; ask for a retrain.",
+        name="drift-monitor", **module, parameters=params, description="Check the champion for drift; ask for a retrain.",
         tags=["tuneloop", config.name], **cron(sched.drift_cron))
     return config, [retrain_dep, drift_dep]
 
@@ -87,8 +90,8 @@ def start_gpu_worker(env: dict | None = None) -> subprocess.Popen:
     env = {**os.environ, **(env or {})}
     subprocess.run([prefect, "work-pool", "create", "gpu", "--type", "process", "--overwrite"], env=env,
                    capture_output=True, check=False)
-    done = subprocess.run([prefect, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name",
-                           "train-local"], cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run([prefect, "--no-prompt", "deploy", "--prefect-file", str(PREFECT_YAML), "--name",
+                           "train-local"], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise TuneloopError(f"could not deploy train-local to the gpu pool:\n{done.stdout[-1500:]}{done.stderr[-1500:]}")
     worker = subprocess.Popen([prefect, "worker", "start", "--pool", "gpu", "--type", "process"], env=env,
@@ -105,7 +108,7 @@ def start_gpu_worker(env: dict | None = None) -> subprocess.Popen:
 def serve(config_path: Path, overrides: list[str], watch: bool = True, query_seconds: float = 1.0) -> None:
     from prefect import serve as prefect_serve
 
-    from tasks.state import prepare_state
+    from tuneloop.core.state import prepare_state
 
     state = prepare_state()
     require_api()
@@ -113,7 +116,7 @@ def serve(config_path: Path, overrides: list[str], watch: bool = True, query_sec
     if config.train.backend == "local" and config.train.local.placement == "pool":
         start_gpu_worker()
     if watch:
-        from tasks.watch import watch as watch_landing
+        from tuneloop.app.watch import watch as watch_landing
 
         threading.Thread(target=watch_landing, args=(config, state.home), daemon=True, name="tuneloop-watch").start()
     # query_seconds: how often the runner asks for runs to start; Prefect's default (10 s) alone would

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from flows.config import PipelineConfig
-from tasks.collect import make_source
-from tasks.ledger import load_ledger
-from tasks.quality import required_fields
-from tasks.state import StateLayout
+from tuneloop.core.config import PipelineConfig
+from tuneloop.core.state import StateLayout
+from tuneloop.tasks.collect import make_source
+from tuneloop.tasks.ledger import load_ledger
+from tuneloop.tasks.quality import required_fields
 
 LANDED_EVENT = "tuneloop.data.landed"
 log = logging.getLogger("tuneloop.watch")

@@ -24,10 +24,17 @@ from pydantic import (
     model_validator,
 )
 
-from tasks.records import TuneloopError
+from tuneloop.core.records import TuneloopError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = PROJECT_ROOT / "deployments" / "demo.yaml"
+
+def packaged(package: str, name: str) -> Path:
+    """A file shipped inside the installed package (``tuneloop.expectations``, ``tuneloop.deployments``)."""
+    from importlib.resources import files
+
+    return Path(str(files(f"tuneloop.{package}") / name))
+
+
+DEFAULT_CONFIG = packaged("deployments", "demo.yaml")
 
 
 def _resolve(path: Path, info: ValidationInfo) -> Path:
@@ -107,8 +114,8 @@ class MappingConfig(Strict):
 
 
 class QualityConfig(Strict):
-    suite: ConfigPath = PROJECT_ROOT / "expectations" / "raw_records.json"
-    chat_suite: ConfigPath = PROJECT_ROOT / "expectations" / "chat_examples.json"
+    suite: ConfigPath = Field(default_factory=lambda: packaged("expectations", "raw_records.json"))
+    chat_suite: ConfigPath = Field(default_factory=lambda: packaged("expectations", "chat_examples.json"))
     max_quarantine_fraction: float = Field(0.05, ge=0, le=1)
     min_examples: int = Field(10, ge=1, description="OpenAI requires at least 10")
     pii: Literal["redact", "quarantine"] = "redact"

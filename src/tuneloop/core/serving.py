@@ -29,7 +29,7 @@ class ChampionModel(mlflow.pyfunc.PythonModel):
         if self.spec["backend"] == "local":
             from peft import PeftModel
 
-            from tasks.base_model import load_causal_lm, load_tokenizer
+            from tuneloop.tasks.base_model import load_causal_lm, load_tokenizer
 
             base = context.artifacts.get("base_model") or self.spec["base_model"]
             self.tokenizer = load_tokenizer(context.artifacts["adapter"])
@@ -43,12 +43,12 @@ class ChampionModel(mlflow.pyfunc.PythonModel):
         prompts = self._prompts(model_input)
         max_new_tokens = int((params or {}).get("max_new_tokens", self.spec["max_new_tokens"]))
         if self.spec["backend"] == "local":
-            from tasks.evaluate import generate
+            from tuneloop.tasks.evaluate import generate
 
             return generate(self.model, self.tokenizer, [SimpleNamespace(prompt=p) for p in prompts], max_new_tokens,
                             batch_size=16)
-        from flows.config import OpenAITrainConfig
-        from tasks.evaluate import chat_completions
+        from tuneloop.core.config import OpenAITrainConfig
+        from tuneloop.tasks.evaluate import chat_completions
 
         return chat_completions(OpenAITrainConfig(**self.spec["openai"]), self.spec["fine_tuned_model"], prompts,
                                 max_new_tokens)

@@ -23,9 +23,12 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from flows.config import PROJECT_ROOT, load_config
+from tuneloop.core.config import load_config, packaged
+from tuneloop.core.records import TuneloopError
 
-SCENARIO_CONFIG = PROJECT_ROOT / "deployments" / "drift-scenario.yaml"
+SCENARIO_CONFIG = packaged("deployments", "drift-scenario.yaml")
+# The scenario's data generator lives in the repository's data/ folder, not in the installed package.
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 class WeekOutcome(BaseModel):
@@ -44,7 +47,7 @@ class WeekOutcome(BaseModel):
 
 def fresh_workspace(work: Path) -> None:
     """Wipe and point the state folder (and Prefect's home) at it, before Prefect is imported."""
-    from tasks.state import prepare_state
+    from tuneloop.core.state import prepare_state
 
     if work.exists():
         shutil.rmtree(work)
@@ -55,16 +58,20 @@ def fresh_workspace(work: Path) -> None:
 
 def run_scenario(work: Path, weeks: int = 6, drift_at: int = 3, seed: int = 11,
                  overrides: list[str] | None = None) -> list[WeekOutcome]:
-    sys.path.insert(0, str(PROJECT_ROOT / "data"))
+    generator = REPO_ROOT / "data" / "generate_scenario.py"
+    if not generator.is_file():
+        raise TuneloopError("tuneloop scenario drift runs from a clone of the tuneloop repository "
+                            f"(it needs data/generate_scenario.py, not found at {generator})")
+    sys.path.insert(0, str(generator.parent))
     from generate_scenario import generate
     from mlflow.exceptions import MlflowException
 
-    from flows.drift import drift_monitor
-    from flows.retrain import retrain
-    from tasks.drift import pyfunc_score
-    from tasks.heldout import read_heldout
-    from tasks.register import client_for
-    from tasks.state import prepare_state
+    from tuneloop.core.state import prepare_state
+    from tuneloop.flows.drift import drift_monitor
+    from tuneloop.flows.retrain import retrain
+    from tuneloop.tasks.drift import pyfunc_score
+    from tuneloop.tasks.heldout import read_heldout
+    from tuneloop.tasks.register import client_for
 
     state = prepare_state(work / "home")
     files = generate(work / "data", seed=seed, weeks=weeks, drift_at=drift_at)
@@ -144,7 +151,7 @@ def log_scenario(outcomes: list[WeekOutcome], png: Path, tracking_uri: str, expe
 
     from mlflow.entities import Metric
 
-    from tasks.register import client_for, experiment_id
+    from tuneloop.tasks.register import client_for, experiment_id
 
     client = client_for(tracking_uri)
     run = client.create_run(experiment_id(client, experiment, None), run_name="drift-scenario",

@@ -96,7 +96,7 @@ class _UserErrorFilter(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from tasks.records import TuneloopError
+        from tuneloop.core.records import TuneloopError
 
         if record.exc_info and isinstance(record.exc_info[1], TuneloopError):
             record.exc_info = None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import shlex
 
-from tasks.records import RetrainResult
-from tasks.state import StateLayout
+from tuneloop.core.records import RetrainResult
+from tuneloop.core.state import StateLayout
 
 
 def ui_commands(state: StateLayout, tracking_uri: str) -> list[tuple[str, str]]:
@@ -123,7 +123,7 @@ def print_estimate(report, estimate, counted_with: str, refusal: str | None, as_
     """``tuneloop estimate``: examples, tokens, over-limit examples, epochs, billed tokens, cost."""
     import orjson
 
-    from tasks.tokens import token_stats
+    from tuneloop.tasks.tokens import token_stats
 
     stats = token_stats(report.token_counts, estimate.context_tokens, counted_with)
     if as_json:

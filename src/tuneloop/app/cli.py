@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from tasks.records import TuneloopError
+from tuneloop.core.records import TuneloopError
 
 app = typer.Typer(
     add_completion=False,
@@ -44,21 +44,21 @@ def fail(message: str, code: int) -> None:
 @app.command()
 def run(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Run the retrain flow once on what is in the landing folder."""
-    from tasks.state import prepare_state
+    from tuneloop.core.state import prepare_state
 
     state = prepare_state()
     cfg = _load_config(config, set_)
-    from flows.retrain import retrain
+    from tuneloop.flows.retrain import retrain
 
     result = _run_flow(retrain, cfg)
-    from flows.report import print_retrain_summary
+    from tuneloop.app.report import print_retrain_summary
 
     print_retrain_summary(result, state)
 
 
 def _load_config(config: Path | None, set_: list[str] | None):
     """The config, or exit 2 with the error (the state folder is prepared before: Prefect reads it on import)."""
-    from flows.config import load_config
+    from tuneloop.core.config import load_config
 
     try:
         return load_config(config, set_ or [])
@@ -97,11 +97,11 @@ def check(
     fine-tuning file is checked as the service would, each line's problems named by code."""
     import tempfile
 
-    from tasks.state import prepare_state
+    from tuneloop.core.state import prepare_state
 
     state = prepare_state()
-    from flows.config import load_config
-    from flows.report import print_check_report
+    from tuneloop.app.report import print_check_report
+    from tuneloop.core.config import load_config
 
     try:
         cfg = load_config(config, set_ or [])
@@ -111,9 +111,9 @@ def check(
         fail(f"--format {format_}: expected records or chat", 2)
     if format_ == "chat":
         _check_chat(path, cfg, state, as_json)
-    from tasks.collect import FORMATS, check_columns, sha256_file
-    from tasks.quality import QualityGateFailed, check_batch, enforce_gate, required_fields
-    from tasks.records import LandingFile, RawBatch
+    from tuneloop.core.records import LandingFile, RawBatch
+    from tuneloop.tasks.collect import FORMATS, check_columns, sha256_file
+    from tuneloop.tasks.quality import QualityGateFailed, check_batch, enforce_gate, required_fields
 
     if not path.is_file():
         fail(f"{path}: no such file", 2)
@@ -144,9 +144,9 @@ def check(
 
 
 def _check_chat(path: Path, cfg, state, as_json: bool) -> None:
-    from flows.report import print_chat_report
-    from tasks.chatformat import validate_chat_file
-    from tasks.export import token_plan
+    from tuneloop.app.report import print_chat_report
+    from tuneloop.tasks.chatformat import validate_chat_file
+    from tuneloop.tasks.export import token_plan
 
     if not path.is_file():
         fail(f"{path}: no such file", 2)
@@ -162,17 +162,17 @@ def _check_chat(path: Path, cfg, state, as_json: bool) -> None:
 @app.command()
 def export(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Export the newest dataset version as chat JSONL (train + validation) and print its manifest."""
-    from tasks.state import prepare_state
+    from tuneloop.core.state import prepare_state
 
     state = prepare_state()
-    from flows.config import load_config
+    from tuneloop.core.config import load_config
 
     try:
         cfg = load_config(config, set_ or [])
-        from tasks.export import export_chat_jsonl, manifest_summary, token_plan
-        from tasks.heldout import read_evaluation_set
-        from tasks.ledger import load_ledger
-        from tasks.snapshot import load_snapshot
+        from tuneloop.tasks.export import export_chat_jsonl, manifest_summary, token_plan
+        from tuneloop.tasks.heldout import read_evaluation_set
+        from tuneloop.tasks.ledger import load_ledger
+        from tuneloop.tasks.snapshot import load_snapshot
 
         ledger = load_ledger(state.ledger)
         if not ledger.dataset_version:
@@ -199,10 +199,10 @@ def estimate(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
 ) -> None:
     """Tokens, epochs and cost of fine-tuning on a file, counted with tiktoken, before anything is uploaded."""
-    from tasks.state import prepare_state
+    from tuneloop.core.state import prepare_state
 
     state = prepare_state()
-    from flows.config import load_config
+    from tuneloop.core.config import load_config
 
     try:
         cfg = load_config(config, set_ or [])
@@ -212,9 +212,9 @@ def estimate(
         fail(f"{path}: no such file", 2)
     if epochs is not None and epochs != "auto" and not epochs.isdigit():
         fail(f"--epochs {epochs}: expected a whole number or auto", 2)
-    from flows.report import print_estimate
-    from tasks.chatformat import validate_chat_file
-    from tasks.tokens import TiktokenCounter, encoding_for_model, enforce_budget, estimate_cost
+    from tuneloop.app.report import print_estimate
+    from tuneloop.tasks.chatformat import validate_chat_file
+    from tuneloop.tasks.tokens import TiktokenCounter, encoding_for_model, enforce_budget, estimate_cost
 
     name = model or cfg.train.openai.model
     try:
@@ -236,10 +236,10 @@ def estimate(
 
 
 def _registry(config: Path | None, set_: list[str] | None):
-    from tasks.state import prepare_state
+    from tuneloop.core.state import prepare_state
 
     state = prepare_state()
-    from flows.config import load_config
+    from tuneloop.core.config import load_config
 
     try:
         cfg = load_config(config, set_ or [])
@@ -262,7 +262,7 @@ def models(config: ConfigOption = None, set_: SetOption = None,
            as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False) -> None:
     """List the registered versions with their aliases, scores and dataset versions."""
     name, uri = _registry(config, set_)
-    from tasks.register import list_versions
+    from tuneloop.tasks.register import list_versions
 
     try:
         rows = list_versions(uri, name)
@@ -291,7 +291,7 @@ def promote(version: Annotated[str, typer.Argument(help="the model version to ma
             config: ConfigOption = None, set_: SetOption = None) -> None:
     """Make VERSION the champion by hand; who and why are recorded as version tags."""
     name, uri = _registry(config, set_)
-    from tasks.register import promote_version
+    from tuneloop.tasks.register import promote_version
 
     try:
         previous = promote_version(uri, name, version, _who(), reason)
@@ -305,7 +305,7 @@ def rollback(reason: Annotated[str, typer.Option(help="why, recorded on both ver
              config: ConfigOption = None, set_: SetOption = None) -> None:
     """Move the champion back to the version that was champion before it."""
     name, uri = _registry(config, set_)
-    from tasks.register import rollback_champion
+    from tuneloop.tasks.register import rollback_champion
 
     try:
         current, previous = rollback_champion(uri, name, _who(), reason)
@@ -315,7 +315,7 @@ def rollback(reason: Annotated[str, typer.Option(help="why, recorded on both ver
 
 
 def _config_path(config: Path | None) -> Path:
-    from flows.config import DEFAULT_CONFIG
+    from tuneloop.core.config import DEFAULT_CONFIG
 
     return (config or DEFAULT_CONFIG).resolve()
 
@@ -327,7 +327,7 @@ def serve(config: ConfigOption = None, set_: SetOption = None,
           ) -> None:
     """Serve the retrain and drift-monitor deployments (schedule, data-landed and drift triggers) against
     the Prefect server in PREFECT_API_URL, with the landing watcher; runs until stopped."""
-    from flows.serve import serve as serve_all
+    from tuneloop.app.serve import serve as serve_all
 
     try:
         serve_all(_config_path(config), set_ or [], watch=watch, query_seconds=query_seconds)
@@ -341,10 +341,10 @@ def watch(config: ConfigOption = None, set_: SetOption = None,
     """Watch the landing folder (or SQL table) and emit tuneloop.data.landed for each complete new landing."""
     import logging
 
-    from flows.config import load_config
-    from flows.serve import require_api
-    from tasks.state import prepare_state
-    from tasks.watch import watch as watch_landing
+    from tuneloop.app.serve import require_api
+    from tuneloop.app.watch import watch as watch_landing
+    from tuneloop.core.config import load_config
+    from tuneloop.core.state import prepare_state
 
     state = prepare_state()
     try:
@@ -369,15 +369,15 @@ def watch(config: ConfigOption = None, set_: SetOption = None,
 @app.command()
 def drift(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Run the drift monitor once: champion on recent data, recent inputs vs its training data."""
-    from tasks.state import prepare_state
+    from tuneloop.core.state import prepare_state
 
     prepare_state()
     cfg = _load_config(config, set_)
     from rich.console import Console
     from rich.markdown import Markdown
 
-    from flows.drift import drift_monitor
-    from tasks.drift import drift_markdown
+    from tuneloop.flows.drift import drift_monitor
+    from tuneloop.tasks.drift import drift_markdown
 
     Console().print(Markdown(drift_markdown(_run_flow(drift_monitor, cfg))))
 
@@ -386,9 +386,9 @@ def drift(config: ConfigOption = None, set_: SetOption = None) -> None:
 def notify(webhook: Annotated[str, typer.Option(help="URL that receives a JSON POST (Slack/Teams webhook, ...)")],
            config: ConfigOption = None, set_: SetOption = None) -> None:
     """Create the Prefect webhook block and automations that notify when a retrain fails or a model is promoted."""
-    from flows.config import load_config
-    from flows.serve import require_api
-    from tasks.notify import setup_notifications
+    from tuneloop.app.notify import setup_notifications
+    from tuneloop.app.serve import require_api
+    from tuneloop.core.config import load_config
 
     try:
         cfg = load_config(config, set_ or [])
@@ -416,20 +416,20 @@ def scenario_drift(
     if drift_at >= weeks:
         fail("--drift-at must be before the last week", 2)
     out = out.resolve()
-    from flows.scenario import fresh_workspace
+    from tuneloop.app.scenario import fresh_workspace
 
     fresh_workspace(out)  # before Prefect is imported: it reads its home and timeouts once
     from rich.console import Console
     from rich.table import Table
 
-    from flows.scenario import log_scenario, plot, run_scenario
+    from tuneloop.app.scenario import log_scenario, plot, run_scenario
 
     try:
         outcomes = run_scenario(out, weeks, drift_at, seed, set_ or [])
     except TuneloopError as exc:
         fail(str(exc), 1)
     png = plot(outcomes, drift_at, out / "drift-scenario.png")
-    from tasks.state import StateLayout
+    from tuneloop.core.state import StateLayout
 
     tracking_uri = StateLayout(out / "home").tracking_uri
     run_id = log_scenario(outcomes, png, tracking_uri, "lumenfold-scenario")

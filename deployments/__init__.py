@@ -1,0 +1,1 @@
+"""Pipeline configs and the Prefect deployment file shipped with tuneloop (package data)."""

@@ -1,0 +1,1 @@
+"""Great Expectations suites shipped with tuneloop (package data, read through importlib.resources)."""
