@@ -175,7 +175,7 @@ def flops_per_token(model_dir: Path, max_length: int) -> float:
 
 
 def child(which: str, workdir: Path, max_length: int, batch: int) -> None:
-    from tuneloop.tasks.base_model import quiet_libraries
+    from tuneloop.core.models import quiet_libraries
 
     quiet_libraries()
     model_dir = Path(os.environ["BENCH_MODEL"])

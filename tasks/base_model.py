@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tuneloop.core.models import CHATML_TEMPLATE
 from tuneloop.core.records import TuneloopError
 
 if TYPE_CHECKING:
@@ -20,21 +20,6 @@ if TYPE_CHECKING:
 
 TINY = "tiny"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-
-# ChatML with generation markers, so TRL's assistant_only_loss can mask everything but the answers.
-# Also the documented fallback for base models that ship without a chat template.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{{ '\n' }}"
-    "{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 
 def _corpus_texts(paths: list[Path]) -> list[str]:
     """The text values of JSONL/CSV files (or plain text lines): what the tokenizer should compress well."""
@@ -113,15 +98,6 @@ def build_tiny_model(tiny: TinyBaseConfig, out: Path) -> Path:
     return out
 
 
-def adapter_identity(base_model: str, adapter_path: Path) -> str:
-    """The same adapter weights on the same base answer the same: hash the weights, not the path."""
-    digest = hashlib.sha256(str(base_model).encode())
-    for f in sorted(adapter_path.glob("adapter_*")):
-        digest.update(f.name.encode())
-        digest.update(f.read_bytes())
-    return f"local:{digest.hexdigest()[:24]}"
-
-
 def resolve_base_model(train: TrainConfig, models_dir: Path) -> Path | str:
     """Where to load the base model from: the cached tiny model (built on first use) or the configured id."""
     if train.base_model != TINY:
@@ -133,50 +109,3 @@ def resolve_base_model(train: TrainConfig, models_dir: Path) -> Path | str:
     return out
 
 
-def quiet_libraries() -> None:
-    """Progress bars and deprecation chatter drown the run log; our stages log their own progress."""
-    import warnings
-
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6.*")
-
-
-def load_tokenizer(source: Path | str):
-    """The base model's tokenizer, with a chat template and a pad token guaranteed."""
-    from transformers import AutoTokenizer
-
-    tokenizer = _load(AutoTokenizer.from_pretrained, source)
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = CHATML_TEMPLATE
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_causal_lm(source: Path | str, **kwargs):
-    from transformers import AutoModelForCausalLM
-
-    return _load(lambda s: AutoModelForCausalLM.from_pretrained(s, **kwargs), source)
-
-
-def _load(loader, source: Path | str):
-    """Load from a local folder or the hub; offline, a missing model is one readable error."""
-    try:
-        return loader(str(source))
-    except OSError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
-        where = "it is not a local folder and" if not Path(str(source)).exists() else "the folder is incomplete or"
-        hint = (
-            "HF_HUB_OFFLINE is set, so nothing is downloaded"
-            if offline
-            else "the hub could not be reached or does not have it"
-        )
-        raise TuneloopError(
-            f"cannot load base model {source!s}: {where} {hint}. Download it on a connected machine "
-            f"(`hf download {source}` or `save_pretrained`) and set train.base_model to that folder."
-        ) from exc

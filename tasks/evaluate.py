@@ -17,8 +17,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tuneloop.core.config import EvaluateConfig, JudgeConfig, OpenAITrainConfig
+from tuneloop.core.models import adapter_identity, load_causal_lm, load_tokenizer, quiet_libraries
 from tuneloop.core.records import Champion, EvalReport, ModelScore, TrainedModel, TuneloopError
-from tuneloop.tasks.base_model import adapter_identity, load_causal_lm, load_tokenizer, quiet_libraries
 from tuneloop.tasks.heldout import GOLDEN_PREFIX, HeldOutExample
 
 

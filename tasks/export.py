@@ -47,7 +47,8 @@ class TokenPlan:
 def token_plan(train: TrainConfig, models_dir: Path, home: Path | None = None) -> TokenPlan:
     """Count as the backend will: OpenAI models with tiktoken against the model's context and price;
     the local backend with its base model's tokenizer and chat template (the trainer's view)."""
-    from tuneloop.tasks.base_model import load_tokenizer, resolve_base_model
+    from tuneloop.core.models import load_tokenizer
+    from tuneloop.tasks.base_model import resolve_base_model
 
     if train.backend == "openai":
         from tuneloop.tasks.tokens import TiktokenCounter, encoding_for_model

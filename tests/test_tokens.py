@@ -70,7 +70,8 @@ def test_weight_is_not_text_and_tool_calls_count_as_json(encoding):
 
 
 def test_chat_template_counter_counts_what_the_trainer_sees(tmp_path):
-    from tuneloop.tasks.base_model import load_tokenizer, resolve_base_model
+    from tuneloop.core.models import load_tokenizer
+    from tuneloop.tasks.base_model import resolve_base_model
 
     cfg = load_config(DEMO_CONFIG)
     tok = load_tokenizer(resolve_base_model(cfg.train, tmp_path))

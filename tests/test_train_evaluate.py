@@ -6,8 +6,9 @@ import pytest
 
 from conftest import DEMO, DEMO_CONFIG, gate_folder
 from tuneloop.core.config import load_config
+from tuneloop.core.models import load_causal_lm
 from tuneloop.core.records import TuneloopError
-from tuneloop.tasks.base_model import load_causal_lm, resolve_base_model
+from tuneloop.tasks.base_model import resolve_base_model
 from tuneloop.tasks.evaluate import evaluate_models
 from tuneloop.tasks.export import export_chat_jsonl
 from tuneloop.tasks.heldout import read_heldout
@@ -58,7 +59,7 @@ def test_answers_are_long_enough_for_every_label_the_references_write(workspace)
     """The drift scenario's bug: `queue: hub` is 10 tokens for the tiny tokenizer, 8 cut it to `queue: h`."""
     import re
 
-    from tuneloop.tasks.base_model import load_tokenizer
+    from tuneloop.core.models import load_tokenizer
     from tuneloop.tasks.evaluate import answer_budget
 
     root, cfg, exported, heldout = workspace

@@ -29,7 +29,7 @@ class ChampionModel(mlflow.pyfunc.PythonModel):
         if self.spec["backend"] == "local":
             from peft import PeftModel
 
-            from tuneloop.tasks.base_model import load_causal_lm, load_tokenizer
+            from tuneloop.core.models import load_causal_lm, load_tokenizer
 
             base = context.artifacts.get("base_model") or self.spec["base_model"]
             self.tokenizer = load_tokenizer(context.artifacts["adapter"])
