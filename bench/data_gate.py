@@ -75,9 +75,10 @@ def worker(kind: str, folder: Path) -> dict:
     import great_expectations  # noqa: F401  (import time reported separately)
 
     from tuneloop.core.config import DEFAULT_CONFIG, load_config
+    from tuneloop.core.mapping import required_fields
     from tuneloop.tasks.collect import make_source
     from tuneloop.tasks.ledger import Ledger
-    from tuneloop.tasks.quality import check_batch, required_fields
+    from tuneloop.tasks.quality import check_batch
 
     imports = time.perf_counter() - t0
     cfg = load_config(DEFAULT_CONFIG)

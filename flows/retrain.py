@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from tuneloop.core.config import PipelineConfig, load_config
+from tuneloop.core.mapping import required_fields
 from tuneloop.core.records import RetrainResult
 from tuneloop.core.state import prepare_state
 from tuneloop.tasks.collect import collect_task
@@ -22,7 +23,7 @@ from tuneloop.tasks.evaluate import evaluate_task
 from tuneloop.tasks.export import export_task, token_plan_task
 from tuneloop.tasks.heldout import read_evaluation_set
 from tuneloop.tasks.ledger import commit_ledger, consume, load_ledger
-from tuneloop.tasks.quality import enforce_min_examples, quality_task, required_fields
+from tuneloop.tasks.quality import enforce_min_examples, quality_task
 from tuneloop.tasks.register import champion_dataset_version, find_champion_task, register_task
 from tuneloop.tasks.snapshot import load_snapshot, snapshot_task
 from tuneloop.tasks.tokens import CostEstimate, enforce_budget
@@ -66,7 +67,7 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
     # A local store keeps artifacts in the state folder; a tracking server decides for itself.
     artifacts_dir = None if tracking_uri.startswith(("http://", "https://", "databricks")) else state.mlflow_artifacts
 
-    heldout = read_evaluation_set(config.evaluate, config.mapping)
+    heldout = read_evaluation_set(config.evaluate, config.mapping, config.quality)
     ledger = load_ledger(state.ledger)
     landing = getattr(config.source, "landing", None) or state.landing
     raw = collect_task(config.source, landing, required_fields(config.mapping), ledger)

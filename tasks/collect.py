@@ -18,7 +18,6 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tuneloop.core.config import FolderSource, SourceConfig, SqlSource
-from tuneloop.core.records import LandingFile, QuarantineEntry, RawBatch, SqlSlice, TuneloopError
+from tuneloop.core.records import LandingFile, QuarantineEntry, RawBatch, RecordChunk, SqlSlice, TuneloopError
 from tuneloop.tasks.ledger import Ledger
 
 INCOMPLETE_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
@@ -36,24 +35,6 @@ FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv
            ".pq": "parquet"}
 SNIFF_RECORDS = 100  # a JSONL field absent from all of a file's first records is a mapping error
 csv.field_size_limit(sys.maxsize)  # a 10 MB field is a quality problem (quarantine), not a crash
-
-
-@dataclass
-class RecordChunk:
-    """Up to chunk_size records of one source, column-friendly: rows plus their lineage."""
-
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    sources: list[str] = field(default_factory=list)
-    lines: list[int] = field(default_factory=list)
-    unreadable: list[QuarantineEntry] = field(default_factory=list)
-
-    def add(self, row: dict[str, Any], source: str, line: int) -> None:
-        self.rows.append(row)
-        self.sources.append(source)
-        self.lines.append(line)
-
-    def __len__(self) -> int:
-        return len(self.rows) + len(self.unreadable)
 
 
 def sha256_file(path: Path) -> str:

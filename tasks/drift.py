@@ -107,10 +107,11 @@ def input_drift(reference: list[ChatExample], recent: list[ChatExample], window:
 def recent_examples(config: PipelineConfig, home: Path, champion_dataset: str | None,
                     work_dir: Path) -> tuple[list[ChatExample], str]:
     """The newest labeled examples the champion was not trained on, and where they came from."""
+    from tuneloop.core.mapping import required_fields
     from tuneloop.core.state import StateLayout
     from tuneloop.tasks.collect import make_source
     from tuneloop.tasks.ledger import load_ledger
-    from tuneloop.tasks.quality import check_batch, required_fields
+    from tuneloop.tasks.quality import check_batch
     from tuneloop.tasks.snapshot import read_examples
 
     state = StateLayout(home)
@@ -150,11 +151,9 @@ def pyfunc_score(model_uri: str, held: list[HeldOutExample], config: PipelineCon
 
 def champion_score(model_uri: str, examples: list[ChatExample], config: PipelineConfig, tracking_uri: str) -> float:
     """The registered champion scored on recent labeled examples, in the primary metric."""
-    from tuneloop.tasks.heldout import HeldOutExample
+    from tuneloop.tasks.heldout import heldout_example
 
-    held = [HeldOutExample(record_id=e.record_id, prompt=[m for m in e.messages if m.get("role") != "assistant"],
-                           expected=next((str(m["content"]) for m in e.messages if m.get("role") == "assistant"), ""),
-                           label=e.label) for e in examples]
+    held = [heldout_example(e, f"{e.source}:{e.line}") for e in examples]
     return pyfunc_score(model_uri, held, config, tracking_uri).metric(config.evaluate.primary_metric)
 
 

@@ -83,7 +83,7 @@ def split_examples(examples: list[ChatExample], fraction: float, seed: str) -> t
 
 def remove_heldout(examples: list[ChatExample], heldout: list[HeldOutExample]) -> tuple[list[ChatExample], int]:
     """Drop every example that asks a held-out question (normalized user text) or is a held-out example."""
-    from tuneloop.tasks.quality import content_hash
+    from tuneloop.core.mapping import content_hash
 
     if not heldout:
         return examples, 0

@@ -1,4 +1,4 @@
-"""Quality gate: map records to chat examples, handle PII, drop exact duplicates, run two GX suites.
+"""Quality gate: records mapped to chat examples (core.mapping), exact duplicates dropped, two GX suites run.
 
 Records stream through in chunks (bounded memory). Every record read ends in exactly one place:
 accepted, quarantined (the failed expectations as reasons) or a duplicate of an earlier record; the
@@ -12,14 +12,9 @@ the first record with an id is kept, later ones with the same id are quarantined
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import re
-import string
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,404 +24,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tuneloop.core.config import MappingConfig, QualityConfig, SourceConfig
+from tuneloop.core.mapping import PreparedChunk, RecordMapper, all_fields
 from tuneloop.core.records import CheckedBatch, ExpectationOutcome, QuarantineEntry, RawBatch, TuneloopError
-from tuneloop.tasks.collect import RecordChunk
-
-ROW = "_row"
-UNIQUE = "expect_column_values_to_be_unique"
-ROLES = {"system", "user", "assistant", "tool", "developer"}
+from tuneloop.tasks.gx import ROW, UNIQUE, SuiteRunner, load_suite
 
 
 class QualityGateFailed(TuneloopError):
     """The batch as a whole is not fit to train on; nothing downstream runs."""
-
-
-# ---- PII ----------------------------------------------------------------------------------------------
-
-
-def luhn_ok(candidate: str) -> bool:
-    digits = [int(c) for c in candidate if c.isdigit()]
-    if not 13 <= len(digits) <= 19:
-        return False
-    total = 0
-    for i, d in enumerate(reversed(digits)):
-        if i % 2:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
-def iban_ok(candidate: str) -> bool:
-    s = candidate.replace(" ", "").upper()
-    if not 15 <= len(s) <= 34:
-        return False
-    rearranged = s[4:] + s[:4]
-    return int("".join(str(int(c, 36)) for c in rearranged)) % 97 == 1
-
-
-@dataclass(frozen=True)
-class PiiKind:
-    """A kind of personal data: a regex (valid in both RE2 and Python) and an optional checksum."""
-
-    name: str
-    pattern: str
-    valid: Callable[[str], bool] | None = None
-
-
-# Order matters: a card number is also a run of digits a phone pattern would take.
-PII_KINDS: tuple[PiiKind, ...] = (
-    PiiKind("CARD", r"\b(?:\d[ -]?){12,18}\d\b", luhn_ok),
-    PiiKind("IBAN", r"\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]){11,30}\b", iban_ok),
-    PiiKind("EMAIL", r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"),
-    PiiKind("PHONE", r"(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\b\d{2,4}[ .-]\d{3,4}[ .-]\d{3,5}\b"),
-)
-
-
-def pii_kinds(quality: QualityConfig) -> list[PiiKind]:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    extra = [PiiKind(name.upper(), pattern) for name, pattern in quality.pii_patterns.items()]
-    for kind in extra:
-        try:
-            re.compile(kind.pattern)
-            pc.match_substring_regex(pa.array([""]), pattern=kind.pattern)  # Arrow's RE2 must take it too
-        except (re.error, pa.ArrowInvalid) as exc:
-            raise TuneloopError(f"quality.pii_patterns.{kind.name.lower()}: not a valid RE2/Python regex ({exc})") from None
-    return [*PII_KINDS, *extra]
-
-
-def scan_pii(values: list[str | None], kinds: list[PiiKind], redact: bool) -> tuple[list[str | None], dict[int, dict[str, int]]]:
-    """Find (and optionally replace with [KIND]) PII in a column.
-
-    Returns the column and, for rows with PII, how many matches of each kind. One pass of Arrow's RE2
-    over the whole column finds the rows that may hold PII (usually few); only those take the Python
-    path that runs each kind's checksum and does the replacing.
-    """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    combined = "|".join(f"(?:{k.pattern})" for k in kinds)
-    arr = pa.array(values, type=pa.large_string())
-    mask = pc.fill_null(pc.match_substring_regex(arr, pattern=combined), False).to_numpy(zero_copy_only=False)
-    hits = mask.nonzero()[0]
-    found: dict[int, dict[str, int]] = {}
-    if len(hits) == 0:
-        return values, found
-    out = list(values) if redact else values
-    for i in hits:
-        text = values[i]
-        counts: dict[str, int] = {}
-        for kind in kinds:
-            regex = re.compile(kind.pattern)
-            if kind.valid is None:
-                text, n = regex.subn(f"[{kind.name}]", text) if redact else (text, len(regex.findall(text)))
-            else:
-                n = sum(kind.valid(m.group(0)) for m in regex.finditer(text))
-                if n and redact:
-                    text = regex.sub(lambda m, k=kind: f"[{k.name}]" if k.valid(m.group(0)) else m.group(0), text)
-            if n:
-                counts[kind.name] = n
-        if counts:
-            found[int(i)] = counts
-            if redact:
-                out[i] = text
-    return out, found
-
-
-def redact_pii(text: str, kinds: Iterable[PiiKind] = PII_KINDS) -> tuple[str, int]:
-    """One string: for callers outside the gate."""
-    values, found = scan_pii([text], list(kinds), redact=True)
-    return values[0], sum(found.get(0, {}).values())
-
-
-# ---- mapping --------------------------------------------------------------------------------------------
-
-
-def template_fields(mapping: MappingConfig) -> list[str]:
-    """The record fields the mapping reads, in first-use order."""
-    names: list[str] = []
-    if mapping.messages is None:
-        for template in (mapping.system, mapping.user, mapping.assistant):
-            for _, name, _, _ in string.Formatter().parse(template or ""):
-                if name and name not in names:
-                    names.append(name)
-    return names
-
-
-def required_fields(mapping: MappingConfig) -> list[str]:
-    """Columns a source must have for the mapping to make sense (checked before any work)."""
-    names = template_fields(mapping)
-    for extra in (mapping.messages, mapping.label):
-        if extra and extra not in names:
-            names.append(extra)
-    return names
-
-
-def all_fields(mapping: MappingConfig) -> list[str]:
-    names = required_fields(mapping)
-    for extra in (mapping.id, *mapping.metadata):
-        if extra and extra not in names:
-            names.append(extra)
-    return names
-
-
-def normalize_text(text: str) -> str:
-    """Casefolded, whitespace-collapsed text: what makes two examples 'the same'."""
-    return " ".join(text.split()).casefold()
-
-
-def normalize_texts(texts: list[str]) -> list[str]:
-    return [" ".join(t.split()).casefold() for t in texts]
-
-
-def content_hash_of(pairs: Iterable[tuple[str, str]]) -> str:
-    canon = "\x1f".join(f"{role}\x1e{normalize_text(content)}" for role, content in pairs)
-    return hashlib.sha256(canon.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def content_hash(messages: list[dict[str, Any]]) -> str:
-    """Hash of an example's meaning, not its bytes: case and whitespace do not make a new example."""
-    return content_hash_of((str(m.get("role")), str(m.get("content") or "")) for m in messages)
-
-
-def render_column(template: str, columns: dict[str, list[Any]], rows: list[int]):
-    """``template.format(**record)`` for many records at once (Arrow string joins when the template is
-    plain ``{field}`` references; Python's format when it uses format specs or conversions)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    parts = list(string.Formatter().parse(template))
-    if any(name is not None and (spec or conv or not name.isidentifier()) for _, name, spec, conv in parts):
-        return pa.array([template.format(**{n: columns[n][i] for n in columns}) for i in rows], type=pa.large_string())
-    pieces: list[Any] = []
-    for literal, name, _, _ in parts:
-        if literal:
-            pieces.append(pa.scalar(literal, type=pa.large_string()))
-        if name is not None:
-            pieces.append(pa.array([columns[name][i] for i in rows], type=pa.large_string()))
-    empty = pa.scalar("", type=pa.large_string())
-    if not any(isinstance(p, pa.Array) for p in pieces):  # a template without fields: the same text for all
-        pieces.append(pa.array([""] * len(rows), type=pa.large_string()))
-    joined = pc.binary_join_element_wise(*pieces, empty, empty, null_handling="replace", null_replacement="None")
-    return joined
-
-
-def render_messages(mapping: MappingConfig, fields: dict[str, Any]) -> list[dict[str, Any]]:
-    if mapping.messages is not None:
-        value = fields.get(mapping.messages)
-        if isinstance(value, str):
-            try:
-                value = orjson.loads(value)
-            except orjson.JSONDecodeError:
-                return []
-        return value if isinstance(value, list) else []
-    messages = []
-    if mapping.system:
-        messages.append({"role": "system", "content": mapping.system.format(**fields)})
-    messages.append({"role": "user", "content": mapping.user.format(**fields)})
-    messages.append({"role": "assistant", "content": mapping.assistant.format(**fields)})
-    return messages
-
-
-def flatten_chat(messages: list[Any]) -> dict[str, Any]:
-    """The columns the chat suite checks: GX validates tables, not nested JSON."""
-    ok = [m for m in messages if isinstance(m, dict)]
-    roles = [str(m.get("role")) for m in ok]
-    contents = [m.get("content") for m in ok]
-    return {
-        "n_messages": len(messages),
-        "n_malformed": len(messages) - len(ok),
-        "roles": ",".join(roles),
-        "last_role": roles[-1] if roles else "",
-        "n_unknown_roles": sum(r not in ROLES for r in roles),
-        "n_empty_content": sum(not (isinstance(c, str) and c.strip()) for c, m in zip(contents, ok, strict=True)
-                               if not m.get("tool_calls")),
-        "n_chars": sum(len(c) for c in contents if isinstance(c, str)),
-    }
-
-
-# ---- Great Expectations ---------------------------------------------------------------------------------
-
-
-def load_suite(path: Path, without: str | None = None) -> tuple[Any, list[dict[str, Any]]]:
-    """The suite, and the expectations of type ``without`` taken out of it (run-wide checks)."""
-    import great_expectations as gx
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        taken = [e for e in data.get("expectations", []) if e.get("type") == without]
-        data["expectations"] = [e for e in data.get("expectations", []) if e.get("type") != without]
-        return gx.ExpectationSuite(**data), taken
-    except FileNotFoundError:
-        raise TuneloopError(f"quality suite {path} does not exist") from None
-    except (json.JSONDecodeError, TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise TuneloopError(f"quality suite {path} is not a valid expectation suite ({exc})") from None
-
-
-class SuiteRunner:
-    """One GX suite, validated chunk after chunk through a checkpoint."""
-
-    def __init__(self, context, suite):
-        import great_expectations as gx
-
-        self.name = suite.name
-        asset = context.data_sources.add_pandas(f"{suite.name}-source").add_dataframe_asset(suite.name)
-        definition = asset.add_batch_definition_whole_dataframe("chunk")
-        suite = context.suites.add(suite)
-        validation = context.validation_definitions.add(
-            gx.ValidationDefinition(name=f"{suite.name}-validation", data=definition, suite=suite))
-        # results stay in the context's store; Data Docs are built from all of them once, at the end
-        self.checkpoint = context.checkpoints.add(gx.Checkpoint(
-            name=f"{suite.name}-gate", validation_definitions=[validation], actions=[],
-            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ROW]}))
-        self.columns = {c for e in suite.expectations if (c := e.configuration.kwargs.get("column"))}
-        self.outcomes: dict[tuple[str, str | None], list[int]] = {}  # (type, column) -> [failed chunks, count]
-
-    def run(self, frame) -> dict[int, list[str]]:
-        result = self.checkpoint.run(batch_parameters={"dataframe": frame})
-        reasons: dict[int, list[str]] = {}
-        for validation in result.run_results.values():
-            for r in validation.results:
-                cfg = r.expectation_config
-                column = cfg.kwargs.get("column")
-                if r.exception_info and r.exception_info.get("raised_exception"):
-                    raise TuneloopError(f"quality suite {self.name}: {cfg.type} on {column!r} could not run:"
-                                        f" {r.exception_info.get('exception_message')}")
-                unexpected = r.result.get("unexpected_index_list") or []
-                tally = self.outcomes.setdefault((cfg.type, column), [0, 0])
-                tally[0] += not r.success
-                tally[1] += len(unexpected)
-                label = f"{cfg.type}({column})" if column else cfg.type
-                for item in unexpected:
-                    reasons.setdefault(int(item[ROW]), []).append(label)
-        return reasons
-
-
-# ---- the gate -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PreparedChunk:
-    """A chunk after everything that does not depend on other chunks: picklable, so another process can
-    make it. Row k of the chunk is row k of every list."""
-
-    sources: list[str]
-    lines: list[int]
-    records: list[bytes]  # the original record as JSON, for the quarantine file
-    keys: list[bytes]  # exact-duplicate key of the mapped content
-    columns: dict[str, list[Any]]  # mapped fields, after PII handling: what the raw suite checks
-    pii_reasons: dict[int, list[str]]
-    n_redacted: int
-    flat: Any  # DataFrame: the chat suite's columns, one row per record
-    examples: list[bytes]  # the accepted example as a JSONL line, should it pass
-    unreadable: list[QuarantineEntry]
-
-
-class ChunkPreparer:
-    """Maps records to chat examples, handles PII, renders, hashes: everything per-row and order-free."""
-
-    def __init__(self, mapping: MappingConfig, quality: QualityConfig):
-        self.mapping, self.redact = mapping, quality.pii == "redact"
-        self.fields = all_fields(mapping)
-        self.text_fields = template_fields(mapping)
-        self.kinds = pii_kinds(quality)
-
-    def prepare(self, chunk: RecordChunk) -> PreparedChunk:
-        m = self.mapping
-        columns: dict[str, list[Any]] = {}
-        for name in self.fields:
-            values = [r.get(name) for r in chunk.rows]
-            if name != m.messages:  # a number where text is expected is read as its text
-                values = [v.strip() if isinstance(v, str) else v if v is None else
-                          orjson.dumps(v).decode() if isinstance(v, dict | list) else str(v) for v in values]
-            columns[name] = values
-
-        pii_reasons: dict[int, list[str]] = {}
-        n_redacted = 0
-        for name in self.text_fields:
-            columns[name], found = scan_pii(columns[name], self.kinds, redact=self.redact)
-            for i, counts in found.items():
-                if self.redact:
-                    n_redacted += sum(counts.values())
-                else:
-                    pii_reasons.setdefault(i, []).extend(f"pii:{k}({name})" for k in counts)
-        if m.messages:
-            for i, value in enumerate(columns[m.messages]):
-                columns[m.messages][i], counts = self._scan_messages(value)
-                if counts and self.redact:
-                    n_redacted += sum(counts.values())
-                elif counts:
-                    pii_reasons.setdefault(i, []).extend(f"pii:{k}({m.messages})" for k in counts)
-
-        n = len(chunk.rows)
-        keys = [hashlib.sha256(orjson.dumps([columns[f][i] for f in self.fields], default=str)).digest()[:16]
-                for i in range(n)]
-        messages, flat, hashes = self._render(columns)
-        labels = columns[m.label] if m.label else [None] * n
-        ids = columns.get(m.id, [None] * n)
-        examples = [orjson.dumps({
-            "messages": messages[i],
-            "label": None if labels[i] is None else str(labels[i]),
-            "record_id": str(ids[i]) if ids[i] is not None else f"{Path(chunk.sources[i]).name}:{chunk.lines[i]}",
-            "source": chunk.sources[i],
-            "line": chunk.lines[i],
-            "content_hash": hashes[i],
-            "metadata": {name: columns[name][i] for name in m.metadata},
-        }, default=str) + b"\n" for i in range(n)]
-        return PreparedChunk(
-            sources=chunk.sources, lines=chunk.lines, records=[orjson.dumps(r, default=str) for r in chunk.rows],
-            keys=keys, columns={k: v for k, v in columns.items() if k != m.messages}, pii_reasons=pii_reasons,
-            n_redacted=n_redacted, flat=flat, examples=examples, unreadable=chunk.unreadable)
-
-    def _render(self, columns: dict[str, list[Any]]):
-        """Each row's chat messages, their content hashes, and the flattened columns the chat suite checks."""
-        import pandas as pd
-        import pyarrow.compute as pc
-
-        m = self.mapping
-        n = len(next(iter(columns.values()))) if columns else 0
-        rows = list(range(n))
-        if m.messages is not None:
-            messages = [render_messages(m, {m.messages: value}) for value in columns[m.messages]]
-            return messages, pd.DataFrame([flatten_chat(msgs) for msgs in messages], index=rows), \
-                [content_hash(msgs) for msgs in messages]
-        turns = [("system", m.system)] if m.system else []
-        turns += [("user", m.user), ("assistant", m.assistant)]
-        arrays = {role: render_column(template, columns, rows) for role, template in turns}
-        names = [role for role, _ in turns]
-        texts = [arrays[role].to_pylist() for role in names]
-        messages = [[{"role": r, "content": t} for r, t in zip(names, row, strict=True)] for row in zip(*texts, strict=True)]
-        # content_hash, unrolled over columns: the same value, without a call per message
-        normalized = [[f"{r}\x1e" + " ".join(t.split()).casefold() for t in col] for r, col in zip(names, texts, strict=True)]
-        hashes = [hashlib.sha256("\x1f".join(row).encode("utf-8", "surrogatepass")).hexdigest() for row in zip(*normalized, strict=True)]
-        flat = pd.DataFrame({
-            "n_messages": len(turns), "n_malformed": 0, "roles": ",".join(names), "last_role": names[-1],
-            "n_unknown_roles": 0,
-            "n_empty_content": sum(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(a)), 0)
-                                   .to_numpy(zero_copy_only=False).astype("int64") for a in arrays.values()),
-            "n_chars": sum(pc.utf8_length(a).to_numpy(zero_copy_only=False) for a in arrays.values()),
-        }, index=rows)
-        return messages, flat, hashes
-
-    def _scan_messages(self, value: Any) -> tuple[Any, dict[str, int]]:
-        if isinstance(value, str):
-            try:
-                value = orjson.loads(value)
-            except orjson.JSONDecodeError:
-                return value, {}
-        if not isinstance(value, list):
-            return value, {}
-        contents = [msg.get("content") if isinstance(msg, dict) and isinstance(msg.get("content"), str) else None
-                    for msg in value]
-        texts, found = scan_pii(contents, self.kinds, redact=self.redact)
-        counts: dict[str, int] = {}
-        for per_message in found.values():
-            for kind, k in per_message.items():
-                counts[kind] = counts.get(kind, 0) + k
-        if self.redact and found:
-            value = [{**msg, "content": texts[k]} if k in found else msg for k, msg in enumerate(value)]
-        return value, counts
 
 
 class QualityGate:
@@ -577,7 +181,7 @@ def _prepare_in_subprocess(raw: RawBatch, source: SourceConfig, mapping: Mapping
     from tuneloop.tasks.collect import read_chunks
 
     try:
-        preparer = ChunkPreparer(mapping, quality)
+        preparer = RecordMapper(mapping, quality)
         for chunk in read_chunks(raw, source):
             queue.put(preparer.prepare(chunk))
         queue.put(None)
@@ -590,7 +194,7 @@ def prepared_chunks(raw: RawBatch, source: SourceConfig, mapping: MappingConfig,
     if not in_subprocess:
         from tuneloop.tasks.collect import read_chunks
 
-        preparer = ChunkPreparer(mapping, quality)
+        preparer = RecordMapper(mapping, quality)
         for chunk in read_chunks(raw, source):
             yield preparer.prepare(chunk)
         return

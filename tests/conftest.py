@@ -60,9 +60,10 @@ def prefect_harness():
 
 def gate_folder(folder: Path, cfg, run_dir: Path):
     """Collect everything in a folder (empty ledger) and run the quality gate over it."""
+    from tuneloop.core.mapping import required_fields
     from tuneloop.tasks.collect import make_source
     from tuneloop.tasks.ledger import Ledger
-    from tuneloop.tasks.quality import check_batch, required_fields
+    from tuneloop.tasks.quality import check_batch
 
     raw = make_source(cfg.source, folder, required_fields(cfg.mapping)).collect(Ledger())
     return check_batch(raw, cfg.source, cfg.mapping, cfg.quality, run_dir)

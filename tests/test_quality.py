@@ -5,8 +5,9 @@ import pytest
 
 from conftest import DEMO, DEMO_CONFIG, accepted, gate_folder, write_lines
 from tuneloop.core.config import load_config
+from tuneloop.core.pii import PII_KINDS, pii_kinds, redact_pii, scan_pii
 from tuneloop.core.records import TuneloopError
-from tuneloop.tasks.quality import PII_KINDS, QualityGateFailed, enforce_gate, pii_kinds, redact_pii, scan_pii
+from tuneloop.tasks.quality import QualityGateFailed, enforce_gate
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +132,32 @@ def test_suite_pii_regexes_match_the_redactor():
     by_kind = {e["meta"]["pii"]: e["kwargs"]["regex"] for e in suite["expectations"] if "pii" in e.get("meta", {})}
     assert by_kind == {k.name: k.pattern for k in PII_KINDS if k.name in by_kind}
     assert set(by_kind) == {"EMAIL", "PHONE"}
+
+
+def test_a_heldout_record_and_its_training_twin_map_to_the_same_example_and_hash(tmp_path):
+    """One mapping for both paths: stripped fields, PII redacted, the same content hash, so the overlap is found."""
+    from tuneloop.tasks.heldout import read_heldout
+
+    cfg = load_config(DEMO_CONFIG)
+    record = {"ticket_id": "T-1", "subject": "  Invoice question ", "queue": "billing",
+              "body": "Please call me at +1 415 555 0134 or write to ana.silva@example.com about invoice 2291.",
+              "answer": "Thanks Ana, I have corrected the invoice. "}
+    landing = tmp_path / "landing"
+    write_lines(landing / "batch.jsonl", [json.dumps(record)])
+    trained = accepted(gate_folder(landing, cfg, tmp_path / "run"))["T-1"]
+    held = read_heldout(write_lines(tmp_path / "holdout.jsonl", [json.dumps(record)]), cfg.mapping, quality=cfg.quality)
+    assert len(held) == 1 and held[0].content_hash == trained.content_hash
+    assert held[0].prompt == trained.messages[:-1] and held[0].expected == trained.messages[-1]["content"]
+    assert "[EMAIL]" in held[0].prompt[-1]["content"] and "[PHONE]" in held[0].prompt[-1]["content"]
+    assert held[0].label == "billing"
+
+
+def test_a_heldout_record_missing_a_mapped_field_names_the_file_line_and_field(tmp_path):
+    from tuneloop.tasks.heldout import read_heldout
+
+    cfg = load_config(DEMO_CONFIG)
+    path = write_lines(tmp_path / "holdout.jsonl", [
+        json.dumps({"ticket_id": "T-1", "subject": "s", "body": "b", "queue": "billing", "answer": "a"}),
+        json.dumps({"ticket_id": "T-2", "subject": "s", "queue": "billing", "answer": "a"})])
+    with pytest.raises(TuneloopError, match=rf"{path}:2: field 'body' is missing"):
+        read_heldout(path, cfg.mapping)

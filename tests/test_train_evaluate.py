@@ -131,10 +131,10 @@ def test_a_champion_scored_before_is_not_generated_again_and_errors_are_listed(w
 
 
 def test_a_golden_set_is_evaluated_and_kept_out_of_training(tmp_path):
+    from tuneloop.core.mapping import content_hash
     from tuneloop.core.records import ChatExample
     from tuneloop.tasks.export import remove_heldout
     from tuneloop.tasks.heldout import read_evaluation_set
-    from tuneloop.tasks.quality import content_hash
 
     golden = tmp_path / "golden.jsonl"
     rows = [json.loads(line) for line in (DEMO / "tickets.jsonl").read_text().splitlines()[:3]]

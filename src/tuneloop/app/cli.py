@@ -111,9 +111,10 @@ def check(
         fail(f"--format {format_}: expected records or chat", 2)
     if format_ == "chat":
         _check_chat(path, cfg, state, as_json)
+    from tuneloop.core.mapping import required_fields
     from tuneloop.core.records import LandingFile, RawBatch
     from tuneloop.tasks.collect import FORMATS, check_columns, sha256_file
-    from tuneloop.tasks.quality import QualityGateFailed, check_batch, enforce_gate, required_fields
+    from tuneloop.tasks.quality import QualityGateFailed, check_batch, enforce_gate
 
     if not path.is_file():
         fail(f"{path}: no such file", 2)
@@ -179,7 +180,7 @@ def export(config: ConfigOption = None, set_: SetOption = None) -> None:
             fail(f"no dataset version in {state.home} yet: `tuneloop run` collects, checks and snapshots the "
                  "landing folder first", 1)
         dataset = load_snapshot(state.datasets, ledger.dataset_version)
-        heldout = read_evaluation_set(cfg.evaluate, cfg.mapping)
+        heldout = read_evaluation_set(cfg.evaluate, cfg.mapping, cfg.quality)
         exported = export_chat_jsonl(dataset, cfg.export, heldout, state.home / "exports",
                                      token_plan(cfg.train, state.models), cfg.config_hash())
     except TuneloopError as exc:

@@ -87,7 +87,7 @@ def run_scenario(work: Path, weeks: int = 6, drift_at: int = 3, seed: int = 11,
         cfg = load_config(SCENARIO_CONFIG, [f"evaluate.holdout={holdout}", f"register.tracking_uri={tracking_uri}",
                                             *(overrides or [])])
         name = cfg.registry.model_name
-        week_eval = read_heldout(paths["eval"], cfg.mapping)
+        week_eval = read_heldout(paths["eval"], cfg.mapping, quality=cfg.quality)
         client = client_for(tracking_uri)
         try:
             champion = str(client.get_model_version_by_alias(name, "champion").version)

@@ -22,10 +22,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tuneloop.core.config import PipelineConfig
+from tuneloop.core.mapping import required_fields
 from tuneloop.core.state import StateLayout
 from tuneloop.tasks.collect import make_source
 from tuneloop.tasks.ledger import load_ledger
-from tuneloop.tasks.quality import required_fields
 
 LANDED_EVENT = "tuneloop.data.landed"
 log = logging.getLogger("tuneloop.watch")

@@ -6,6 +6,7 @@ Records are pydantic models so that Prefect can persist them and the UI can show
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,24 @@ class QuarantineEntry(BaseModel):
     line: int
     reasons: list[str]
     record: Any
+
+
+@dataclass
+class RecordChunk:
+    """Up to chunk_size records of one source, column-friendly: rows plus their lineage."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+    unreadable: list[QuarantineEntry] = field(default_factory=list)
+
+    def add(self, row: dict[str, Any], source: str, line: int) -> None:
+        self.rows.append(row)
+        self.sources.append(source)
+        self.lines.append(line)
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.unreadable)
 
 
 class LandingFile(BaseModel):
