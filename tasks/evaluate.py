@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tuneloop.core.config import EvaluateConfig, JudgeConfig, OpenAITrainConfig
 from tuneloop.core.models import adapter_identity, load_causal_lm, load_tokenizer, quiet_libraries
+from tuneloop.core.openai_client import chat_completions
 from tuneloop.core.records import Champion, EvalReport, ModelScore, TrainedModel, TuneloopError
 from tuneloop.tasks.heldout import GOLDEN_PREFIX, HeldOutExample
 
@@ -151,27 +152,12 @@ def confusion_png(predicted: list[str | None], examples: list[HeldOutExample], t
     return path
 
 
-def chat_completions(openai: OpenAITrainConfig, model: str, prompts: list[list[dict]], max_tokens: int) -> list[str]:
-    """Greedy answers of an API model, ``eval_concurrency`` requests at a time, each retried like training calls."""
-    from concurrent.futures import ThreadPoolExecutor
+def chat_answers(openai: OpenAITrainConfig, model: str, examples: list[HeldOutExample], max_new_tokens: int,
+                 warn: Callable[[str], None] | None = None) -> list[str]:
+    """An API model's answers; the key from the Prefect Secret block or the environment, as in training."""
+    from tuneloop.tasks.train_openai import api_key
 
-    from tuneloop.tasks.train_openai import Secrets, _call, api_key, make_client
-
-    client = make_client(openai)
-    secrets = Secrets(api_key(openai))
-
-    def one(messages: list[dict]) -> str:
-        reply = _call(lambda: client.chat.completions.create(model=model, messages=messages, temperature=0,
-                                                             max_tokens=max_tokens),
-                      f"chat.completions ({model})", openai, secrets)
-        return reply.choices[0].message.content or ""
-
-    with ThreadPoolExecutor(openai.eval_concurrency) as pool:
-        return list(pool.map(one, prompts))
-
-
-def chat_answers(openai: OpenAITrainConfig, model: str, examples: list[HeldOutExample], max_new_tokens: int) -> list[str]:
-    return chat_completions(openai, model, [e.prompt for e in examples], max_new_tokens)
+    return chat_completions(openai, model, [e.prompt for e in examples], max_new_tokens, key=api_key(openai), warn=warn)
 
 
 class GenerationCache:
@@ -284,7 +270,7 @@ def evaluate_models(
 
     def api(model: str) -> list[str]:
         return cache.answers(f"openai:{model}", heldout,
-                             lambda exs: chat_answers(openai, model, exs, evaluate.max_new_tokens))
+                             lambda exs: chat_answers(openai, model, exs, evaluate.max_new_tokens, warn))
 
     if trained.backend == "openai":
         texts = {"base": api(trained.base_model), "candidate": api(trained.fine_tuned_model)}

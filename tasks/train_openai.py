@@ -3,8 +3,9 @@
 A job costs money and hours, so this module never starts the same job twice and never loses one:
 
 * The SDK retries POSTs without an idempotency key; a 500 after the server created a job would create a
-  second, billed job. Every call here goes through ``_call`` with the SDK's retries off, and before each
-  create (the first and every retry) the job is looked up by a key in its metadata and reattached.
+  second, billed job. Every call here goes through ``core.openai_client.call`` with the SDK's retries off,
+  and before each create (the first and every retry) the job is looked up by a key in its metadata and
+  reattached.
 * The job id is also written to the state folder as soon as it exists, so a rerun after the process was
   killed finds it even where an endpoint ignores the metadata filter.
 * Uploaded files are reused by sha256 (and checked to still exist).
@@ -15,9 +16,6 @@ The API key comes from the environment or a Prefect Secret block and is scrubbed
 from __future__ import annotations
 
 import hashlib
-import os
-import random
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +26,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tuneloop.core.config import OpenAITrainConfig, TrainConfig
+from tuneloop.core.openai_client import Secrets, call, env_api_key, make_client
 from tuneloop.core.records import ExportedDataset, TrainedModel, TuneloopError
 from tuneloop.core.state import stage_logger, write_atomically
 
@@ -36,6 +35,7 @@ KEY = "tuneloop_key"
 
 
 def api_key(cfg: OpenAITrainConfig) -> str:
+    """The Prefect Secret block named in the config, else the environment variable."""
     if cfg.api_key_secret_block:
         from prefect.blocks.system import Secret
 
@@ -44,101 +44,12 @@ def api_key(cfg: OpenAITrainConfig) -> str:
         except ValueError:
             raise TuneloopError(f"train.openai.api_key_secret_block: no Prefect Secret block named "
                                 f"{cfg.api_key_secret_block!r}") from None
-    key = os.environ.get(cfg.api_key_env)
-    if not key:
-        raise TuneloopError(f"train.openai: no API key: set the environment variable {cfg.api_key_env} "
-                            "(train.openai.api_key_env) or name a Prefect Secret block in train.openai.api_key_secret_block")
-    return key
+    return env_api_key(cfg)
 
 
-def make_client(cfg: OpenAITrainConfig):
-    """SDK retries off: ``_call`` decides what is safe to repeat."""
-    from openai import AzureOpenAI, OpenAI
-
-    key = api_key(cfg)
-    if cfg.provider == "azure":
-        endpoint = cfg.azure_endpoint or os.environ.get("AZURE_OPENAI_ENDPOINT")
-        if not endpoint:
-            raise TuneloopError("train.openai.provider is azure: set train.openai.azure_endpoint "
-                                "(https://<resource>.openai.azure.com) or AZURE_OPENAI_ENDPOINT")
-        return AzureOpenAI(api_key=key, azure_endpoint=endpoint, api_version=cfg.azure_api_version, max_retries=0)
-    base_url = cfg.base_url or os.environ.get("OPENAI_BASE_URL")
-    if cfg.provider == "compatible" and not base_url:
-        raise TuneloopError("train.openai.provider is compatible: set train.openai.base_url or OPENAI_BASE_URL")
-    return OpenAI(api_key=key, base_url=base_url, max_retries=0)
-
-
-class Secrets:
-    """Removes the key (and anything that looks like one) from text bound for logs, errors or MLflow."""
-
-    def __init__(self, *keys: str):
-        self.keys = [k for k in keys if k]
-
-    def scrub(self, text: str) -> str:
-        for k in self.keys:
-            text = text.replace(k, "***")
-        return re.sub(r"sk-[A-Za-z0-9_\-*]{8,}", "sk-***", text)
-
-
-def _retry_after(exc) -> float | None:
-    response = getattr(exc, "response", None)
-    if response is None:
-        return None
-    for header, scale in (("retry-after-ms", 1000), ("retry-after", 1)):
-        value = response.headers.get(header)
-        if value:
-            try:
-                return float(value) / scale
-            except ValueError:
-                return None
-    return None
-
-
-def _describe(exc, secrets: Secrets) -> str:
-    body = getattr(exc, "body", None)
-    err = body.get("error", body) if isinstance(body, dict) else {}
-    err = err if isinstance(err, dict) else {}
-    status = getattr(exc, "status_code", None)
-    parts = [f"HTTP {status}" if status else type(exc).__name__]
-    if err.get("code"):
-        parts.append(str(err["code"]))
-    parts.append(str(err.get("message") or getattr(exc, "message", "") or exc))
-    if err.get("param"):
-        parts.append(f"(param {err['param']})")
-    return secrets.scrub(" ".join(parts))
-
-
-def _call(fn: Callable[[], Any], what: str, cfg: OpenAITrainConfig, secrets: Secrets,
-          sleep: Callable[[float], None] = time.sleep, before_retry: Callable[[], Any] | None = None) -> Any:
-    """One API call with our retries: 429 honours retry-after, 5xx and dropped connections back off,
-    401/403 and other 4xx fail at once with a readable line."""
-    import openai
-
-    for attempt in range(cfg.request_retries + 1):
-        try:
-            return fn()
-        except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
-            raise TuneloopError(
-                f"{what}: {_describe(exc, secrets)}. Check the API key in {cfg.api_key_env} and that the "
-                "organization or project may use fine-tuning (OpenAI has closed self-serve fine-tuning to new "
-                "customers; Azure OpenAI or a compatible endpoint are alternatives)") from None
-        except openai.RateLimitError as exc:
-            wait, last = _retry_after(exc) or min(60.0, 2.0 ** attempt), exc
-        except openai.APIStatusError as exc:
-            if exc.status_code < 500 and exc.status_code not in (408, 409):
-                raise TuneloopError(f"{what}: {_describe(exc, secrets)}") from None
-            wait, last = min(60.0, 2.0 ** attempt) * (0.5 + random.random() / 2), exc
-        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
-            wait, last = min(60.0, 2.0 ** attempt) * (0.5 + random.random() / 2), exc
-        if attempt == cfg.request_retries:
-            break
-        stage_logger().warning(f"{what}: {_describe(last, secrets)}; retrying in {wait:.1f}s")
-        sleep(wait)
-        if before_retry is not None:
-            found = before_retry()
-            if found is not None:
-                return found
-    raise TuneloopError(f"{what}: gave up after {cfg.request_retries + 1} tries: {_describe(last, secrets)}")
+def _warn(message: str) -> None:
+    """Retry warnings to the run log (looked up at the retry, so a call outside a run logs plainly)."""
+    stage_logger().warning(message)
 
 
 class _Registry:
@@ -165,22 +76,24 @@ def upload(client, path: Path, sha256: str, files: _Registry, cfg: OpenAITrainCo
     known = files.get(sha256)
     if known:
         try:
-            found = _call(lambda: client.files.retrieve(known), f"files.retrieve {known}", cfg, secrets, sleep)
+            found = call(lambda: client.files.retrieve(known), f"files.retrieve {known}", cfg, secrets, sleep,
+                         warn=_warn)
             if found.status != "error":
                 log.info(f"openai: reusing uploaded {path.name} as {known} (same sha256)")
                 return known
         except (TuneloopError, openai.NotFoundError):
             pass
     with path.open("rb") as fh:
-        created = _call(lambda: client.files.create(file=(path.name, fh.read()), purpose="fine-tune"),
-                        f"upload {path.name}", cfg, secrets, sleep)
+        created = call(lambda: client.files.create(file=(path.name, fh.read()), purpose="fine-tune"),
+                        f"upload {path.name}", cfg, secrets, sleep, warn=_warn)
     for _ in range(600):
         if created.status == "processed":
             break
         if created.status == "error":
             raise TuneloopError(f"openai: {path.name} was rejected: {secrets.scrub(str(created.status_details))}")
         sleep(1.0)
-        created = _call(lambda c=created.id: client.files.retrieve(c), f"files.retrieve {created.id}", cfg, secrets, sleep)
+        created = call(lambda c=created.id: client.files.retrieve(c), f"files.retrieve {created.id}", cfg, secrets,
+                       sleep, warn=_warn)
     files.put(sha256, created.id)
     log.info(f"openai: uploaded {path.name} as {created.id}")
     return created.id
@@ -201,12 +114,14 @@ def find_job(client, key: str, jobs: _Registry, cfg: OpenAITrainConfig, secrets:
     recorded = jobs.get(key)
     if recorded:
         try:
-            job = _call(lambda: client.fine_tuning.jobs.retrieve(recorded), f"jobs.retrieve {recorded}", cfg, secrets, sleep)
+            job = call(lambda: client.fine_tuning.jobs.retrieve(recorded), f"jobs.retrieve {recorded}", cfg, secrets,
+                       sleep, warn=_warn)
             if job.status not in ("failed", "cancelled"):
                 return job
         except (TuneloopError, openai.NotFoundError):
             pass
-    page = _call(lambda: client.fine_tuning.jobs.list(metadata={KEY: key}, limit=20), "jobs.list", cfg, secrets, sleep)
+    page = call(lambda: client.fine_tuning.jobs.list(metadata={KEY: key}, limit=20), "jobs.list", cfg, secrets, sleep,
+                warn=_warn)
     for job in page.data:  # some endpoints ignore the filter: check the metadata here too
         if (job.metadata or {}).get(KEY) == key and job.status not in ("failed", "cancelled"):
             return job
@@ -229,8 +144,8 @@ def create_job_once(client, exported: ExportedDataset, train_file: str, validati
         request["suffix"] = cfg.suffix
     if cfg.seed is not None:
         request["seed"] = cfg.seed
-    job = _call(lambda: client.fine_tuning.jobs.create(**request), "jobs.create", cfg, secrets, sleep,
-                before_retry=lambda: find_job(client, key, jobs, cfg, secrets, sleep))
+    job = call(lambda: client.fine_tuning.jobs.create(**request), "jobs.create", cfg, secrets, sleep,
+                before_retry=lambda: find_job(client, key, jobs, cfg, secrets, sleep), warn=_warn)
     jobs.put(key, job.id)
     stage_logger().info(f"openai: job {job.id} on {cfg.model} ({job.status})")
     return job
@@ -246,9 +161,10 @@ def poll_job(client, job, cfg: OpenAITrainConfig, secrets: Secrets,
     paused_since: float | None = None
     job_id = job.id
     while True:
-        job = _call(lambda: client.fine_tuning.jobs.retrieve(job_id), f"jobs.retrieve {job_id}", cfg, secrets, sleep)
-        events = _call(lambda: client.fine_tuning.jobs.list_events(job_id, limit=100), "jobs.list_events",
-                       cfg, secrets, sleep)
+        job = call(lambda: client.fine_tuning.jobs.retrieve(job_id), f"jobs.retrieve {job_id}", cfg, secrets, sleep,
+                   warn=_warn)
+        events = call(lambda: client.fine_tuning.jobs.list_events(job_id, limit=100), "jobs.list_events",
+                       cfg, secrets, sleep, warn=_warn)
         fresh = [e for e in reversed(events.data) if e.id not in seen]
         for event in fresh:
             seen.add(event.id)
@@ -285,8 +201,9 @@ def train_openai(exported: ExportedDataset, train: TrainConfig, state_home: Path
                  sleep: Callable[[float], None] = time.sleep) -> TrainedModel:
     cfg = train.openai
     started = time.perf_counter()
-    client = make_client(cfg)
-    secrets = Secrets(api_key(cfg))
+    secret = api_key(cfg)
+    client = make_client(cfg, secret)
+    secrets = Secrets(secret)
     files = _Registry(state_home / "openai" / "files.json")
     jobs = _Registry(state_home / "openai" / "jobs.json")
     key = job_key(exported, cfg)
@@ -318,10 +235,12 @@ def train_openai(exported: ExportedDataset, train: TrainConfig, state_home: Path
     job = poll_job(client, job, cfg, secrets, metrics, sleep)
     result_path = None
     if job.result_files:
-        content = _call(lambda: client.files.content(job.result_files[0]), "files.content", cfg, secrets, sleep)
+        content = call(lambda: client.files.content(job.result_files[0]), "files.content", cfg, secrets, sleep,
+                       warn=_warn)
         result_path = out_dir / "step_metrics.csv"
         result_path.write_bytes(content.read())
-    checkpoints = _call(lambda: client.fine_tuning.jobs.checkpoints.list(job.id), "checkpoints.list", cfg, secrets, sleep)
+    checkpoints = call(lambda: client.fine_tuning.jobs.checkpoints.list(job.id), "checkpoints.list", cfg, secrets,
+                       sleep, warn=_warn)
     (out_dir / "checkpoints.json").write_bytes(orjson.dumps([c.model_dump() for c in checkpoints.data],
                                                             option=orjson.OPT_INDENT_2))
     return TrainedModel(
@@ -335,14 +254,16 @@ def train_openai(exported: ExportedDataset, train: TrainConfig, state_home: Path
 
 def cancel_jobs_of_flow_run(cfg: OpenAITrainConfig, flow_run_id: str) -> list[str]:
     """The flow's on-cancellation hook: cancel every unfinished job this flow run started."""
-    client = make_client(cfg)
-    secrets = Secrets(api_key(cfg))
-    page = _call(lambda: client.fine_tuning.jobs.list(metadata={"flow_run_id": flow_run_id}, limit=20),
-                 "jobs.list", cfg, secrets)
+    secret = api_key(cfg)
+    client = make_client(cfg, secret)
+    secrets = Secrets(secret)
+    page = call(lambda: client.fine_tuning.jobs.list(metadata={"flow_run_id": flow_run_id}, limit=20),
+                 "jobs.list", cfg, secrets, warn=_warn)
     cancelled = []
     for job in page.data:
         if (job.metadata or {}).get("flow_run_id") == flow_run_id and job.status not in TERMINAL:
-            _call(lambda j=job.id: client.fine_tuning.jobs.cancel(j), f"jobs.cancel {job.id}", cfg, secrets)
+            call(lambda j=job.id: client.fine_tuning.jobs.cancel(j), f"jobs.cancel {job.id}", cfg, secrets,
+                 warn=_warn)
             cancelled.append(job.id)
     return cancelled
 

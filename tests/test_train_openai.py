@@ -285,7 +285,8 @@ def test_paused_is_waited_on_then_given_up_after_the_limit(tmp_path, key):
                                sleep=lambda s: None)
         assert trained.fine_tuned_model  # a pause that ends is waited out
     with FakeOpenAI(Lifecycle(statuses=["queued"] + ["paused"] * 100)) as fake:
-        from tuneloop.tasks.train_openai import Secrets, make_client, poll_job
+        from tuneloop.core.openai_client import Secrets, make_client
+        from tuneloop.tasks.train_openai import poll_job
 
         cfg = config(fake, max_paused_seconds=30).openai
         client = make_client(cfg)
@@ -320,3 +321,17 @@ def test_the_key_can_come_from_a_prefect_secret_block(prefect_harness, tmp_path,
         with pytest.raises(TuneloopError, match="no Prefect Secret block named 'nope'"):
             train_openai(exported_files(tmp_path), config(fake, api_key_secret_block="nope"),
                          tmp_path / "home", tmp_path / "run", sleep=lambda s: None)
+
+
+def test_chat_completions_in_core_retries_through_the_given_warn_and_reads_the_key_from_the_environment(key):
+    from tuneloop.core.config import OpenAITrainConfig
+    from tuneloop.core.openai_client import chat_completions
+
+    warnings: list[str] = []
+    with FakeOpenAI(answer=lambda model, messages: f"{model}: {messages[-1]['content']}") as fake:
+        fake.valid_key = KEY
+        fake.faults.append(Fault("POST", "/v1/chat/completions", 503))
+        cfg = OpenAITrainConfig(provider="compatible", base_url=fake.base_url, eval_concurrency=1)
+        answers = chat_completions(cfg, "m", [[{"role": "user", "content": "hi"}]], 5, warn=warnings.append)
+    assert answers == ["m: hi"]
+    assert len(warnings) == 1 and "chat.completions (m): HTTP 503" in warnings[0] and KEY not in warnings[0]

@@ -48,7 +48,7 @@ class ChampionModel(mlflow.pyfunc.PythonModel):
             return generate(self.model, self.tokenizer, [SimpleNamespace(prompt=p) for p in prompts], max_new_tokens,
                             batch_size=16)
         from tuneloop.core.config import OpenAITrainConfig
-        from tuneloop.tasks.evaluate import chat_completions
+        from tuneloop.core.openai_client import chat_completions
 
         return chat_completions(OpenAITrainConfig(**self.spec["openai"]), self.spec["fine_tuned_model"], prompts,
                                 max_new_tokens)
