@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tuneloop.core.config import EvaluateConfig, JudgeConfig, OpenAITrainConfig
+from tuneloop.core.generation import generate
 from tuneloop.core.models import adapter_identity, load_causal_lm, load_tokenizer, quiet_libraries
 from tuneloop.core.openai_client import chat_completions
 from tuneloop.core.records import Champion, EvalReport, ModelScore, TrainedModel, TuneloopError
@@ -26,24 +27,6 @@ from tuneloop.tasks.heldout import GOLDEN_PREFIX, HeldOutExample
 def parse_label(text: str, pattern: re.Pattern[str]) -> str | None:
     match = pattern.search(text)
     return match.group(1) if match else None
-
-
-def generate(model, tokenizer, examples: list[HeldOutExample], max_new_tokens: int, batch_size: int) -> list[str]:
-    import torch
-
-    tokenizer.padding_side = "left"
-    prompts = [tokenizer.apply_chat_template(e.prompt, tokenize=False, add_generation_prompt=True) for e in examples]
-    outputs: list[str] = []
-    model.eval()
-    for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(model.device) for k, v in enc.items()}
-        with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        new = out[:, enc["input_ids"].shape[1]:]
-        outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-    return outputs
 
 
 def answer_budget(heldout: list[HeldOutExample], evaluate: EvaluateConfig, pattern: re.Pattern[str],

@@ -43,7 +43,7 @@ class ChampionModel(mlflow.pyfunc.PythonModel):
         prompts = self._prompts(model_input)
         max_new_tokens = int((params or {}).get("max_new_tokens", self.spec["max_new_tokens"]))
         if self.spec["backend"] == "local":
-            from tuneloop.tasks.evaluate import generate
+            from tuneloop.core.generation import generate
 
             return generate(self.model, self.tokenizer, [SimpleNamespace(prompt=p) for p in prompts], max_new_tokens,
                             batch_size=16)

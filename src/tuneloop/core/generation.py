@@ -1,0 +1,32 @@
+"""Greedy generation with a local model: the same code answers held-out examples in evaluation and
+requests to the served champion, so a score measures what a user gets."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class Prompted(Protocol):
+    """Anything with chat messages to answer (a held-out example, a served request)."""
+
+    prompt: list[dict]
+
+
+def generate(model, tokenizer, examples: Sequence[Prompted], max_new_tokens: int, batch_size: int) -> list[str]:
+    """The model's answers to each example's ``prompt``, in order, left-padded in batches of ``batch_size``."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    prompts = [tokenizer.apply_chat_template(e.prompt, tokenize=False, add_generation_prompt=True) for e in examples]
+    outputs: list[str] = []
+    model.eval()
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(model.device) for k, v in enc.items()}
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        new = out[:, enc["input_ids"].shape[1]:]
+        outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    return outputs
