@@ -16,11 +16,12 @@ export TOKENIZERS_PARALLELISM ?= false
 
 LANDING := $(TUNELOOP_HOME)/landing
 
-.PHONY: help install demo drift-demo test lint mlflow-ui prefect-ui prefect-server serve clean
+.PHONY: help install demo drift-demo test test-fast lint mlflow-ui prefect-ui prefect-server serve clean
 
 help:
 	@echo "make demo        set up .venv and run the whole pipeline on the bundled demo data"
 	@echo "make test        set up .venv and run the test suite"
+	@echo "make test-fast   the tests not marked slow (~2.5 min): the inner loop"
 	@echo "make mlflow-ui   open the MLflow UI on the demo's state (http://127.0.0.1:5000)"
 	@echo "make prefect-ui  open the Prefect UI on the demo's state (http://127.0.0.1:4200)"
 	@echo "make drift-demo  six weeks with a product launch: the loop vs a frozen model, with a plot"
@@ -45,6 +46,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/pytest
+
+# No training runs, servers or whole flows: the inner loop. `make test` still runs everything.
+test-fast: $(VENV)/.installed
+	$(VENV)/bin/pytest -m "not slow"
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src flows tasks tests bench data docs
