@@ -22,10 +22,10 @@ from tuneloop.tasks.collect import collect_task
 from tuneloop.tasks.evaluate import evaluate_task
 from tuneloop.tasks.export import export_task, token_plan_task
 from tuneloop.tasks.heldout import read_evaluation_set
-from tuneloop.tasks.ledger import commit_ledger, consume, load_ledger
+from tuneloop.tasks.ledger import commit_ledger, consume, load_ledger, plan_training_task
 from tuneloop.tasks.quality import enforce_min_examples, quality_task
-from tuneloop.tasks.register import champion_dataset_version, find_champion_task, register_task
-from tuneloop.tasks.snapshot import load_snapshot, snapshot_task
+from tuneloop.tasks.register import find_champion_task, register_task
+from tuneloop.tasks.snapshot import snapshot_task
 from tuneloop.tasks.tokens import CostEstimate, enforce_budget
 from tuneloop.tasks.train_local import warm_start_task
 
@@ -71,28 +71,21 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
     ledger = load_ledger(state.ledger)
     landing = getattr(config.source, "landing", None) or state.landing
     raw = collect_task(config.source, landing, required_fields(config.mapping), ledger)
-    checked = None
+    checked, new = None, None
     if not raw.nothing_new:
         checked = quality_task(raw, config.source, config.mapping, config.quality, run_dir)
-        dataset = snapshot_task(checked, state.datasets, ledger.dataset_version)
-        enforce_min_examples(dataset.n_examples, config.quality, "examples in the dataset")
-        ledger = consume(ledger, raw, dataset)
+        new = snapshot_task(checked, state.datasets, ledger.dataset_version)
+        enforce_min_examples(new.n_examples, config.quality, "examples in the dataset")
+        ledger = consume(ledger, raw, new)
         commit_ledger(ledger, state.ledger)
-    elif ledger.untrained:
-        dataset = load_snapshot(state.datasets, ledger.dataset_version)
-        log.info(f"nothing new collected; dataset version {dataset.version} was never trained on: training now")
-    else:
-        message = f"nothing new since dataset version {ledger.dataset_version or '(none yet)'}"
-        log.info(message)
-        return RetrainResult(status="nothing_new", message=message, dataset_version=ledger.dataset_version,
-                             run_dir=run_dir)
-
-    champion_data = champion_dataset_version(config.registry, tracking_uri)
-    if champion_data == dataset.version:
-        commit_ledger(ledger.model_copy(update={"trained_version": dataset.version}), state.ledger)
-        message = f"dataset version {dataset.version} is what the champion was trained on: nothing to retrain"
-        log.info(message)
-        return RetrainResult(status="nothing_new", message=message, dataset_version=dataset.version, run_dir=run_dir)
+    decision = plan_training_task(ledger, new, state.datasets, config.registry, tracking_uri)
+    log.info(decision.reason)
+    if not decision.train:
+        if decision.mark_trained:
+            commit_ledger(ledger.model_copy(update={"trained_version": decision.dataset.version}), state.ledger)
+        return RetrainResult(status="nothing_new", message=decision.reason, run_dir=run_dir,
+                             dataset_version=decision.dataset.version if decision.dataset else ledger.dataset_version)
+    dataset = decision.dataset
 
     plan = token_plan_task(config.train, state.models, state.home)
     exported = export_task(dataset, config.export, heldout, state.home / "exports", plan, config.config_hash())

@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
+from tuneloop.core.config import RegisterConfig
 from tuneloop.core.records import DatasetVersion, RawBatch, TuneloopError
 
 
@@ -66,3 +69,42 @@ def commit_ledger(ledger: Ledger, path: Path) -> None:
     from tuneloop.core.state import write_atomically
 
     write_atomically(path, orjson.dumps(ledger.model_dump(mode="json"), option=orjson.OPT_INDENT_2))
+
+
+class TrainingPlan(BaseModel):
+    """Whether this run trains, on which dataset version, and why: the one decision the ledger, the newest
+    snapshot and the registry make together."""
+
+    train: bool
+    reason: str
+    dataset: DatasetVersion | None = None
+    mark_trained: bool = False  # the champion already has this data: record it so the next run knows
+
+
+def plan_training(ledger: Ledger, new: DatasetVersion | None, datasets_dir: Path,
+                  champion_dataset: str | None) -> TrainingPlan:
+    """``new`` is the snapshot this run wrote (None when nothing new was collected)."""
+    from tuneloop.tasks.snapshot import load_snapshot
+
+    note = ""
+    if new is None:
+        if not ledger.untrained:
+            return TrainingPlan(train=False, reason="nothing new since dataset version "
+                                f"{ledger.dataset_version or '(none yet)'}")
+        new = load_snapshot(datasets_dir, ledger.dataset_version)
+        note = f"nothing new collected; dataset version {new.version} was never trained on: training now"
+    if champion_dataset == new.version:
+        return TrainingPlan(train=False, dataset=new, mark_trained=True,
+                            reason=f"dataset version {new.version} is what the champion was trained on: nothing to retrain")
+    return TrainingPlan(train=True, dataset=new, reason=note or f"training on dataset version {new.version}")
+
+
+@task(name="plan-training", cache_policy=NO_CACHE)
+def plan_training_task(ledger: Ledger, new: DatasetVersion | None, datasets_dir: Path, registry: RegisterConfig,
+                       tracking_uri: str) -> TrainingPlan:
+    from tuneloop.tasks.register import champion_dataset_version
+
+    # the registry is asked only when there is something to train (a no-op run touches nothing)
+    wanted = new is not None or ledger.untrained
+    return plan_training(ledger, new, datasets_dir,
+                         champion_dataset_version(registry, tracking_uri) if wanted else None)
