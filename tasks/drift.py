@@ -139,7 +139,7 @@ def pyfunc_score(model_uri: str, held: list[HeldOutExample], config: PipelineCon
     a user calls it: with the user's text."""
     import mlflow
 
-    from tuneloop.tasks.evaluate import parse_label, score
+    from tuneloop.tasks.metrics import parse_label, score
 
     mlflow.set_tracking_uri(tracking_uri)
     model = mlflow.pyfunc.load_model(model_uri)

@@ -50,8 +50,8 @@ def test_a_guard_regression_blocks_promotion_even_when_the_primary_metric_improv
 
 
 def test_scores_per_class_and_macro_f1_and_the_confusion_png(tmp_path):
-    from tuneloop.tasks.evaluate import confusion_png, score
     from tuneloop.tasks.heldout import HeldOutExample
+    from tuneloop.tasks.metrics import confusion_png, score
 
     examples = [HeldOutExample(record_id=str(i), prompt=[], expected="", label=lab)
                 for i, lab in enumerate(["a", "a", "b", "b"])]
@@ -110,8 +110,8 @@ def test_promote_rollback_and_models_on_a_real_registry(tmp_path):
 
 
 def test_generation_metrics_exact_match_rouge_l_and_bleu():
-    from tuneloop.tasks.evaluate import score
     from tuneloop.tasks.heldout import HeldOutExample
+    from tuneloop.tasks.metrics import score
 
     examples = [HeldOutExample(record_id=str(i), prompt=[{"role": "user", "content": f"q{i}"}], expected=exp, label=None)
                 for i, exp in enumerate(["reset your password from the login page", "we refunded the invoice"])]
@@ -127,7 +127,7 @@ def test_the_llm_judge_grades_through_an_openai_compatible_endpoint(monkeypatch)
     from fake_openai import FakeOpenAI
 
     from tuneloop.core.config import JudgeConfig
-    from tuneloop.tasks.evaluate import judge_grade
+    from tuneloop.tasks.answerers import judge_grade
     from tuneloop.tasks.heldout import HeldOutExample
 
     monkeypatch.setenv("JUDGE_KEY", "sk-judge-0123456789")

@@ -60,7 +60,7 @@ def test_answers_are_long_enough_for_every_label_the_references_write(workspace)
     import re
 
     from tuneloop.core.models import load_tokenizer
-    from tuneloop.tasks.evaluate import answer_budget
+    from tuneloop.tasks.metrics import answer_budget
 
     root, cfg, exported, heldout = workspace
     cfg.train.local.max_steps = 0
@@ -103,7 +103,7 @@ def test_a_base_model_that_cannot_be_loaded_offline_says_what_to_do(monkeypatch)
 
 
 def test_a_champion_scored_before_is_not_generated_again_and_errors_are_listed(workspace, monkeypatch):
-    import tuneloop.tasks.evaluate as ev
+    import tuneloop.tasks.answerers as answerers
     from tuneloop.core.records import Champion
 
     root, cfg, exported, heldout = workspace
@@ -111,8 +111,8 @@ def test_a_champion_scored_before_is_not_generated_again_and_errors_are_listed(w
     trained = train_lora(exported, cfg.train, root / "models", root / "c")
     cache = root / "generations"
     calls = []
-    real = ev.generate
-    monkeypatch.setattr(ev, "generate", lambda model, tok, exs, *a: calls.append(len(exs)) or real(model, tok, exs, *a))
+    real = answerers.generate
+    monkeypatch.setattr(answerers, "generate", lambda model, tok, exs, *a: calls.append(len(exs)) or real(model, tok, exs, *a))
     first = evaluate_models(trained, None, heldout, cfg.evaluate, root / "c", cache_dir=cache)
     assert sum(calls) == 2 * len(heldout) and first.cached_answers == 0
 

@@ -1,0 +1,161 @@
+"""Answerers: how each model (base, champion, candidate, and the LLM judge) answers held-out prompts.
+
+Local models share one copy of the base weights: the candidate and a local champion are LoRA adapters
+loaded side by side, and the base is the same model with adapters disabled. API models answer through
+``chat.completions`` with the training key. Decoding is greedy, and every answer goes through
+``GenerationCache``, so no model is asked the same prompt twice, locally or through a paid API. The judge
+is here, not in ``tasks.metrics``, because it is a model answering through an API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+
+from tuneloop.core.config import EvaluateConfig, JudgeConfig, OpenAITrainConfig
+from tuneloop.core.generation import generate
+from tuneloop.core.models import adapter_identity, load_causal_lm, load_tokenizer, quiet_libraries
+from tuneloop.core.openai_client import chat_completions
+from tuneloop.core.records import Champion, TrainedModel, TuneloopError
+from tuneloop.tasks.heldout import HeldOutExample
+
+
+def chat_answers(openai: OpenAITrainConfig, model: str, examples: list[HeldOutExample], max_new_tokens: int,
+                 warn: Callable[[str], None] | None = None) -> list[str]:
+    """An API model's answers; the key from the Prefect Secret block or the environment, as in training."""
+    from tuneloop.tasks.train_openai import api_key
+
+    return chat_completions(openai, model, [e.prompt for e in examples], max_new_tokens, key=api_key(openai), warn=warn)
+
+
+class GenerationCache:
+    """Answers kept per (model identity, prompt, decoding settings) in the state folder: a champion that
+    was scored on these examples before is not run again, locally or through a paid API."""
+
+    def __init__(self, folder: Path | None, max_new_tokens: int):
+        self.folder, self.max_new_tokens = folder, max_new_tokens
+        self.hits = self.misses = 0
+
+    def key(self, e: HeldOutExample) -> str:
+        return hashlib.sha256(orjson.dumps([e.prompt, self.max_new_tokens])).hexdigest()[:24]
+
+    def answers(self, identity: str, examples: list[HeldOutExample],
+                produce: Callable[[list[HeldOutExample]], list[str]]) -> list[str]:
+        if self.folder is None:
+            return produce(examples)
+        path = self.folder / f"{hashlib.sha256(identity.encode()).hexdigest()[:24]}.jsonl"
+        known: dict[str, str] = {}
+        if path.is_file():
+            for line in path.read_bytes().splitlines():
+                row = orjson.loads(line)
+                known[row["k"]] = row["a"]
+        missing = [e for e in examples if self.key(e) not in known]
+        self.hits += len(examples) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            new = produce(missing)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with path.open("ab") as fh:
+                for e, a in zip(missing, new, strict=True):
+                    known[self.key(e)] = a
+                    fh.write(orjson.dumps({"k": self.key(e), "a": a, "model": identity}) + b"\n")
+        return [known[self.key(e)] for e in examples]
+
+
+def local_answers(trained: TrainedModel, champion: Champion | None, heldout: list[HeldOutExample],
+                  evaluate: EvaluateConfig, cache: GenerationCache) -> dict[str, list[str]]:
+    """Base, candidate and a local champion share one copy of the base weights (adapters side by side)."""
+    from peft import PeftModel
+
+    tokenizer = load_tokenizer(trained.adapter_path)
+    base = load_causal_lm(trained.base_model)
+    model = PeftModel.from_pretrained(base, str(trained.adapter_path), adapter_name="candidate")
+    texts: dict[str, list[str]] = {}
+
+    def with_adapter(name: str | None):
+        def produce(examples: list[HeldOutExample]) -> list[str]:
+            if name is None:
+                with model.disable_adapter():
+                    return generate(model, tokenizer, examples, evaluate.max_new_tokens, evaluate.batch_size)
+            model.set_adapter(name)
+            return generate(model, tokenizer, examples, evaluate.max_new_tokens, evaluate.batch_size)
+        return produce
+
+    texts["base"] = cache.answers(f"base:{trained.base_model}", heldout, with_adapter(None))
+    texts["candidate"] = cache.answers(adapter_identity(trained.base_model, trained.adapter_path), heldout,
+                                       with_adapter("candidate"))
+    if champion is not None and champion.adapter_path is not None and champion.fine_tuned_model is None:
+        identity = adapter_identity(champion.base_model, champion.adapter_path)
+        if champion.base_model == trained.base_model:
+            def champion_answers(examples):
+                if "champion" not in model.peft_config:
+                    model.load_adapter(str(champion.adapter_path), adapter_name="champion")
+                return with_adapter("champion")(examples)
+        else:  # a champion on another base model is scored on its own base
+            def champion_answers(examples):
+                other = PeftModel.from_pretrained(load_causal_lm(champion.base_model), str(champion.adapter_path))
+                return generate(other, load_tokenizer(champion.adapter_path), examples,
+                                evaluate.max_new_tokens, evaluate.batch_size)
+        texts["champion"] = cache.answers(identity, heldout, champion_answers)
+    return texts
+
+
+def token_counters(trained: TrainedModel, champion: Champion | None) -> list[Callable[[list[str]], list[int]]]:
+    """How the answering models count tokens, one counter per kind of tokenizer (for the answer budget)."""
+    counters: list[Callable[[list[str]], list[int]]] = []
+    if trained.backend == "local" or (champion is not None and champion.adapter_path is not None):
+        tokenizer = load_tokenizer(trained.adapter_path or champion.adapter_path)
+        counters.append(lambda texts: [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
+    if trained.backend == "openai" or (champion is not None and champion.fine_tuned_model):
+        counters.append(lambda texts: [len(t.encode()) for t in texts])  # an API tokenizer: at most a token a byte
+    return counters
+
+
+def heldout_answers(trained: TrainedModel, champion: Champion | None, heldout: list[HeldOutExample],
+                    evaluate: EvaluateConfig, openai: OpenAITrainConfig | None, cache: GenerationCache,
+                    warn: Callable[[str], None] | None = None) -> dict[str, list[str]]:
+    """Base, candidate and (when there is one) champion answers, each where that model runs: an API model
+    through the API, a local adapter on its base model."""
+
+    def api(model: str) -> list[str]:
+        return cache.answers(f"openai:{model}", heldout,
+                             lambda exs: chat_answers(openai, model, exs, evaluate.max_new_tokens, warn))
+
+    if trained.backend == "openai":
+        texts = {"base": api(trained.base_model), "candidate": api(trained.fine_tuned_model)}
+        if champion is not None and champion.adapter_path is not None and champion.fine_tuned_model is None:
+            local = TrainedModel(backend="local", base_model=champion.base_model, adapter_path=champion.adapter_path,
+                                 dataset_version="", steps=0, train_loss=None, train_seconds=0)
+            texts["champion"] = local_answers(local, None, heldout, evaluate, cache)["candidate"]
+    else:
+        quiet_libraries()
+        texts = local_answers(trained, champion, heldout, evaluate, cache)
+    if champion is not None and champion.fine_tuned_model:  # an API champion answers through the API
+        if openai is None:
+            raise TuneloopError(f"evaluate: champion v{champion.version} is {champion.fine_tuned_model}: "
+                                "set train.openai to reach it")
+        texts["champion"] = api(champion.fine_tuned_model)
+    return texts
+
+
+def judge_grade(judge: JudgeConfig, examples: list[HeldOutExample], answers: list[str],
+                warn: Callable[[str], None] | None = None) -> float:
+    """Mean grade (1..5 scaled to 0..1) an LLM judge gives the answers against the references; a reply
+    without a grade counts as the lowest."""
+    cfg = OpenAITrainConfig(provider="compatible" if judge.base_url else "openai", base_url=judge.base_url,
+                            api_key_env=judge.api_key_env, eval_concurrency=judge.concurrency)
+    prompts = []
+    for e, a in zip(examples, answers, strict=True):
+        question = next((m["content"] for m in reversed(e.prompt) if m["role"] == "user"), "")
+        prompts.append([{"role": "system", "content": judge.rubric},
+                        {"role": "user", "content": f"Question:\n{question}\n\nReference answer:\n{e.expected}"
+                                                    f"\n\nAnswer to grade:\n{a}"}])
+    grades = []
+    for reply in chat_completions(cfg, judge.model, prompts, max_tokens=4, warn=warn):
+        m = re.search(r"[1-5]", reply)
+        grades.append((int(m.group(0)) - 1) / 4 if m else 0.0)
+    return round(sum(grades) / len(grades), 4)

@@ -1,0 +1,127 @@
+"""Metrics: how answers are scored, the same way for every model and for the drift monitor.
+
+Pure and offline (no model, no API, no Prefect): labels parsed from answers, accuracy / macro-F1 / per
+class, exact match / ROUGE-L / BLEU, the confusion matrix, the worst answers, and the answer budget sized
+from the references. The LLM judge is in ``tasks.answerers``: it is a model answering, through a paid API.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from tuneloop.core.config import EvaluateConfig
+from tuneloop.core.records import ModelScore
+from tuneloop.tasks.heldout import HeldOutExample
+
+
+def parse_label(text: str, pattern: re.Pattern[str]) -> str | None:
+    match = pattern.search(text)
+    return match.group(1) if match else None
+
+
+def answer_budget(heldout: list[HeldOutExample], evaluate: EvaluateConfig, pattern: re.Pattern[str],
+                  counters: list[Callable[[list[str]], list[int]]], warn: Callable[[str], None] | None = None) -> int:
+    """How many new tokens every model may answer with: enough to write what the held-out references write.
+
+    A label cut off mid-word is scored wrong, and which labels need more tokens depends on the tokenizer (a
+    tiny one spells a new queue name letter by letter), so for classification a configured budget that cannot
+    fit the longest reference label is raised to fit, with a warning; unset, it is sized from the references.
+    """
+    if evaluate.task == "classification":
+        texts = [e.expected[:m.end(1)] if (m := pattern.search(e.expected)) else e.expected for e in heldout]
+    else:
+        texts = [e.expected for e in heldout]
+    per_text = [max(n) for n in zip(*(count(texts) for count in counters), strict=True)] if counters else [0]
+    longest = max(per_text, default=0)
+    needed = longest + 2  # the references' tokens may merge differently in context; and room to stop
+    if evaluate.max_new_tokens is None:
+        return needed if evaluate.task == "classification" else longest + 1
+    if evaluate.task == "classification" and evaluate.max_new_tokens < needed:
+        label = heldout[per_text.index(longest)].label
+        if warn:
+            warn(f"evaluate.max_new_tokens={evaluate.max_new_tokens} cannot fit the label {label!r} of the held-out "
+                 f"references ({longest} tokens with this tokenizer): answering with {needed} instead, "
+                 "since a cut-off label would be scored wrong")
+        return needed
+    return evaluate.max_new_tokens
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def text_scores(texts: list[str], examples: list[HeldOutExample]) -> tuple[float, float, float, list[float]]:
+    """Exact match, mean ROUGE-L F-measure (and per example), corpus BLEU / 100."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rouge = [scorer.score(e.expected, t)["rougeL"].fmeasure for e, t in zip(examples, texts, strict=True)]
+    exact = sum(_normalize(t) == _normalize(e.expected) for e, t in zip(examples, texts, strict=True)) / len(examples)
+    bleu = sacrebleu.corpus_bleu(texts, [[e.expected for e in examples]]).score / 100
+    return round(exact, 4), round(sum(rouge) / len(rouge), 4), round(bleu, 4), rouge
+
+
+def score(predicted: list[str | None], examples: list[HeldOutExample], texts: list[str] | None = None,
+          task: str = "classification", judge: float | None = None) -> ModelScore:
+    """Classification: accuracy, macro-F1 over the expected labels, per-class precision / recall / F1
+    (scikit-learn). Every task: exact match, ROUGE-L and BLEU of the whole answer when texts are given."""
+    text = dict(zip(("exact_match", "rouge_l", "bleu"), text_scores(texts, examples)[:3], strict=True)) if texts else {}
+    if task == "generation":
+        return ModelScore(accuracy=text.get("exact_match", 0.0), n_examples=len(examples), n_unparsed=0, judge=judge,
+                          **text)
+    from sklearn.metrics import precision_recall_fscore_support
+
+    expected = [e.label for e in examples]
+    got = [p if p is not None else "<unparsed>" for p in predicted]
+    labels = sorted(set(expected))
+    p, r, f, support = precision_recall_fscore_support(expected, got, labels=labels, zero_division=0)
+    correct = sum(g == e for g, e in zip(got, expected, strict=True))
+    return ModelScore(
+        accuracy=round(correct / len(examples), 4), n_examples=len(examples),
+        n_unparsed=sum(x is None for x in predicted), macro_f1=round(float(f.mean()), 4),
+        per_class={lab: {"precision": round(float(p[i]), 4), "recall": round(float(r[i]), 4),
+                         "f1": round(float(f[i]), 4), "support": int(support[i])} for i, lab in enumerate(labels)},
+        judge=judge, **text,
+    )
+
+
+def confusion_png(predicted: list[str | None], examples: list[HeldOutExample], title: str, path: Path) -> Path:
+    """Rows: expected label; columns: predicted (unparsed answers in their own column)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    expected = [e.label for e in examples]
+    got = [p if p is not None else "<unparsed>" for p in predicted]
+    labels = sorted(set(expected)) + sorted(set(got) - set(expected))
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.0 * len(labels) + 1.5))
+    ConfusionMatrixDisplay.from_predictions(expected, got, labels=labels, ax=ax, colorbar=False,
+                                            xticks_rotation=45)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def worst_examples(labels: list[str | None], texts: list[str], heldout: list[HeldOutExample], n: int,
+                   task: str = "classification") -> list[dict]:
+    """The worst answers as rows a person can read: wrong labels (unparsed first) for classification,
+    the lowest ROUGE-L for generation."""
+    rows = []
+    rouge = text_scores(texts, heldout)[3] if task == "generation" else [0.0] * len(heldout)
+    for e, label, text, r in zip(heldout, labels, texts, rouge, strict=True):
+        if task == "classification" and label == e.label:
+            continue
+        if task == "generation" and _normalize(text) == _normalize(e.expected):
+            continue
+        user = next((m["content"] for m in reversed(e.prompt) if m["role"] == "user"), "")
+        rows.append({"record_id": e.record_id, "input": user[:300], "expected": e.label or e.expected[:300],
+                     "got": label, "answer": text[:300], "unparsed": label is None, "rouge_l": round(r, 4)})
+    rows.sort(key=lambda r: (r["rouge_l"], r["record_id"]) if task == "generation" else (not r["unparsed"], r["record_id"]))
+    return rows[:n]
