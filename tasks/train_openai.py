@@ -28,7 +28,8 @@ from prefect.cache_policies import NO_CACHE
 from tuneloop.core.config import OpenAITrainConfig, TrainConfig
 from tuneloop.core.openai_client import Secrets, call, env_api_key, make_client
 from tuneloop.core.records import ExportedDataset, TrainedModel, TuneloopError
-from tuneloop.core.state import stage_logger, write_atomically
+from tuneloop.core.state import write_atomically
+from tuneloop.tasks.runlog import stage_logger
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 KEY = "tuneloop_key"

@@ -16,9 +16,9 @@ from prefect.cache_policies import NO_CACHE
 
 from tuneloop.core.config import TrainConfig
 from tuneloop.core.records import ExportedDataset, TrainedModel, TuneloopError
-from tuneloop.core.state import stage_logger
 from tuneloop.tasks.base_model import resolve_base_model
 from tuneloop.tasks.register import client_for, experiment_id
+from tuneloop.tasks.runlog import stage_logger
 
 TRAINING_KIND = "training"
 

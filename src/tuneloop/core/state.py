@@ -122,14 +122,3 @@ def prepare_state(home: Path | None = None) -> StateLayout:
         os.environ.setdefault(key, value)
     quiet_user_errors()
     return layout
-
-
-def stage_logger():
-    """The Prefect run logger inside a flow or task; a plain logger when a stage is called on its own."""
-    from prefect.exceptions import MissingContextError
-    from prefect.logging import get_run_logger
-
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger("tuneloop")
