@@ -1,4 +1,5 @@
-"""Register: every candidate becomes an MLflow model version; only a better one becomes ``champion``.
+"""Register: every candidate becomes an MLflow model version; only a better one becomes ``champion``
+(the rule is ``tasks.promotion``; this module records and applies it).
 
 The run holds the config as params, the scores as metrics, the exported data, the adapter and the
 predictions as artifacts, and the dataset version as a tag, so any model leads back to its data.
@@ -24,10 +25,12 @@ from tuneloop.core.records import (
     TrainedModel,
     TuneloopError,
 )
+from tuneloop.tasks.promotion import decide_promotion
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"  # the newest candidate, promoted or not
 HISTORY_TAG = "tuneloop.champion_history"  # JSON list of the versions that were champion, oldest first
+MAX_PARAM_CHARS = 6000
 
 
 def git_commit() -> str:
@@ -72,7 +75,6 @@ def move_champion(client, name: str, version: str, who: str, why: str) -> str | 
                        ("previous_champion", previous or "")):
         client.set_model_version_tag(name, version, key, value)
     return previous
-MAX_PARAM_CHARS = 6000
 
 
 def client_for(tracking_uri: str):
@@ -125,27 +127,6 @@ def find_champion(registry: RegisterConfig, tracking_uri: str, dst: Path) -> Cha
                     base_model=version.tags.get("base_model", ""), dataset_version=version.tags.get("dataset_version"))
 
 
-def decide_promotion(report: EvalReport, min_improvement: float, primary: str = "accuracy",
-                     guards: dict[str, float] | None = None) -> PromotionDecision:
-    """Strictly better on the primary metric by at least ``min_improvement`` (a tie never replaces the
-    champion), and no guard metric down by more than its tolerance."""
-    baseline, reference = ("champion", report.champion) if report.champion else ("base", report.base)
-    names = sorted({primary, *(guards or {}), *(m for m in ("accuracy", "macro_f1", "exact_match", "rouge_l", "bleu", "judge")
-                                                 if getattr(report.candidate, m) is not None)})
-    deltas = {m: round(report.candidate.metric(m) - reference.metric(m), 4) for m in names}
-    delta = deltas[primary]
-    failures = [f"{m} {deltas[m]:+.3f} (allowed -{tol:.3f})" for m, tol in sorted((guards or {}).items())
-                if deltas[m] < -tol]
-    promoted = delta > 0 and delta >= min_improvement and not failures
-    verdict = "beats" if promoted else "does not beat"
-    reason = (f"candidate {primary} {report.candidate.metric(primary):.3f} {verdict} {baseline}"
-              f" {reference.metric(primary):.3f} (delta {delta:+.3f}, required > 0 and >= {min_improvement:.3f})")
-    if failures:
-        reason += "; guard regressed: " + ", ".join(failures)
-    return PromotionDecision(promoted=promoted, reason=reason, baseline=baseline, delta=delta,
-                             primary_metric=primary, deltas=deltas, guard_failures=failures)
-
-
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     for key, value in data.items():
@@ -157,24 +138,8 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def register_candidate(
-    config: PipelineConfig,
-    checked: CheckedBatch | None,
-    exported: ExportedDataset,
-    trained: TrainedModel,
-    report: EvalReport,
-    tracking_uri: str,
-    artifacts_dir: Path | None,
-    flow_run_id: str | None = None,
-) -> ModelVersion:
-    from mlflow.entities import Metric, Param, RunTag
-    from mlflow.exceptions import MlflowException
-
-    registry = config.registry
-    client = client_for(tracking_uri)
-    exp = experiment_id(client, registry.experiment, artifacts_dir)
-    decision = decide_promotion(report, registry.min_improvement, config.evaluate.primary_metric,
-                                config.evaluate.guards)
+def run_tags(config: PipelineConfig, trained: TrainedModel, flow_run_id: str | None) -> dict[str, str]:
+    """What ties the run and the model version to their data, config, code and training job."""
     tags = {
         "dataset_version": trained.dataset_version,
         "backend": trained.backend,
@@ -190,112 +155,176 @@ def register_candidate(
         tags["training_run_id"] = trained.training_run_id  # trained on a work pool: that run holds its logs
     if trained.warm_start_from:
         tags["warm_start_from"] = trained.warm_start_from  # the champion version whose adapter it continued
+    return tags
+
+
+def run_params(config: PipelineConfig, report: EvalReport) -> dict[str, str]:
+    """The whole config, flattened to dotted names, with the answer budget used and no password."""
+    params = flatten(config.model_dump(mode="json", by_alias=True))
+    params["evaluate.max_new_tokens"] = str(report.max_new_tokens)  # the budget used, also when sized from the data
+    if "source.url" in params:  # a SQLAlchemy URL may carry a password
+        from tuneloop.tasks.collect import redacted_url
+
+        params["source.url"] = redacted_url(params["source.url"])
+    return params
+
+
+def run_metrics(checked: CheckedBatch | None, exported: ExportedDataset, trained: TrainedModel, report: EvalReport,
+                decision: PromotionDecision) -> list:
+    """Scores, promotion deltas, data and token counts, quality results and training curves, as MLflow metrics."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = {
+        "base_accuracy": report.base.accuracy,
+        "candidate_accuracy": report.candidate.accuracy,
+        "n_train": exported.n_train,
+        "n_validation": exported.n_validation,
+        "train_seconds": trained.train_seconds,
+        "promotion_delta": decision.delta,
+        **{f"promotion_delta.{m}": d for m, d in decision.deltas.items()},
+    }
+    if report.champion:
+        metrics["champion_accuracy"] = report.champion.accuracy
+    for who in ("base", "candidate", "champion"):
+        if (sc := getattr(report, who)) is not None:
+            for m in ("macro_f1", "exact_match", "rouge_l", "bleu", "judge"):
+                if getattr(sc, m) is not None:
+                    metrics[f"{who}_{m}"] = getattr(sc, m)
+    for label, m in report.candidate.per_class.items():
+        metrics.update({f"candidate_{k}.{label}": v for k, v in m.items() if k != "support"})
+    for split, stats in exported.token_stats.items():
+        metrics.update({f"tokens.{split}.{k}": v for k, v in stats.items() if isinstance(v, int | float)})
+    if exported.estimate:
+        metrics.update(estimated_billed_tokens=exported.estimate["billed_tokens"],
+                       estimated_cost_usd=exported.estimate["estimated_cost_usd"])
+    if checked is not None:
+        metrics.update(n_read=checked.n_read, n_accepted=checked.n_accepted, n_quarantined=checked.n_quarantined,
+                       n_duplicates=checked.n_duplicates, n_pii_redacted=checked.n_redacted)
+        metrics.update({f"gx_unexpected.{o.suite}.{o.expectation}.{o.column or ''}".rstrip("."): o.unexpected_count
+                        for o in checked.expectations})
+    if trained.train_loss is not None:
+        metrics["train_loss"] = trained.train_loss
+    batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    if trained.trained_tokens is not None:
+        batch.append(Metric("trained_tokens", float(trained.trained_tokens), now, 0))
+    for name in ("tokens_per_second", "peak_memory_mb", "resumed_from_step"):
+        if getattr(trained, name) is not None:
+            batch.append(Metric(f"train_{name}", float(getattr(trained, name)), now, 0))
+    batch += [Metric("loss", loss, now, step) for step, loss in trained.loss_history]
+    batch += [Metric(name, value, now, step) for name, points in trained.step_metrics.items()
+              if name != "train_loss" for step, value in points]
+    return batch
+
+
+def log_run_data(client, run_id: str, params: dict[str, str], metrics: list, decision: PromotionDecision) -> None:
+    """Params, metrics and the decision as run tags, in batches MLflow accepts."""
+    from mlflow.entities import Param, RunTag
+
+    items = list(params.items())
+    for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+        client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    client.log_batch(run_id, tags=[RunTag("promoted", str(decision.promoted).lower()),
+                                   RunTag("promotion_reason", decision.reason)])
+
+
+def log_run_artifacts(client, run_id: str, checked: CheckedBatch | None, exported: ExportedDataset,
+                      trained: TrainedModel, report: EvalReport, decision: PromotionDecision) -> None:
+    """The exported data, the adapter or job record, the evaluation (predictions, report, decision, confusion
+    matrices, worst answers as tables) and the quality gate's files."""
+    client.log_artifacts(run_id, str(exported.directory), "dataset")
+    if trained.adapter_path is not None:
+        client.log_artifacts(run_id, str(trained.adapter_path), "adapter")
+    if trained.artifacts_dir is not None:  # openai: job record, step metrics, checkpoints; local: loss curve
+        client.log_artifacts(run_id, str(trained.artifacts_dir), "openai" if trained.backend == "openai" else "training")
+    client.log_artifact(run_id, str(report.predictions_path), "evaluation")
+    client.log_dict(run_id, report.model_dump(mode="json"), "evaluation/report.json")
+    client.log_dict(run_id, decision.model_dump(mode="json"), "evaluation/promotion_decision.json")
+    for png in sorted(report.predictions_path.parent.glob("confusion_*.png")):
+        client.log_artifact(run_id, str(png), "evaluation")
+    for who, rows in report.worst.items():  # error analysis, as tables in the MLflow UI
+        if rows:
+            client.log_table(run_id, {k: [r[k] for r in rows] for k in rows[0]},
+                             f"evaluation/worst_{who}.json")
+    if checked is not None:
+        for path in (checked.quarantine_path, checked.duplicates_path, checked.summary_path):
+            client.log_artifact(run_id, str(path), "quality")
+        if checked.data_docs is not None:
+            client.log_artifacts(run_id, str(checked.data_docs.parent), "quality/data_docs")
+
+
+def log_champion_model(client, run_id: str, config: PipelineConfig, trained: TrainedModel, report: EvalReport) -> None:
+    """The serving pyfunc (``models:/NAME@champion`` answers in one call), as the run's ``model`` artifact."""
+    from tuneloop.core.serving import save_champion_model
+
+    openai_settings = config.train.openai.model_dump(include={
+        "provider", "base_url", "api_key_env", "azure_endpoint", "azure_api_version", "eval_concurrency",
+        "request_retries"})
+    pyfunc_dir = save_champion_model(
+        report.predictions_path.parent / "pyfunc" / "model", trained.backend, trained.base_model,
+        trained.adapter_path, trained.fine_tuned_model, openai_settings, config.mapping.system,
+        report.max_new_tokens)
+    client.log_artifacts(run_id, str(pyfunc_dir), "model")
+
+
+def create_version(client, name: str, run, tags: dict[str, str], trained: TrainedModel, report: EvalReport,
+                   decision: PromotionDecision):
+    """A new version of the registered model (created on first use) from the run's pyfunc; ``challenger``
+    moves to it, and ``champion`` too when the decision says so."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description="Managed by tuneloop.")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    run_id = run.info.run_id
+    version = client.create_model_version(
+        name,
+        source=f"{run.info.artifact_uri}/model",  # mlflow.pyfunc.load_model("models:/NAME@champion")
+        run_id=run_id,
+        tags={**tags, **({"adapter_artifact": f"runs:/{run_id}/adapter"} if trained.adapter_path is not None else {}),
+              "candidate_accuracy": str(report.candidate.accuracy),
+              "candidate_macro_f1": str(report.candidate.macro_f1), "promoted": str(decision.promoted),
+              "promotion_reason": decision.reason},
+        description=decision.reason,
+    )
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    if decision.promoted:
+        move_champion(client, name, str(version.version), "tuneloop retrain", decision.reason)
+    return version
+
+
+def register_candidate(
+    config: PipelineConfig,
+    checked: CheckedBatch | None,
+    exported: ExportedDataset,
+    trained: TrainedModel,
+    report: EvalReport,
+    tracking_uri: str,
+    artifacts_dir: Path | None,
+    flow_run_id: str | None = None,
+) -> ModelVersion:
+    """One MLflow run with everything that made the candidate, and a model version; the run is marked
+    FAILED if any of it fails."""
+    registry = config.registry
+    client = client_for(tracking_uri)
+    exp = experiment_id(client, registry.experiment, artifacts_dir)
+    # the champion the candidate was evaluated against (a champion that could not be scored compares with base)
+    decision = decide_promotion(report, config.evaluate, registry, has_champion=report.champion is not None)
+    tags = run_tags(config, trained, flow_run_id)
     run = client.create_run(exp, run_name=f"retrain-{trained.dataset_version[:8]}", tags=tags)
     run_id = run.info.run_id
     try:
-        import time
-
-        now = int(time.time() * 1000)
-        params = flatten(config.model_dump(mode="json", by_alias=True))
-        params["evaluate.max_new_tokens"] = str(report.max_new_tokens)  # the budget used, also when sized from the data
-        if "source.url" in params:  # a SQLAlchemy URL may carry a password
-            from tuneloop.tasks.collect import redacted_url
-
-            params["source.url"] = redacted_url(params["source.url"])
-        metrics = {
-            "base_accuracy": report.base.accuracy,
-            "candidate_accuracy": report.candidate.accuracy,
-            "n_train": exported.n_train,
-            "n_validation": exported.n_validation,
-            "train_seconds": trained.train_seconds,
-            "promotion_delta": decision.delta,
-            **{f"promotion_delta.{m}": d for m, d in decision.deltas.items()},
-        }
-        if report.champion:
-            metrics["champion_accuracy"] = report.champion.accuracy
-        for who in ("base", "candidate", "champion"):
-            if (sc := getattr(report, who)) is not None:
-                for m in ("macro_f1", "exact_match", "rouge_l", "bleu", "judge"):
-                    if getattr(sc, m) is not None:
-                        metrics[f"{who}_{m}"] = getattr(sc, m)
-        for label, m in report.candidate.per_class.items():
-            metrics.update({f"candidate_{k}.{label}": v for k, v in m.items() if k != "support"})
-        for split, stats in exported.token_stats.items():
-            metrics.update({f"tokens.{split}.{k}": v for k, v in stats.items() if isinstance(v, int | float)})
-        if exported.estimate:
-            metrics.update(estimated_billed_tokens=exported.estimate["billed_tokens"],
-                           estimated_cost_usd=exported.estimate["estimated_cost_usd"])
-        if checked is not None:
-            metrics.update(n_read=checked.n_read, n_accepted=checked.n_accepted, n_quarantined=checked.n_quarantined,
-                           n_duplicates=checked.n_duplicates, n_pii_redacted=checked.n_redacted)
-            metrics.update({f"gx_unexpected.{o.suite}.{o.expectation}.{o.column or ''}".rstrip("."): o.unexpected_count
-                            for o in checked.expectations})
-        if trained.train_loss is not None:
-            metrics["train_loss"] = trained.train_loss
-        batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-        if trained.trained_tokens is not None:
-            batch.append(Metric("trained_tokens", float(trained.trained_tokens), now, 0))
-        for name in ("tokens_per_second", "peak_memory_mb", "resumed_from_step"):
-            if getattr(trained, name) is not None:
-                batch.append(Metric(f"train_{name}", float(getattr(trained, name)), now, 0))
-        batch += [Metric("loss", loss, now, step) for step, loss in trained.loss_history]
-        batch += [Metric(name, value, now, step) for name, points in trained.step_metrics.items()
-                  if name != "train_loss" for step, value in points]
-        items = list(params.items())
-        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-            client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
-        for i in range(0, len(batch), 1000):
-            client.log_batch(run_id, metrics=batch[i:i + 1000])
-        client.log_batch(run_id, tags=[RunTag("promoted", str(decision.promoted).lower()),
-                                       RunTag("promotion_reason", decision.reason)])
-        client.log_artifacts(run_id, str(exported.directory), "dataset")
-        if trained.adapter_path is not None:
-            client.log_artifacts(run_id, str(trained.adapter_path), "adapter")
-        if trained.artifacts_dir is not None:  # openai: job record, step metrics, checkpoints; local: loss curve
-            client.log_artifacts(run_id, str(trained.artifacts_dir), "openai" if trained.backend == "openai" else "training")
-        client.log_artifact(run_id, str(report.predictions_path), "evaluation")
-        client.log_dict(run_id, report.model_dump(mode="json"), "evaluation/report.json")
-        client.log_dict(run_id, decision.model_dump(mode="json"), "evaluation/promotion_decision.json")
-        for png in sorted(report.predictions_path.parent.glob("confusion_*.png")):
-            client.log_artifact(run_id, str(png), "evaluation")
-        for who, rows in report.worst.items():  # error analysis, as tables in the MLflow UI
-            if rows:
-                client.log_table(run_id, {k: [r[k] for r in rows] for k in rows[0]},
-                                 f"evaluation/worst_{who}.json")
-        if checked is not None:
-            for path in (checked.quarantine_path, checked.duplicates_path, checked.summary_path):
-                client.log_artifact(run_id, str(path), "quality")
-            if checked.data_docs is not None:
-                client.log_artifacts(run_id, str(checked.data_docs.parent), "quality/data_docs")
-
-        try:
-            client.create_registered_model(registry.model_name, description="Managed by tuneloop.")
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        from tuneloop.core.serving import save_champion_model
-
-        openai_settings = config.train.openai.model_dump(include={
-            "provider", "base_url", "api_key_env", "azure_endpoint", "azure_api_version", "eval_concurrency",
-            "request_retries"})
-        pyfunc_dir = save_champion_model(
-            report.predictions_path.parent / "pyfunc" / "model", trained.backend, trained.base_model,
-            trained.adapter_path, trained.fine_tuned_model, openai_settings, config.mapping.system,
-            report.max_new_tokens)
-        client.log_artifacts(run_id, str(pyfunc_dir), "model")
-        version = client.create_model_version(
-            registry.model_name,
-            source=f"{run.info.artifact_uri}/model",  # mlflow.pyfunc.load_model("models:/NAME@champion")
-            run_id=run_id,
-            tags={**tags, **({"adapter_artifact": f"runs:/{run_id}/adapter"} if trained.adapter_path is not None else {}),
-                  "candidate_accuracy": str(report.candidate.accuracy),
-                  "candidate_macro_f1": str(report.candidate.macro_f1), "promoted": str(decision.promoted),
-                  "promotion_reason": decision.reason},
-            description=decision.reason,
-        )
-        client.set_registered_model_alias(registry.model_name, CHALLENGER, version.version)
-        if decision.promoted:
-            move_champion(client, registry.model_name, str(version.version), "tuneloop retrain", decision.reason)
+        log_run_data(client, run_id, run_params(config, report),
+                     run_metrics(checked, exported, trained, report, decision), decision)
+        log_run_artifacts(client, run_id, checked, exported, trained, report, decision)
+        log_champion_model(client, run_id, config, trained, report)
+        version = create_version(client, registry.model_name, run, tags, trained, report, decision)
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         client.set_terminated(run_id, "FAILED")

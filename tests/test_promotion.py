@@ -2,8 +2,16 @@ from pathlib import Path
 
 import pytest
 
-from tuneloop.core.records import EvalReport, ModelScore
-from tuneloop.tasks.register import decide_promotion, flatten
+from tuneloop.core.config import EvaluateConfig, RegisterConfig
+from tuneloop.core.records import EvalReport, ModelScore, TuneloopError
+from tuneloop.tasks.promotion import decide_promotion
+from tuneloop.tasks.register import flatten
+
+
+def decide(r: EvalReport, min_improvement: float = 0.0, primary: str = "accuracy",
+           guards: dict[str, float] | None = None):
+    evaluate = EvaluateConfig(holdout="holdout.jsonl", primary_metric=primary, guards=guards or {})
+    return decide_promotion(r, evaluate, RegisterConfig(min_improvement=min_improvement), r.champion is not None)
 
 
 def report(base: float, candidate: float, champion: float | None = None) -> EvalReport:
@@ -23,7 +31,7 @@ def report(base: float, candidate: float, champion: float | None = None) -> Eval
     (report(0.1, 0.83, 0.8), 0.02, True, "champion"),
 ])
 def test_promotion_only_when_strictly_better_by_the_required_margin(r, min_improvement, promoted, baseline):
-    decision = decide_promotion(r, min_improvement)
+    decision = decide(r, min_improvement)
     assert decision.promoted is promoted
     assert decision.baseline == baseline
     assert baseline in decision.reason and ("does not beat" in decision.reason) is (not promoted)
@@ -40,13 +48,19 @@ def scored(acc: float, f1: float) -> ModelScore:
 def test_a_guard_regression_blocks_promotion_even_when_the_primary_metric_improves():
     r = EvalReport(n_examples=100, base=scored(0.1, 0.1), candidate=scored(0.9, 0.70), champion=scored(0.8, 0.75),
                    champion_version="1", predictions_path=Path("p.jsonl"))
-    assert decide_promotion(r, 0.0).promoted  # no guard: accuracy decides
-    blocked = decide_promotion(r, 0.0, guards={"macro_f1": 0.02})
+    assert decide(r).promoted  # no guard: accuracy decides
+    blocked = decide(r, guards={"macro_f1": 0.02})
     assert not blocked.promoted and blocked.guard_failures == ["macro_f1 -0.050 (allowed -0.020)"]
     assert "guard regressed: macro_f1 -0.050" in blocked.reason and blocked.deltas["accuracy"] == 0.1
-    assert decide_promotion(r, 0.0, guards={"macro_f1": 0.06}).promoted  # within tolerance
-    by_f1 = decide_promotion(r, 0.0, primary="macro_f1")
+    assert decide(r, guards={"macro_f1": 0.06}).promoted  # within tolerance
+    by_f1 = decide(r, primary="macro_f1")
     assert not by_f1.promoted and by_f1.primary_metric == "macro_f1" and by_f1.delta == -0.05
+
+
+def test_a_champion_the_evaluation_did_not_score_is_refused_not_compared_with_the_base():
+    r = report(0.1, 0.8)
+    with pytest.raises(TuneloopError, match="did not score it"):
+        decide_promotion(r, EvaluateConfig(holdout="holdout.jsonl"), RegisterConfig(), has_champion=True)
 
 
 def test_scores_per_class_and_macro_f1_and_the_confusion_png(tmp_path):

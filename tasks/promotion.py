@@ -1,0 +1,36 @@
+"""Promotion: whether a candidate replaces the champion, decided from the evaluation alone.
+
+A pure function of the scores and the configured rule (no MLflow, no Prefect), so the rule reads in one
+place and is tested on made-up scores; ``tasks.register`` records and applies the decision it returns.
+"""
+
+from __future__ import annotations
+
+from tuneloop.core.config import EvaluateConfig, RegisterConfig
+from tuneloop.core.records import EvalReport, PromotionDecision, TuneloopError
+
+COMPARED = ("accuracy", "macro_f1", "exact_match", "rouge_l", "bleu", "judge")  # reported when scored
+
+
+def decide_promotion(report: EvalReport, evaluate: EvaluateConfig, register: RegisterConfig,
+                     has_champion: bool) -> PromotionDecision:
+    """Strictly better than the champion (the base model, before there is one) on ``evaluate.primary_metric``
+    by at least ``register.min_improvement`` (a tie never replaces the champion), and no ``evaluate.guards``
+    metric down by more than its tolerance."""
+    if has_champion and report.champion is None:
+        raise TuneloopError("register: there is a champion but the evaluation did not score it, so the candidate "
+                            "cannot be compared with it: evaluate again with the champion")
+    primary, guards = evaluate.primary_metric, evaluate.guards
+    baseline, reference = ("champion", report.champion) if has_champion else ("base", report.base)
+    names = sorted({primary, *guards, *(m for m in COMPARED if getattr(report.candidate, m) is not None)})
+    deltas = {m: round(report.candidate.metric(m) - reference.metric(m), 4) for m in names}
+    delta = deltas[primary]
+    failures = [f"{m} {deltas[m]:+.3f} (allowed -{tol:.3f})" for m, tol in sorted(guards.items()) if deltas[m] < -tol]
+    promoted = delta > 0 and delta >= register.min_improvement and not failures
+    verdict = "beats" if promoted else "does not beat"
+    reason = (f"candidate {primary} {report.candidate.metric(primary):.3f} {verdict} {baseline}"
+              f" {reference.metric(primary):.3f} (delta {delta:+.3f}, required > 0 and >= {register.min_improvement:.3f})")
+    if failures:
+        reason += "; guard regressed: " + ", ".join(failures)
+    return PromotionDecision(promoted=promoted, reason=reason, baseline=baseline, delta=delta,
+                             primary_metric=primary, deltas=deltas, guard_failures=failures)
