@@ -31,6 +31,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"  # the newest candidate, promoted or not
 HISTORY_TAG = "tuneloop.champion_history"  # JSON list of the versions that were champion, oldest first
 MAX_PARAM_CHARS = 6000
+PROMOTED_EVENT = "tuneloop.model.promoted"  # a Prefect event; `tuneloop notify` hooks a webhook to it
 
 
 def git_commit() -> str:
@@ -403,6 +404,14 @@ def decision_markdown(mv: ModelVersion) -> str:
             f"Reason: {mv.decision.reason}\n\nMLflow run `{mv.run_id}` at `{mv.tracking_uri}`")
 
 
+def announce_promotion(model_name: str, version: str, summary: str) -> None:
+    from prefect.events import emit_event
+
+    emit_event(PROMOTED_EVENT, resource={"prefect.resource.id": f"tuneloop.model.{model_name}",
+                                         "prefect.resource.name": model_name},
+               payload={"version": version, "summary": summary})
+
+
 @task(name="find-champion", cache_policy=NO_CACHE)
 def find_champion_task(registry: RegisterConfig, tracking_uri: str, dst: Path) -> Champion | None:
     champion = find_champion(registry, tracking_uri, dst)
@@ -418,7 +427,5 @@ def register_task(config: PipelineConfig, checked: CheckedBatch | None, exported
     create_markdown_artifact(decision_markdown(mv), key="registration", description="promotion decision")
     get_run_logger().info(f"register: {mv.name} version {mv.version}; {mv.decision.reason}")
     if mv.decision.promoted:
-        from tuneloop.app.notify import announce_promotion
-
         announce_promotion(mv.name, mv.version, f"{mv.name} version {mv.version} promoted: {mv.decision.reason}")
     return mv

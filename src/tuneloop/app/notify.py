@@ -8,7 +8,8 @@ same thing for ``prefect automation create``.
 
 from __future__ import annotations
 
-PROMOTED_EVENT = "tuneloop.model.promoted"
+from tuneloop.tasks.register import PROMOTED_EVENT
+
 BLOCK_NAME = "tuneloop-notify"
 
 
@@ -60,10 +61,3 @@ def setup_notifications(model_name: str, webhook_url: str) -> list[str]:
         names.append(automation.name)
     return names
 
-
-def announce_promotion(model_name: str, version: str, summary: str) -> None:
-    from prefect.events import emit_event
-
-    emit_event(PROMOTED_EVENT, resource={"prefect.resource.id": f"tuneloop.model.{model_name}",
-                                         "prefect.resource.name": model_name},
-               payload={"version": version, "summary": summary})
