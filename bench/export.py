@@ -187,7 +187,7 @@ def main() -> None:
             "baseline_openai_recipe_s": round(base_s, 2), "baseline_examples_per_s": round(n / base_s),
             "tuneloop_export_s": round(our_s, 2), "tuneloop_examples_per_s": round(n / our_s),
             "speedup": round(base_s / our_s, 2), "count_mismatches": mismatches,
-            "estimated_cost_usd_gpt_4o_mini": extra["estimate"]["estimated_cost_usd"],
+            "estimated_cost_usd_gpt_4o_mini": extra["estimate"].estimated_cost_usd,
         })
         del extra
 

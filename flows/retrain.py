@@ -26,7 +26,7 @@ from tuneloop.tasks.ledger import commit_ledger, consume, load_ledger, plan_trai
 from tuneloop.tasks.quality import enforce_min_examples, quality_task
 from tuneloop.tasks.register import find_champion_task, register_task
 from tuneloop.tasks.snapshot import snapshot_task
-from tuneloop.tasks.tokens import CostEstimate, enforce_budget
+from tuneloop.tasks.tokens import enforce_budget
 from tuneloop.tasks.train_local import warm_start_task
 
 
@@ -92,8 +92,7 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
     if not exported.train_path.is_file():  # a cached result whose files were deleted since: export again
         exported = export_task.with_options(refresh_cache=True)(
             dataset, config.export, heldout, state.home / "exports", plan, config.config_hash())
-    enforce_budget(CostEstimate.model_validate(exported.estimate) if exported.estimate else None,
-                   config.train.max_cost_usd)
+    enforce_budget(exported.estimate, config.train.max_cost_usd)
     init_adapter, warm_from = None, None
     if config.train.backend == "local" and config.train.local.init_from == "champion":
         warm_from = find_champion_task(config.registry, tracking_uri, run_dir / "warm-start")

@@ -22,7 +22,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tuneloop.core.config import ExportConfig, OpenAITrainConfig, TrainConfig
-from tuneloop.core.records import ChatExample, DatasetVersion, ExportedDataset, TuneloopError
+from tuneloop.core.records import ChatExample, DatasetVersion, ExportedDataset, TokenStats, TuneloopError
 from tuneloop.tasks.chatformat import example_errors
 from tuneloop.tasks.collect import sha256_file
 from tuneloop.tasks.heldout import HeldOutExample, prompt_keys
@@ -154,15 +154,15 @@ def export_chat_jsonl(
     train, validation = split_examples(clean, export.validation_fraction, f"{export.seed}:{dataset.version}")
     assert_no_heldout({"train": train, "validation": validation}, heldout)
 
-    stats: dict[str, dict] = {}
+    stats: dict[str, TokenStats] = {}
     estimate = None
     if plan is not None:
         counts = plan.counter.count([e.messages for e in train + validation])
         train_counts, val_counts = counts[:len(train)], counts[len(train):]
         for name, part in (("train", train_counts), ("validation", val_counts)):
-            stats[name] = token_stats(part, plan.limit, plan.counter.name).model_dump()
+            stats[name] = token_stats(part, plan.limit, plan.counter.name)
         if plan.openai is not None:
-            estimate = estimate_cost(train_counts, plan.model or plan.openai.model, plan.openai).model_dump()
+            estimate = estimate_cost(train_counts, plan.model or plan.openai.model, plan.openai)
 
     tmp = directory.with_name(directory.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -179,8 +179,8 @@ def export_chat_jsonl(
         "counts": {"train": len(train), "validation": len(validation), "heldout_overlaps_removed": overlaps},
         "labels": {name: dict(sorted(Counter(e.label for e in part if e.label is not None).items()))
                    for name, part in (("train", train), ("validation", validation))},
-        "tokens": stats,
-        "estimate": estimate,
+        "tokens": {name: s.model_dump() for name, s in stats.items()},
+        "estimate": estimate.model_dump() if estimate else None,
         "sha256": sha,
     }
     (tmp / "manifest.json").write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
@@ -205,12 +205,12 @@ def manifest_summary(exported: ExportedDataset) -> str:
              f" examples ({exported.n_heldout_overlaps} held-out overlaps removed) in {exported.directory}"
              + (" [reused]" if exported.reused else "")]
     for name, s in exported.token_stats.items():
-        over = f", {s['n_over_limit']} over the {s['limit']}-token limit" if s.get("limit") else ""
-        lines.append(f"  {name} tokens ({s['counted_with']}): total {s['total']:,}, min {s['min']}, p50 {s['p50']},"
-                     f" p95 {s['p95']}, max {s['max']}{over}")
+        over = f", {s.n_over_limit} over the {s.limit}-token limit" if s.limit else ""
+        lines.append(f"  {name} tokens ({s.counted_with}): total {s.total:,}, min {s.min}, p50 {s.p50},"
+                     f" p95 {s.p95}, max {s.max}{over}")
     if e := exported.estimate:
-        lines.append(f"  estimate for {e['model']}: {e['epochs']} epochs x {e['tokens_per_epoch']:,} tokens ="
-                     f" {e['billed_tokens']:,} billed tokens, about ${e['estimated_cost_usd']:,.2f}")
+        lines.append(f"  estimate for {e.model}: {e.epochs} epochs x {e.tokens_per_epoch:,} tokens ="
+                     f" {e.billed_tokens:,} billed tokens, about ${e.estimated_cost_usd:,.2f}")
     return "\n".join(lines)
 
 

@@ -197,10 +197,10 @@ def run_metrics(checked: CheckedBatch | None, exported: ExportedDataset, trained
     for label, m in report.candidate.per_class.items():
         metrics.update({f"candidate_{k}.{label}": v for k, v in m.items() if k != "support"})
     for split, stats in exported.token_stats.items():
-        metrics.update({f"tokens.{split}.{k}": v for k, v in stats.items() if isinstance(v, int | float)})
+        metrics.update({f"tokens.{split}.{k}": v for k, v in stats.model_dump().items() if isinstance(v, int | float)})
     if exported.estimate:
-        metrics.update(estimated_billed_tokens=exported.estimate["billed_tokens"],
-                       estimated_cost_usd=exported.estimate["estimated_cost_usd"])
+        metrics.update(estimated_billed_tokens=exported.estimate.billed_tokens,
+                       estimated_cost_usd=exported.estimate.estimated_cost_usd)
     if checked is not None:
         metrics.update(n_read=checked.n_read, n_accepted=checked.n_accepted, n_quarantined=checked.n_quarantined,
                        n_duplicates=checked.n_duplicates, n_pii_redacted=checked.n_redacted)

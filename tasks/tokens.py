@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import orjson
-from pydantic import BaseModel
 
-from tuneloop.core.records import TuneloopError
+from tuneloop.core.records import CostEstimate, TokenStats, TuneloopError
 
 if TYPE_CHECKING:
     import tiktoken
@@ -151,18 +150,6 @@ def encoding_for_model(model: str, openai: OpenAITrainConfig, home: Path) -> tik
         ) from None
 
 
-class TokenStats(BaseModel):
-    n_examples: int
-    total: int
-    min: int
-    p50: int
-    p95: int
-    max: int
-    limit: int | None = None
-    n_over_limit: int = 0
-    counted_with: str
-
-
 def token_stats(counts: list[int], limit: int | None, counted_with: str) -> TokenStats:
     import numpy as np
 
@@ -187,21 +174,6 @@ def resolve_epochs(n_examples: int, n_epochs: int | str) -> int:
     if n_examples * TARGET_EPOCHS > MAX_TARGET_EXAMPLES:
         return max(MIN_EPOCHS, MAX_TARGET_EXAMPLES // n_examples)
     return TARGET_EPOCHS
-
-
-class CostEstimate(BaseModel):
-    """Billed tokens = sum(min(limit, tokens per example)) x epochs; cost at the configured price."""
-
-    model: str
-    n_examples: int
-    epochs: int
-    epochs_setting: int | str
-    tokens_per_epoch: int
-    billed_tokens: int
-    usd_per_1m_training_tokens: float
-    estimated_cost_usd: float
-    n_over_limit: int
-    context_tokens: int
 
 
 def estimate_cost(counts: list[int], model: str, openai: OpenAITrainConfig, n_epochs: int | str | None = None) -> CostEstimate:

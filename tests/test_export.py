@@ -83,9 +83,9 @@ def test_manifest_has_token_stats_and_a_paid_plan_gets_a_cost_estimate(checked, 
     plan = TokenPlan(counter=TiktokenCounter(enc), limit=openai.spec().context_tokens, openai=openai, model=openai.model)
     paid = export_chat_jsonl(dataset, cfg.export, [], tmp_path / "paid", plan)
     est = paid.estimate
-    assert est["epochs"] == 3 and est["tokens_per_epoch"] == paid.token_stats["train"]["total"]
-    assert est["estimated_cost_usd"] == round(est["tokens_per_epoch"] * 3 / 1e6 * 3.00, 4)
-    assert json.loads(paid.manifest_path.read_text())["estimate"] == est
+    assert est.epochs == 3 and est.tokens_per_epoch == paid.token_stats["train"].total
+    assert est.estimated_cost_usd == round(est.tokens_per_epoch * 3 / 1e6 * 3.00, 4)
+    assert json.loads(paid.manifest_path.read_text())["estimate"] == est.model_dump()
 
 
 def test_same_inputs_reuse_the_export_and_changed_files_are_rebuilt(checked, tmp_path):

@@ -131,11 +131,38 @@ class DatasetVersion(BaseModel):
     n_replaced: int = 0
 
 
+class TokenStats(BaseModel):
+    """Token counts of one split, counted with the tokenizer that will train on it."""
+
+    n_examples: int
+    total: int
+    min: int
+    p50: int
+    p95: int
+    max: int
+    limit: int | None = None
+    n_over_limit: int = 0
+    counted_with: str
+
+
+class CostEstimate(BaseModel):
+    """Billed tokens = sum(min(limit, tokens per example)) x epochs; cost at the configured price."""
+
+    model: str
+    n_examples: int
+    epochs: int
+    epochs_setting: int | str
+    tokens_per_epoch: int
+    billed_tokens: int
+    usd_per_1m_training_tokens: float
+    estimated_cost_usd: float
+    n_over_limit: int
+    context_tokens: int
+
+
 class ExportedDataset(BaseModel):
     """Chat JSONL files ready for a trainer, with the manifest that describes them.
 
-    ``token_stats`` and ``estimate`` are plain dicts of tasks.tokens.TokenStats / CostEstimate, so this
-    record needs no heavy import to load.
     """
 
     dataset_version: str
@@ -147,8 +174,8 @@ class ExportedDataset(BaseModel):
     n_validation: int
     sha256: dict[str, str]
     n_heldout_overlaps: int = 0
-    token_stats: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    estimate: dict[str, Any] | None = None
+    token_stats: dict[str, TokenStats] = Field(default_factory=dict)
+    estimate: CostEstimate | None = None
     reused: bool = False
 
 
