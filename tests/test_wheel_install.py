@@ -72,7 +72,7 @@ def test_a_users_project_with_its_own_flows_and_tasks_runs_the_loop(user_env, tm
     write_lines(project / "flows" / "__init__.py", ["raise ImportError('the user flows package was imported')"])
     write_lines(project / "tasks.py", ["raise ImportError('the user tasks module was imported')"])
     lines = (DEMO / "tickets.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
-    write_lines(project / "landing" / "tickets.jsonl", lines[:400])
+    write_lines(project / "landing" / "tickets.jsonl", lines[:800])
     write_lines(project / "holdout.jsonl", (DEMO / "holdout.jsonl").read_text().splitlines()[:20])
     config = project / "support.yaml"
     config.write_text("\n".join([
@@ -82,7 +82,7 @@ def test_a_users_project_with_its_own_flows_and_tasks_runs_the_loop(user_env, tm
         "assistant: \"queue: {queue}\\n{answer}\"}",
         "train:",
         "  base_model: tiny",
-        "  tiny: {corpus: [landing/tickets.jsonl], vocab_size: 512, hidden_size: 64}",
+        "  tiny: {corpus: [landing/tickets.jsonl]}",
         "  local: {max_steps: 60, batch_size: 4, learning_rate: 0.003, max_length: 512}",
         "evaluate: {holdout: holdout.jsonl, label_pattern: '^\\s*queue:\\s*(\\S+)'}",
         "register: {model_name: support-desk, experiment: support-desk}",
@@ -97,7 +97,7 @@ def test_a_users_project_with_its_own_flows_and_tasks_runs_the_loop(user_env, tm
 
     run = tuneloop("run", "--config", str(config))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "promoted" in run.stdout.lower()
+    assert "with alias champion" in run.stdout, run.stdout[-3000:]
     check = tuneloop("check", "landing/tickets.jsonl", "--config", str(config), "--json")
     assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-2000:]
     models = tuneloop("models", "--config", str(config), "--json")
