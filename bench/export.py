@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 WORDS = ("sync folder invoice plan upgrade Lumenfold desktop client conflict copy share link password reset"
          " two-factor phone laptop error 0x80070005 can't won't doesn't files photos backup restore version"

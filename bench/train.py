@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SYSTEM = "You are Lumenfold's help desk. Route the ticket to a queue and write the first reply."
 DEMO = ROOT / "data" / "demo" / "tickets.jsonl"

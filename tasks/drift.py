@@ -12,6 +12,7 @@ through the quality gate, nothing committed) and, failing those, examples of new
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -142,7 +143,17 @@ def pyfunc_score(model_uri: str, held: list[HeldOutExample], config: PipelineCon
     from tuneloop.tasks.metrics import parse_label, score
 
     mlflow.set_tracking_uri(tracking_uri)
-    model = mlflow.pyfunc.load_model(model_uri)
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except ModuleNotFoundError as exc:  # pickled by a tuneloop before the package was named tuneloop
+        raise TuneloopError(f"{model_uri} was registered by an older tuneloop ({exc}); retrain and promote a new "
+                            "version, or start from a clean state folder") from None
+    openai = config.train.openai
+    if openai.api_key_secret_block and not os.environ.get(openai.api_key_env):
+        # the served model reads its key from the environment; a key kept in a Prefect Secret block is put there
+        from tuneloop.tasks.train_openai import api_key
+
+        os.environ[openai.api_key_env] = api_key(openai)
     answers = model.predict([_user_of(h.prompt) for h in held])
     pattern = re.compile(config.evaluate.label_pattern)
     labels = [parse_label(a, pattern) for a in answers] if config.evaluate.task == "classification" else answers

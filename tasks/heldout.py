@@ -8,6 +8,7 @@ its training twin and its overlap is found, and no personal data reaches an API 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import orjson
 from pydantic import BaseModel
@@ -19,7 +20,7 @@ from tuneloop.core.records import ChatExample, RecordChunk, TuneloopError
 
 class HeldOutExample(BaseModel):
     record_id: str
-    prompt: list[dict[str, str]]
+    prompt: list[dict[str, Any]]
     expected: str
     label: str | None
     content_hash: str = ""  # of the whole mapped example: equal to its training twin's
@@ -62,7 +63,8 @@ def read_heldout(path: Path, mapping: MappingConfig, limit: int | None = None,
         raise TuneloopError(f"{field_name}: {path} does not exist")
     # Held-out prompts may go to an API model: redact whatever the gate's policy, never send PII out.
     mapper = RecordMapper(mapping, (quality or QualityConfig()).model_copy(update={"pii": "redact"}))
-    needed = required_fields(mapping)
+    # every field the templates read; the label only where a task scores labels (checked by evaluate)
+    needed = [name for name in required_fields(mapping) if name != mapping.label]
     chunk = RecordChunk()
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):

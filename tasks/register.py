@@ -34,6 +34,16 @@ MAX_PARAM_CHARS = 6000
 PROMOTED_EVENT = "tuneloop.model.promoted"  # a Prefect event; `tuneloop notify` hooks a webhook to it
 
 
+def tuneloop_version() -> str:
+    """The installed tuneloop that trained the model (a wheel has no git checkout to ask)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tuneloop")
+    except PackageNotFoundError:
+        return ""
+
+
 def git_commit() -> str:
     """The code that trained the model, when it runs from a git checkout."""
     import subprocess
@@ -148,6 +158,7 @@ def run_tags(config: PipelineConfig, trained: TrainedModel, flow_run_id: str | N
         "config_hash": config.config_hash(),
         "prefect_flow_run_id": flow_run_id or "",
         "git_commit": git_commit(),
+        "tuneloop_version": tuneloop_version(),
     }
     if trained.backend == "openai":
         tags.update(fine_tuned_model=trained.fine_tuned_model or "", openai_job_id=trained.job_id or "",

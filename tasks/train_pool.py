@@ -100,7 +100,8 @@ def train_on_pool(exported: ExportedDataset, train: TrainConfig, tracking_uri: s
     except Exception as exc:  # ObjectNotFound and friends: a deployment that was never created
         raise TuneloopError(f"train.local.placement: pool, but deployment {name!r} cannot be started ({exc}); "
                             "deploy it first: tuneloop serve, or prefect deploy --prefect-file "
-                            "deployments/prefect.yaml --name train-local") from None
+                            "deployments/prefect.yaml --name train-local (the file is also installed with "
+                            "the package, as tuneloop/deployments/prefect.yaml)") from None
     state = flow_run.state
     if state is None or not state.is_completed():
         raise TuneloopError(f"train: flow run {flow_run.name} of {name} ended "

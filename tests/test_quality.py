@@ -161,3 +161,14 @@ def test_a_heldout_record_missing_a_mapped_field_names_the_file_line_and_field(t
         json.dumps({"ticket_id": "T-2", "subject": "s", "queue": "billing", "answer": "a"})])
     with pytest.raises(TuneloopError, match=rf"{path}:2: field 'body' is missing"):
         read_heldout(path, cfg.mapping)
+
+
+def test_a_heldout_row_without_the_label_field_is_read_for_generation(tmp_path):
+    """The label is checked by evaluate where the task needs it, not demanded of every held-out row."""
+    from tuneloop.tasks.heldout import read_heldout
+
+    cfg = load_config(DEMO_CONFIG, ["mapping.label=channel", "evaluate.task=generation"])
+    path = write_lines(tmp_path / "holdout.jsonl", [
+        json.dumps({"ticket_id": "T-1", "subject": "s", "body": "b", "queue": "billing", "answer": "a"})])
+    held = read_heldout(path, cfg.mapping)
+    assert held[0].label is None and held[0].expected == "queue: billing\na"

@@ -21,7 +21,7 @@ app = typer.Typer(
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="pipeline config (YAML); default: deployments/demo.yaml", dir_okay=False),
+    typer.Option("--config", "-c", help="pipeline config (YAML); default: the demo's (deployments/demo.yaml, for a clone of the repository)", dir_okay=False),
 ]
 SetOption = Annotated[
     list[str] | None,
