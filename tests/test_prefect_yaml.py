@@ -44,22 +44,31 @@ def declared_by_serve() -> dict[str, dict]:
     return out
 
 
+def differences(from_yaml: dict[str, dict], from_serve: dict[str, dict]) -> list[str]:
+    """What one side declares differently from the other, for the deployments serve makes."""
+    found = []
+    for name, served in from_serve.items():
+        yaml_side = dict(from_yaml.get(name, {}))
+        served = dict(served)
+        # the yaml names the config relative to the repo root; serve passes the absolute path it was given
+        if (ROOT / str(yaml_side.pop("config", ""))).resolve() != Path(served.pop("config")).resolve():
+            found.append(f"{name}: config")
+        found += [f"{name}: {key}" for key in sorted(set(yaml_side) | set(served))
+                  if yaml_side.get(key) != served.get(key)]
+    return found
+
+
 def test_prefect_yaml_and_tuneloop_serve_declare_the_same_deployments():
     from_yaml, from_serve = declared_in_yaml(), declared_by_serve()
     assert set(from_serve) == {"retrain", "drift-monitor"}
     assert set(from_yaml) == {"retrain", "drift-monitor", "train-local"}  # serve deploys train-local from the yaml
-    for name, served in from_serve.items():
-        yaml_side = from_yaml[name]
-        # the yaml names the config relative to the repo root; serve passes the absolute path it was given
-        assert (ROOT / yaml_side.pop("config")).resolve() == Path(served.pop("config")).resolve(), name
-        assert yaml_side == served, name
+    assert differences(from_yaml, from_serve) == []
     assert from_yaml["train-local"]["entrypoint"] == "tuneloop.flows.train_local.train_local"
 
 
-def test_the_comparison_sees_a_changed_schedule():
-    """The check can fail: a config whose cron differs from the yaml's is told apart."""
-    from tuneloop.app.serve import build_deployments
-
-    _, deployments = build_deployments(DEMO_CONFIG, ["schedule.retrain_cron=0 4 * * 1"])
-    retrain = next(d for d in deployments if d.name == "retrain")
-    assert [s.schedule.cron for s in retrain.schedules] != declared_in_yaml()["retrain"]["schedules"][:1]
+def test_the_comparison_sees_a_changed_schedule_and_a_dropped_trigger():
+    """The check can fail: a served schedule or trigger set that differs from the yaml's is reported."""
+    from_serve = declared_by_serve()
+    from_serve["retrain"] = {**from_serve["retrain"], "schedules": [("0 4 * * 1", "UTC")],
+                             "triggers": from_serve["retrain"]["triggers"][:1]}
+    assert differences(declared_in_yaml(), from_serve) == ["retrain: schedules", "retrain: triggers"]
