@@ -7,7 +7,10 @@ three side files are JSONL in the run folder and the counts reconcile.
 Suites (``expectations/``): ``raw_records`` checks the mapped fields; ``chat_examples`` checks each
 rendered chat example, flattened to columns because GX does not validate nested JSON. Uniqueness
 expectations (``expect_column_values_to_be_unique``) are enforced across the whole run, not per chunk:
-the first record with an id is kept, later ones with the same id are quarantined.
+the first record with an id is kept, later ones with the same id are quarantined. Both kinds of outcome
+reach the summary, ``tuneloop check`` and Data Docs from the same tallies, rows named by file and line.
+PII found in ``quality.pii: quarantine`` mode and unparsable lines are quarantined outside GX: reasons
+``pii:KIND(field)`` and ``parse: ...``, not expectations.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from tuneloop.core.config import MappingConfig, QualityConfig, SourceConfig
 from tuneloop.core.mapping import PreparedChunk, RecordMapper, all_fields
 from tuneloop.core.records import CheckedBatch, ExpectationOutcome, QuarantineEntry, RawBatch, TuneloopError
-from tuneloop.tasks.gx import ROW, UNIQUE, SuiteRunner, load_suite
+from tuneloop.tasks.gx import UNIQUE, SuiteRunner, lineage_columns, load_suite
 
 
 class QualityGateFailed(TuneloopError):
@@ -36,8 +39,8 @@ class QualityGateFailed(TuneloopError):
 class QualityGate:
     """Feed it prepared chunks in source order, then ``finish()``: a CheckedBatch accounting for every record.
 
-    Holds what depends on order: first-seen duplicates, run-wide uniqueness, the GX context (one per run,
-    so Data Docs show every chunk), the counts and the output files.
+    Holds what depends on order: first-seen duplicates, run-wide uniqueness, the GX context (one per run:
+    Data Docs show the run as one result per suite), the counts and the output files.
     """
 
     def __init__(self, mapping: MappingConfig, quality: QualityConfig, run_dir: Path):
@@ -71,14 +74,14 @@ class QualityGate:
                 "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
             })
         self.context = context
-        self.raw = SuiteRunner(context, raw_suite)
-        self.chat = SuiteRunner(context, chat_suite)
+        self.lineage = lineage_columns(self.fields)
+        self.raw = SuiteRunner(context, raw_suite, self.lineage, run_wide=unique)
+        self.chat = SuiteRunner(context, chat_suite, self.lineage)
 
         self.paths = {name: run_dir / f"{name}.jsonl" for name in ("accepted", "quarantine", "duplicates")}
         self.out = {name: path.open("wb") for name, path in self.paths.items()}
         self.seen: dict[bytes, tuple[str, int]] = {}
         self.ids: dict[str, dict[str, tuple[str, int]]] = {c: {} for c in self.unique_columns}
-        self.unique_failures = dict.fromkeys(self.unique_columns, 0)
         self.n_read = self.n_accepted = self.n_quarantined = self.n_duplicates = self.n_redacted = 0
 
     @staticmethod
@@ -112,26 +115,33 @@ class QualityGate:
             self.seen[key] = (chunk.sources[i], chunk.lines[i])
             keep.append(i)
 
+        file, line = self.lineage
         frame = pd.DataFrame({n: [chunk.columns[n][i] for i in keep] for n in self.fields}).astype(object)
         frame = frame.where(frame.notna(), None)
-        frame[ROW] = range(len(keep))
+        frame[file] = [chunk.sources[i] for i in keep]
+        frame[line] = pd.Series([chunk.lines[i] for i in keep], dtype="int64")
         reasons = self.raw.run(frame)
-        for j, i in enumerate(keep):
-            for col in self.unique_columns:
+        for col in self.unique_columns:
+            missing, repeated = 0, []
+            for j, i in enumerate(keep):
                 value = chunk.columns[col][i]
                 if value is None:
+                    missing += 1
                     continue
                 first = self.ids[col].setdefault(str(value), (chunk.sources[i], chunk.lines[i]))
                 if first != (chunk.sources[i], chunk.lines[i]):
-                    self.unique_failures[col] += 1
+                    repeated.append((value, chunk.sources[i], chunk.lines[i]))
                     reasons.setdefault(j, []).append(f"{UNIQUE}({col})")
+            self.raw.add_run_wide(UNIQUE, col, len(keep), missing, repeated)
+        for j, i in enumerate(keep):
             if i in chunk.pii_reasons:
                 reasons.setdefault(j, []).extend(chunk.pii_reasons[i])
 
         passing = [j for j in range(len(keep)) if j not in reasons]
         if passing:
             flat = chunk.flat.iloc[[keep[j] for j in passing]].reset_index(drop=True)
-            flat[ROW] = range(len(passing))
+            flat[file] = [chunk.sources[keep[j]] for j in passing]
+            flat[line] = pd.Series([chunk.lines[keep[j]] for j in passing], dtype="int64")
             for k, why in self.chat.run(flat).items():
                 reasons.setdefault(passing[k], []).extend(why)
 
@@ -144,21 +154,27 @@ class QualityGate:
                 self.n_accepted += 1
 
     def outcomes(self) -> list[ExpectationOutcome]:
-        result = [
-            ExpectationOutcome(suite=self.raw_suite_name, expectation=UNIQUE, column=col,
-                               success=self.unique_failures[col] == 0, unexpected_count=self.unique_failures[col])
-            for col in self.unique_columns
-        ]
+        """One per expectation type and column, as quarantine reasons name them (Data Docs list each expectation:
+        two regexes on one column are one row here, their counts summed)."""
+        merged: dict[tuple[str, str, str | None], list] = {}
         for runner in (self.raw, self.chat):
-            result += [ExpectationOutcome(suite=runner.name, expectation=t, column=c, success=tally[0] == 0,
-                                          unexpected_count=tally[1]) for (t, c), tally in runner.outcomes.items()]
-        return result
+            for type_, column, success, n in runner.outcomes():
+                outcome = merged.setdefault((runner.name, type_, column), [True, 0])
+                outcome[0] &= success
+                outcome[1] += n
+        return [ExpectationOutcome(suite=suite, expectation=type_, column=column, success=ok, unexpected_count=n)
+                for (suite, type_, column), (ok, n) in merged.items()]
 
     def finish(self) -> CheckedBatch:
         for fh in self.out.values():
             fh.close()
         if self.docs_dir:
+            where = f"{self.paths['quarantine']}: every rejected record, with its file, line and reasons"
+            results = {runner.name: runner.store_result(self.run_dir.name, where) for runner in (self.raw, self.chat)}
             self.context.build_data_docs(site_names=["run"])
+            for name, result in results.items():  # what the pages show, for machines
+                if result is not None:
+                    (self.docs_dir / f"{name}.validation.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
         summary_path = self.run_dir / "quality_summary.json"
         checked = CheckedBatch(
             accepted_path=self.paths["accepted"], quarantine_path=self.paths["quarantine"],
