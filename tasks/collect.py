@@ -3,7 +3,8 @@
 Two sources, each a small class whose one method, ``collect(ledger)``, says what is new:
 - ``LandingFolder``: complete JSONL / CSV / Parquet files whose content hash is not in the ledger (a
   renamed or touched file is not new, a changed one is). Files are never modified, moved or deleted.
-- ``SqlTable``: rows of a table or query past the ledger's watermark, up to the newest at collect time.
+- ``SqlTable``: rows of a table or query past the ledger's watermark, up to the newest at collect time,
+  plus rows within ``lookback`` before it that were not consumed yet (committed late, or updated).
 
 Reading is separate (``read_chunks``) so the quality stage can stream a million records in bounded
 memory. A line that cannot be parsed is not dropped: it becomes a quarantine entry with its reason.
@@ -14,11 +15,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import math
 import os
 import sys
 import time
-from collections.abc import Iterator
-from datetime import date, datetime
+from collections.abc import Iterator, Mapping
+from datetime import date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -180,8 +183,79 @@ def _from_json_value(value: Any) -> Any:
     return value
 
 
+def _iso_look_back(text: str, seconds: float) -> str:
+    """An ISO date/time text ``seconds`` earlier, rounded down and written in the same shape (separator,
+    precision, zone), so that the database's text comparison orders it correctly against the column."""
+    shaped = len(text) >= 10 and text[4] == "-" and text[7] == "-" and (len(text) == 10 or text[10] in "T ")
+    try:
+        if not shaped:
+            raise ValueError(text)
+        if len(text) == 10:
+            return look_back_from(date.fromisoformat(text), seconds).isoformat()
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise TuneloopError(f"watermark value {text!r} is neither a number nor an ISO date/time, so source.lookback "
+                            "cannot count back from it: set source.lookback: 0 (rows at the watermark itself are "
+                            "still read again)") from None
+    has_seconds = len(text) > 16 and text[16] == ":"
+    earlier = (moment - timedelta(seconds=seconds)).replace(microsecond=0, **({} if has_seconds else {"second": 0}))
+    out = earlier.isoformat(sep=text[10], timespec="seconds" if has_seconds else "minutes")
+    return out[:-6] + "Z" if text.endswith("Z") and out.endswith("+00:00") else out
+
+
+def look_back_from(mark: Any, seconds: float) -> Any:
+    """The lower bound of the look-back: ``seconds`` before ``mark`` for dates and times, that many units
+    before it for numbers; rounded down, so that a row within the look-back is never left out."""
+    if seconds == 0 or mark is None:
+        return mark
+    if isinstance(mark, bool):
+        raise TuneloopError("a boolean watermark column cannot be counted back from: set source.lookback: 0")
+    if isinstance(mark, int):
+        return mark - math.ceil(seconds)
+    if isinstance(mark, float):
+        return mark - seconds
+    if isinstance(mark, Decimal):
+        return mark - Decimal(seconds)
+    if isinstance(mark, datetime):
+        return mark - timedelta(seconds=seconds)
+    if isinstance(mark, date):
+        return (datetime.combine(mark, datetime.min.time()) - timedelta(seconds=seconds)).date()
+    if isinstance(mark, str):
+        return _iso_look_back(mark, seconds)
+    raise TuneloopError(f"watermark value of type {type(mark).__name__} cannot be counted back from: "
+                        "set source.lookback: 0")
+
+
+def _row_values(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row as the pipeline sees it: dates and times as ISO text."""
+    return {k: v.isoformat() if isinstance(v, datetime | date) else v for k, v in row.items()}
+
+
+def row_digest(row: Mapping[str, Any], watermark: str) -> str:
+    """A row's id and content, without its watermark: a row only touched is not new, an edited one is."""
+    content = {k: v for k, v in row.items() if k != watermark}
+    return hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS,
+                                       default=str)).hexdigest()[:16]
+
+
+def _rows_between(conn, src, mark, low: Any, high: Any, chunk_size: int) -> Iterator[dict[str, Any]]:
+    from sqlalchemy import literal_column, select
+
+    where = ([mark >= low] if low is not None else []) + [mark <= high]
+    query = select(literal_column("*")).select_from(src).where(*where).order_by(mark)
+    result = conn.execution_options(stream_results=True, yield_per=chunk_size).execute(query).mappings()
+    while rows := result.fetchmany(chunk_size):
+        yield from (_row_values(row) for row in rows)
+
+
 class SqlTable:
-    """Rows of a table or query newer than the last watermark this source was consumed up to."""
+    """Rows of a table or query newer than the last watermark this source was consumed up to, and rows
+    within the look-back before it whose id and content were not consumed yet.
+
+    The ledger keeps the digests of the rows within the look-back of its watermark (one window, replaced
+    each run). A ledger written before look-backs has none: its window is read again once, and rows already
+    in the dataset are then dropped by the snapshot as already present.
+    """
 
     def __init__(self, config: SqlSource):
         self.config = config
@@ -196,20 +270,34 @@ class SqlTable:
         from sqlalchemy.exc import SQLAlchemyError
 
         src = _selectable(self.config)
-        mark = src.c[self.config.watermark]
+        mark, name, size = src.c[self.config.watermark], self.config.watermark, self.config.chunk_size
         after = _from_json_value(ledger.watermarks.get(self.key))
-        where = [mark > after] if after is not None else []
+        since = look_back_from(after, self.config.lookback)
+        consumed = ledger.recent_rows.get(self.key, [])
+        known = set(consumed)
+        n_reread = n_known = 0
+        window = None
         try:
             with _engine(self.config).connect() as conn:
-                n_rows, up_to = conn.execute(select(func.count(), func.max(mark)).select_from(src).where(*where)).one()
+                where = [mark > after] if after is not None else []
+                n_new, newest = conn.execute(select(func.count(), func.max(mark)).select_from(src).where(*where)).one()
+                if after is not None:
+                    for row in _rows_between(conn, src, mark, since, after, size):
+                        n_reread += 1
+                        n_known += row_digest(row, name) in known
+                up_to = newest if n_new else after
+                if n_new or n_reread > n_known:  # the ledger will move: what it must keep from now on
+                    window = sorted({row_digest(row, name) for row in _rows_between(
+                        conn, src, mark, look_back_from(up_to, self.config.lookback), up_to, size)})
         except SQLAlchemyError as exc:
             raise TuneloopError(f"source {redacted_url(self.config.url)}: {type(exc).__name__}: "
                                 f"{str(exc.orig if hasattr(exc, 'orig') and exc.orig else exc).splitlines()[0]}") from None
         return RawBatch(sql=SqlSlice(
             source_key=self.key, url=redacted_url(self.config.url),
-            selectable=self.config.table or self.config.query or "", watermark=self.config.watermark,
-            after=_to_json_value(after), up_to=_to_json_value(up_to) if n_rows else ledger.watermarks.get(self.key),
-            n_rows=int(n_rows)))
+            selectable=self.config.table or self.config.query or "", watermark=name,
+            after=_to_json_value(after), up_to=_to_json_value(up_to) if n_new else ledger.watermarks.get(self.key),
+            n_rows=int(n_new) + n_reread - n_known, reread_from=_to_json_value(since) if after is not None else None,
+            consumed=consumed if n_reread else [], n_reread=n_reread, n_already_consumed=n_known, window=window))
 
 
 def make_source(config: SourceConfig, landing: Path, required: list[str]) -> LandingFolder | SqlTable:
@@ -309,23 +397,38 @@ def _read_parquet(path: str, chunk_size: int) -> Iterator[RecordChunk]:
 
 
 def _read_sql(source: SqlSource, sql: SqlSlice, chunk_size: int) -> Iterator[RecordChunk]:
+    """The look-back's rows not consumed yet, then the rows past the watermark: the two parts collect counted."""
     from sqlalchemy import literal_column, select
 
     src = _selectable(source)
     mark = src.c[source.watermark]
     after, up_to = _from_json_value(sql.after), _from_json_value(sql.up_to)
-    query = select(literal_column("*")).select_from(src).where(*([mark > after] if after is not None else []), mark <= up_to).order_by(mark)
     label = f"sql:{sql.url}/{sql.selectable}"
     line = 0
+    chunk = RecordChunk()
     with _engine(source).connect() as conn:
+        if sql.reread_from is not None and sql.n_reread:
+            known = set(sql.consumed)
+            for row in _rows_between(conn, src, mark, _from_json_value(sql.reread_from), after, chunk_size):
+                if known and row_digest(row, source.watermark) in known:
+                    continue
+                line += 1
+                chunk.add(row, label, line)
+                if len(chunk) >= chunk_size:
+                    yield chunk
+                    chunk = RecordChunk()
+        query = select(literal_column("*")).select_from(src).where(
+            *([mark > after] if after is not None else []), mark <= up_to).order_by(mark)
         result = conn.execution_options(stream_results=True, yield_per=chunk_size).execute(query).mappings()
         while rows := result.fetchmany(chunk_size):
-            chunk = RecordChunk()
             for row in rows:
                 line += 1
-                chunk.add({k: v.isoformat() if isinstance(v, datetime | date) else v for k, v in row.items()},
-                          label, line)
-            yield chunk
+                chunk.add(_row_values(row), label, line)
+                if len(chunk) >= chunk_size:
+                    yield chunk
+                    chunk = RecordChunk()
+    if len(chunk):
+        yield chunk
 
 
 def read_chunks(raw: RawBatch, source: SourceConfig, chunk_size: int | None = None) -> Iterator[RecordChunk]:
@@ -345,7 +448,12 @@ def describe(raw: RawBatch) -> str:
     if raw.files or raw.rejected:
         parts.append(f"{len(raw.files)} new file(s)" + (f", {len(raw.rejected)} unreadable" if raw.rejected else ""))
     if raw.sql is not None:
-        parts.append(f"{raw.sql.n_rows} new row(s) from {raw.sql.url} ({raw.sql.selectable})")
+        sql = raw.sql
+        parts.append(f"{sql.n_rows} new or changed row(s) from {sql.url} ({sql.selectable})")
+        if sql.n_reread:
+            since = sql.reread_from["value"] if isinstance(sql.reread_from, dict) else sql.reread_from
+            parts.append(f"{sql.n_reread} row(s) read again within the look-back (from {since}): "
+                         f"{sql.n_already_consumed} already consumed (same id and content), skipped")
     if raw.already_consumed:
         parts.append(f"{raw.already_consumed} file(s) already consumed")
     if raw.skipped:

@@ -3,6 +3,8 @@ import os
 import shutil
 import sqlite3
 import time
+from datetime import date, datetime
+from decimal import Decimal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,7 +13,14 @@ import pytest
 from conftest import DEMO, DEMO_CONFIG, gate_folder, write_lines
 from tuneloop.core.config import FolderSource, SqlSource, load_config
 from tuneloop.core.records import DatasetVersion, TuneloopError
-from tuneloop.tasks.collect import LandingFolder, SqlTable, read_chunks, redacted_url
+from tuneloop.tasks.collect import (
+    LandingFolder,
+    SqlTable,
+    describe,
+    look_back_from,
+    read_chunks,
+    redacted_url,
+)
 from tuneloop.tasks.ledger import Ledger, commit_ledger, consume, load_ledger
 
 REQUIRED = ["text"]
@@ -209,9 +218,9 @@ def test_huge_csv_field_is_read_not_a_crash(tmp_path):
 # ---- SQL source ---------------------------------------------------------------------------------------
 
 
-def make_db(path, rows):
+def make_db(path, rows, mark_type="TEXT"):
     con = sqlite3.connect(path)
-    con.execute("CREATE TABLE IF NOT EXISTS tickets (id INTEGER PRIMARY KEY, text TEXT, updated_at TEXT)")
+    con.execute(f"CREATE TABLE IF NOT EXISTS tickets (id INTEGER PRIMARY KEY, text TEXT, updated_at {mark_type})")
     con.executemany("INSERT OR REPLACE INTO tickets VALUES (?, ?, ?)", rows)
     con.commit()
     con.close()
@@ -252,3 +261,153 @@ def test_sql_errors_are_one_line_without_the_password(tmp_path):
         SqlTable(config).collect(Ledger())
     with pytest.raises(ValueError, match="exactly one of source.table and source.query"):
         SqlSource(url="sqlite://", table="t", query="SELECT 1")
+    assert SqlSource(url="sqlite://", table="t").lookback == 3600
+    assert SqlSource(url="sqlite://", table="t", lookback="1h30m").lookback == 5400
+    with pytest.raises(ValueError, match="'soon' is not a look-back"):
+        SqlSource(url="sqlite://", table="t", lookback="soon")
+
+
+# ---- SQL look-back: rows committed late or updated under the watermark, each collected exactly once -----
+
+
+def sql_run(source, ledger, version):
+    """One run as the retrain flow does it: collect, read, and consume only when something was new."""
+    raw = source.collect(ledger)
+    texts = [r["text"] for _, _, r in read_all(raw, source.config)[0]]
+    return raw, texts, ledger if raw.nothing_new else consumed(ledger, raw, version)
+
+
+@pytest.mark.parametrize("newest, late, lookback, mark_type", [
+    ("2026-11-02T10:00:00", "2026-11-02T10:00:00", "1h", "TEXT"),  # equal to the watermark
+    ("2026-11-02T10:00:00", "2026-11-02T09:30:00", "1h", "TEXT"),  # older, within the look-back
+    ("2026-11-02T10:00:00Z", "2026-11-02T09:00:00Z", "1h", "TEXT"),  # at the look-back's very start
+    ("2026-11-02 10:00:00.250", "2026-11-02 09:59:59.5", "15m", "TEXT"),  # space separator, fractions
+    ("2026-11-02", "2026-11-01", "1h", "TEXT"),  # dates only: an hour back is the day before
+    (1000, 1000, 0, "INTEGER"),  # a sequence, no look-back: rows at the watermark itself are still read again
+    (1000, 995, 10, "INTEGER"),  # a sequence committed out of order
+    (1_700_000_000.5, 1_699_999_000.0, "1h", "REAL"),  # epoch seconds: a duration counts as seconds
+])
+def test_a_row_committed_late_at_or_under_the_watermark_is_collected_once(tmp_path, newest, late, lookback, mark_type):
+    db = tmp_path / "crm.db"
+    oldest = "2000-01-01" if mark_type == "TEXT" else 1
+    make_db(db, [(1, "first", oldest), (2, "second", newest)], mark_type)
+    source = SqlTable(SqlSource(url=f"sqlite:///{db}", table="tickets", lookback=lookback))
+    raw, texts, ledger = sql_run(source, Ledger(), "v1")
+    assert texts == ["first", "second"]
+    make_db(db, [(3, "late", late)], mark_type)  # committed after the run, under a watermark already stored
+    raw, texts, ledger = sql_run(source, ledger, "v2")
+    assert texts == ["late"] and raw.sql.n_rows == 1
+    assert raw.sql.n_already_consumed == 1 and raw.sql.up_to == newest  # "second" read again, skipped
+    raw, texts, _ = sql_run(source, ledger, "v3")
+    assert raw.nothing_new and texts == []  # and not again
+
+
+def test_a_late_row_older_than_the_look_back_is_outside_it(tmp_path):
+    db = tmp_path / "crm.db"
+    make_db(db, [(1, "first", "2026-11-02T10:00:00")])
+    source = SqlTable(SqlSource(url=f"sqlite:///{db}", table="tickets", lookback="2h"))
+    _, _, ledger = sql_run(source, Ledger(), "v1")
+    make_db(db, [(2, "within", "2026-11-02T08:30:00"), (3, "beyond", "2026-11-02T07:59:59")])
+    raw, texts, _ = sql_run(source, ledger, "v2")
+    assert texts == ["within"] and raw.sql.reread_from == "2026-11-02T08:00:00"
+
+
+def test_a_row_updated_under_the_watermark_is_collected_again_a_touched_one_is_not(tmp_path):
+    db = tmp_path / "crm.db"
+    make_db(db, [(1, "first", "2026-11-02T09:00:00"), (2, "second", "2026-11-02T10:00:00")])
+    source = SqlTable(SqlSource(url=f"sqlite:///{db}", table="tickets"))
+    _, _, ledger = sql_run(source, Ledger(), "v1")
+    # same id, new content, timestamps within the window (one unchanged, one older than the watermark)
+    make_db(db, [(1, "first, edited", "2026-11-02T09:20:00"), (2, "second, edited", "2026-11-02T10:00:00")])
+    raw, texts, ledger = sql_run(source, ledger, "v2")
+    assert texts == ["first, edited", "second, edited"] and raw.sql.n_already_consumed == 0
+    make_db(db, [(1, "first, edited", "2026-11-02T09:40:00")])  # touched: a new timestamp, the same content
+    raw, texts, _ = sql_run(source, ledger, "v3")
+    assert raw.nothing_new and texts == [] and raw.sql.n_already_consumed == 2
+
+
+def test_an_untouched_table_collects_nothing_on_reruns(tmp_path):
+    db = tmp_path / "crm.db"
+    make_db(db, [(i, f"row {i}", f"2026-11-02T{9 + i // 60:02d}:{i % 60:02d}:00") for i in range(90)])
+    source = SqlTable(SqlSource(url=f"sqlite:///{db}", table="tickets", chunk_size=7))
+    raw, texts, ledger = sql_run(source, Ledger(), "v1")
+    assert len(texts) == 90
+    for version in ("v2", "v3", "v4"):
+        raw, texts, ledger = sql_run(source, ledger, version)
+        # the last hour's 61 rows are read again and skipped: no new batch, so no new dataset version
+        assert raw.nothing_new and texts == [] and ledger.dataset_version == "v1"
+        assert raw.sql.n_reread == raw.sql.n_already_consumed == 61
+    assert describe(raw) == (f"0 new or changed row(s) from sqlite:///{db} (tickets), 61 row(s) read again "
+                             "within the look-back (from 2026-11-02T09:29:00): 61 already consumed (same id and "
+                             "content), skipped")
+
+
+def test_the_ledger_keeps_only_the_look_backs_rows_as_the_watermark_advances(tmp_path):
+    db = tmp_path / "crm.db"
+    source = SqlTable(SqlSource(url=f"sqlite:///{db}", table="tickets", lookback="1h"))
+    ledger, total = Ledger(), 0
+    for day in range(1, 11):  # each day 12 rows, one every 10 minutes from 08:00: the newest hour holds 7
+        make_db(db, [(day * 100 + i, f"day {day} row {i}", f"2026-11-{day:02d}T{8 + i // 6:02d}:{i % 6 * 10:02d}:00")
+                     for i in range(12)])
+        raw, texts, ledger = sql_run(source, ledger, f"v{day}")
+        total += len(texts)
+        assert len(ledger.recent_rows[source.key]) == 7 and ledger.watermarks[source.key] == f"2026-11-{day:02d}T09:50:00"
+    assert total == 120 and ledger.recent_rows.keys() == {source.key}
+    commit_ledger(ledger, tmp_path / "consumed.json")
+    assert load_ledger(tmp_path / "consumed.json").recent_rows == ledger.recent_rows
+
+
+def test_a_ledger_from_before_look_backs_reads_its_window_again_once(tmp_path):
+    db = tmp_path / "crm.db"
+    make_db(db, [(1, "first", "2026-11-02T09:30:00"), (2, "second", "2026-11-02T10:00:00"),
+                 (3, "late", "2026-11-02T10:00:00")])
+    source = SqlTable(SqlSource(url=f"sqlite:///{db}", table="tickets"))
+    legacy = Ledger(watermarks={source.key: "2026-11-02T10:00:00"})  # a watermark, no digests
+    raw, texts, ledger = sql_run(source, legacy, "v2")
+    assert texts == ["first", "second", "late"]  # nothing lost; rows already in the dataset the snapshot drops
+    assert sql_run(source, ledger, "v3")[0].nothing_new
+
+
+def test_look_back_bounds_round_down_in_the_watermarks_own_type():
+    assert look_back_from(datetime(2026, 11, 2, 10, 0, 30), 3600) == datetime(2026, 11, 2, 9, 0, 30)
+    assert look_back_from(date(2026, 11, 2), 1) == date(2026, 11, 1)
+    assert look_back_from(100, 2.5) == 97 and look_back_from(Decimal("10.5"), 1) == Decimal("9.5")
+    assert look_back_from("2026-11-02T10:00:00.75+02:00", 60) == "2026-11-02T09:59:00+02:00"
+    assert look_back_from("2026-11-02 10:00", 90) == "2026-11-02 09:58"
+    assert look_back_from("v17", 0) == "v17"
+    with pytest.raises(TuneloopError, match="'v17' is neither a number nor an ISO date/time.*source.lookback: 0"):
+        look_back_from("v17", 3600)
+
+
+def test_sql_look_back_counts_reconcile_through_the_quality_gate(tmp_path):
+    from tuneloop.tasks.quality import check_batch
+
+    tickets = [json.loads(line) for line in (DEMO / "tickets.jsonl").read_text().splitlines()[:40]]
+    tickets.sort(key=lambda t: t["created_at"])
+    columns = list(tickets[0])
+    db = tmp_path / "crm.db"
+    con = sqlite3.connect(db)
+    con.execute(f"CREATE TABLE tickets ({', '.join(columns)})")
+
+    def insert(rows):
+        con.executemany(f"INSERT INTO tickets VALUES ({', '.join('?' * len(columns))})",
+                        [[str(t[c]) for c in columns] for t in rows])
+        con.commit()
+
+    cfg = load_config(DEMO_CONFIG)
+    config = SqlSource(url=f"sqlite:///{db}", table="tickets", watermark="created_at")
+    source = SqlTable(config)
+    insert(tickets[:30])
+    raw = source.collect(Ledger())
+    first = check_batch(raw, config, cfg.mapping, cfg.quality, tmp_path / "run1")
+    assert first.n_read == raw.sql.n_rows == 30
+    ledger = consumed(Ledger(), raw)
+    newest = tickets[29]["created_at"]
+    late = [{**t, "created_at": newest} for t in tickets[30:33]] + [{**tickets[0], "ticket_id": "LF-COPY",
+                                                                    "created_at": newest}]
+    insert(late)  # three late rows at the watermark, and a copy of an old ticket under a new id
+    raw = source.collect(ledger)
+    second = check_batch(raw, config, cfg.mapping, cfg.quality, tmp_path / "run2")
+    assert raw.sql.n_rows == second.n_read == 4
+    assert second.n_read == second.n_accepted + second.n_quarantined + second.n_duplicates
+    assert raw.sql.n_already_consumed == raw.sql.n_reread - 4 > 0  # re-read, skipped, not in the gate's counts

@@ -51,13 +51,18 @@ class Watcher:
         raw = make_source(self.config.source, landing, required_fields(self.config.mapping)).collect(
             load_ledger(state.ledger))
         files = [f for f in raw.files if f.sha256 not in self.seen]
-        sql = None
-        if raw.sql is not None and raw.sql.n_rows and f"sql:{raw.sql.up_to}" not in self.seen:
-            sql = raw.sql
+        sql, sql_key = None, None
+        if raw.sql is not None and raw.sql.n_rows:
+            # rows committed late under an unchanged watermark are news too: the key covers the window's rows
+            import hashlib
+
+            window = hashlib.sha256("\n".join(sorted(raw.sql.window or [])).encode()).hexdigest()[:16]
+            sql_key = f"sql:{raw.sql.up_to}:{window}"
+            sql = raw.sql if sql_key not in self.seen else None
         if not files and sql is None:
             return None
         return {
-            "keys": [f.sha256 for f in files] + ([f"sql:{sql.up_to}"] if sql is not None else []),
+            "keys": [f.sha256 for f in files] + ([sql_key] if sql is not None else []),
             "files": [{"name": Path(f.path).name, "size": f.size, "sha256": f.sha256} for f in files],
             "sql": sql.model_dump(mode="json") if sql is not None else None,
             "summary": ", ".join([Path(f.path).name for f in files]
