@@ -85,14 +85,27 @@ class TiktokenCounter:
 
 
 class ChatTemplateCounter:
-    """The local backend's view: the whole example rendered by the base model's chat template."""
+    """The local backend's view: the whole example rendered by the chat template the trainer formats with.
 
-    def __init__(self, tokenizer, name: str):
+    That is ``train.local.chat_template`` when set, else the base model's own template: the training variant
+    TRL swaps in for a known family (``core.chat_templates``) only adds ``{% generation %}`` markers, which
+    render nothing, so it counts the same (tests/test_model_families.py checks this against the trainer's
+    tokenized examples for each family).
+    """
+
+    def __init__(self, tokenizer, name: str, chat_template: str | None = None):
         self.tokenizer = tokenizer
+        self.template = None
         self.name = f"chat-template:{name}"
+        if chat_template is not None:
+            from tuneloop.core.chat_templates import template_from_option
+
+            self.template = template_from_option(chat_template)
+            self.name += f"+{hashlib.sha256(self.template.encode()).hexdigest()[:8]}"
 
     def count(self, examples: Sequence[list[dict]]) -> list[int]:
-        texts = [self.tokenizer.apply_chat_template(list(m), tokenize=False) for m in examples]
+        texts = [self.tokenizer.apply_chat_template(list(m), tokenize=False, chat_template=self.template)
+                 for m in examples]
         if not texts:
             return []
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]

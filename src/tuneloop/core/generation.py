@@ -1,5 +1,9 @@
 """Greedy generation with a local model: the same code answers held-out examples in evaluation and
-requests to the served champion, so a score measures what a user gets."""
+requests to the served champion, so a score measures what a user gets.
+
+An answer ends at the chat template's end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``...)
+as well as at the model's end-of-sequence tokens: a base model's generation config often names only
+``<|endoftext|>``, and a model fine-tuned on its chat template stops with the end-of-turn token instead."""
 
 from __future__ import annotations
 
@@ -17,7 +21,10 @@ def generate(model, tokenizer, examples: Sequence[Prompted], max_new_tokens: int
     """The model's answers to each example's ``prompt``, in order, left-padded in batches of ``batch_size``."""
     import torch
 
+    from tuneloop.core.chat_templates import stop_token_ids
+
     tokenizer.padding_side = "left"
+    stop = stop_token_ids(tokenizer, model)
     prompts = [tokenizer.apply_chat_template(e.prompt, tokenize=False, add_generation_prompt=True) for e in examples]
     outputs: list[str] = []
     model.eval()
@@ -26,7 +33,7 @@ def generate(model, tokenizer, examples: Sequence[Prompted], max_new_tokens: int
         enc = {k: v.to(model.device) for k, v in enc.items()}
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
         new = out[:, enc["input_ids"].shape[1]:]
         outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     return outputs
