@@ -155,9 +155,16 @@ def pyfunc_score(model_uri: str, held: list[HeldOutExample], config: PipelineCon
 
         os.environ[openai.api_key_env] = api_key(openai)
     answers = model.predict([_user_of(h.prompt) for h in held])
-    pattern = re.compile(config.evaluate.label_pattern)
-    labels = [parse_label(a, pattern) for a in answers] if config.evaluate.task == "classification" else answers
-    return score(labels, held, answers, config.evaluate.task)
+    evaluate = config.evaluate
+    if evaluate.task == "classification":  # parsed as evaluate parses them (a label may start any line)
+        pattern = re.compile(evaluate.label_pattern, re.MULTILINE)
+        return score([parse_label(a, pattern) for a in answers], held)
+    judge = None
+    if evaluate.judge is not None and evaluate.primary_metric == "judge":  # graded only when it is what is watched
+        from tuneloop.tasks.answerers import judge_grade
+
+        judge = judge_grade(evaluate.judge, held, answers)
+    return score(answers, held, task="generation", judge=judge)
 
 
 def champion_score(model_uri: str, examples: list[ChatExample], config: PipelineConfig, tracking_uri: str) -> float:

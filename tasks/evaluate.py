@@ -1,7 +1,8 @@
 """Evaluate: base, champion and candidate answer the same held-out examples in one run, scored the same way.
 
 This stage composes: the answers come from ``tasks.answerers``, the scores from ``tasks.metrics``; here the
-answer budget is set, and the predictions, worst answers, confusion matrices and comparison table written.
+answer budget is set, and the predictions, worst answers, confusion matrices (classification) and comparison
+table written, each in the task's own metrics.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tuneloop.core.config import EvaluateConfig, OpenAITrainConfig
-from tuneloop.core.records import Champion, EvalReport, TrainedModel, TuneloopError
+from tuneloop.core.records import METRIC_TITLES, Champion, EvalReport, TrainedModel, TuneloopError
 from tuneloop.tasks.answerers import GenerationCache, heldout_answers, judge_grade, token_counters
 from tuneloop.tasks.heldout import GOLDEN_PREFIX, HeldOutExample
-from tuneloop.tasks.metrics import answer_budget, confusion_png, parse_label, score, worst_examples
+from tuneloop.tasks.metrics import answer_budget, confusion_png, parse_label, rouge_l, score, worst_examples
 
 
 def evaluate_models(
@@ -27,7 +28,10 @@ def evaluate_models(
     evaluate: EvaluateConfig, run_dir: Path, openai: OpenAITrainConfig | None = None,
     cache_dir: Path | None = None, warn: Callable[[str], None] | None = None,
 ) -> EvalReport:
-    if evaluate.task == "classification" and any(e.label is None for e in heldout):
+    """Every model answers; each is scored in the task's metrics only, and the files written hold nothing
+    else (a generation run has no labels, no confusion matrix, no per-class table)."""
+    classification = evaluate.task == "classification"
+    if classification and any(e.label is None for e in heldout):
         raise TuneloopError("evaluate: held-out examples need a label (mapping.label) for classification; "
                             "or set evaluate.task: generation")
     pattern = re.compile(evaluate.label_pattern, re.MULTILINE)
@@ -35,23 +39,30 @@ def evaluate_models(
     evaluate = evaluate.model_copy(update={"max_new_tokens": budget})
     cache = GenerationCache(cache_dir, evaluate.max_new_tokens)
     texts = heldout_answers(trained, champion, heldout, evaluate, openai, cache, warn)
-    labels = {name: [parse_label(t, pattern) for t in outs] for name, outs in texts.items()}
-    errors = {}
-    for name, predicted in labels.items():
-        if evaluate.task == "classification":
+    if classification:
+        labels = {name: [parse_label(t, pattern) for t in outs] for name, outs in texts.items()}
+        for name, predicted in labels.items():
             confusion_png(predicted, heldout, f"{name}: expected (rows) vs predicted", run_dir / f"confusion_{name}.png")
-        errors[name] = worst_examples(predicted, texts[name], heldout, evaluate.n_worst, evaluate.task)
-    judged = ({name: judge_grade(evaluate.judge, heldout, outs, warn) for name, outs in texts.items()}
-              if evaluate.judge else {})
-    scores = {name: score(labels[name], heldout, texts[name], evaluate.task, judged.get(name)) for name in texts}
+        scores = {name: score(labels[name], heldout) for name in texts}
+        errors = {name: worst_examples(labels[name], texts[name], heldout, evaluate.n_worst) for name in texts}
+        rows = [{"record_id": e.record_id, "expected": e.label,
+                 **{name: {"label": labels[name][i], "text": texts[name][i]} for name in texts}}
+                for i, e in enumerate(heldout)]
+    else:
+        judged = ({name: judge_grade(evaluate.judge, heldout, outs, warn) for name, outs in texts.items()}
+                  if evaluate.judge else {})
+        rouge = {name: [round(r, 4) for r in rouge_l(outs, heldout)] for name, outs in texts.items()}
+        scores = {name: score(outs, heldout, task="generation", judge=judged.get(name)) for name, outs in texts.items()}
+        errors = {name: worst_examples([], outs, heldout, evaluate.n_worst, "generation", rouge[name])
+                  for name, outs in texts.items()}
+        rows = [{"record_id": e.record_id, "expected": e.expected,
+                 **{name: {"text": texts[name][i], "rouge_l": rouge[name][i]} for name in texts}}
+                for i, e in enumerate(heldout)]
     (run_dir / "worst_examples.json").write_bytes(orjson.dumps(errors, option=orjson.OPT_INDENT_2))
     predictions_path = run_dir / "predictions.jsonl"
-    with predictions_path.open("wb") as fh:
-        for i, e in enumerate(heldout):
-            row = {"record_id": e.record_id, "expected": e.label}
-            row.update({name: {"label": labels[name][i], "text": texts[name][i]} for name in texts})
-            fh.write(orjson.dumps(row) + b"\n")
+    predictions_path.write_bytes(b"".join(orjson.dumps(row) + b"\n" for row in rows))
     return EvalReport(
+        task=evaluate.task,
         n_examples=len(heldout),
         base=scores["base"],
         candidate=scores["candidate"],
@@ -65,25 +76,41 @@ def evaluate_models(
     )
 
 
+def _cell(text: str, width: int = 80) -> str:
+    return text[:width].replace("|", "/").replace("\n", " ")
+
+
 def comparison_markdown(report: EvalReport) -> str:
+    """The Prefect artifact: the task's metrics for the three models, the candidate's worst answers, and
+    (classification) its per-class table."""
+    names = list(report.candidate.metrics)
+    classification = report.task == "classification"
+    columns = [METRIC_TITLES[m] for m in names] + (["unparsed answers"] if classification else [])
     rows = [("base", report.base), ("champion" + (f" (v{report.champion_version})" if report.champion_version else ""),
                                       report.champion), ("candidate", report.candidate)]
-    lines = [f"## Evaluation on {report.n_examples} held-out examples", "",
-             "| model | accuracy | macro-F1 | exact match | ROUGE-L | BLEU | judge | unparsed answers |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"## Evaluation on {report.n_examples} held-out examples ({report.task})", "",
+             "| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for name, s in rows:
-        judge = f"{s.judge:.3f}" if s and s.judge is not None else ""
-        lines.append(f"| {name} | {s.accuracy:.3f} | {s.macro_f1:.3f} | {s.exact_match:.3f} | {s.rouge_l:.3f} |"
-                     f" {s.bleu:.3f} | {judge} | {s.n_unparsed} |" if s else f"| {name} | none yet | | | | | | |")
+        if s is None:
+            lines.append(f"| {name} | none yet |" + " |" * (len(columns) - 1))
+            continue
+        cells = [f"{s.metrics[m]:.3f}" if m in s.metrics else "" for m in names]
+        lines.append(f"| {name} | " + " | ".join(cells + ([str(s.n_unparsed)] if classification else [])) + " |")
     worst = report.worst.get("candidate", [])[:5]
-    if worst:
+    if worst and classification:
         lines += ["", "Candidate's worst answers:", "", "| record | expected | got | answer |", "|---|---|---|---|"]
-        lines += [f"| {w['record_id']} | {w['expected']} | {w['got'] or '(unparsed)'} | "
-                  f"{w['answer'][:80].replace('|', '/').replace(chr(10), ' ')} |" for w in worst]
-    c = report.candidate
-    lines += ["", "Candidate per class:", "", "| label | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {lab} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
-              for lab, m in c.per_class.items()]
+        lines += [f"| {w['record_id']} | {w['expected']} | {w['got'] or '(unparsed)'} | {_cell(w['answer'])} |"
+                  for w in worst]
+    elif worst:
+        lines += ["", "Candidate's worst answers (lowest ROUGE-L):", "", "| record | ROUGE-L | expected | answer |",
+                  "|---|---:|---|---|"]
+        lines += [f"| {w['record_id']} | {w['rouge_l']:.3f} | {_cell(w['expected'])} | {_cell(w['answer'])} |"
+                  for w in worst]
+    if classification and report.candidate.per_class:
+        lines += ["", "Candidate per class:", "", "| label | precision | recall | F1 | support |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {lab} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
+                  for lab, m in report.candidate.per_class.items()]
     return "\n".join(lines)
 
 
@@ -94,7 +121,9 @@ def evaluate_task(trained: TrainedModel, champion: Champion | None, heldout: lis
     report = evaluate_models(trained, champion, heldout, evaluate, run_dir, openai, cache_dir,
                              warn=get_run_logger().warning)
     create_markdown_artifact(comparison_markdown(report), key="evaluation", description="base vs champion vs candidate")
-    champ = f", champion {report.champion.accuracy:.3f}" if report.champion else ""
-    get_run_logger().info(f"evaluate: base {report.base.accuracy:.3f}{champ}, candidate {report.candidate.accuracy:.3f}"
-          f" on {report.n_examples} held-out examples (answers of up to {report.max_new_tokens} tokens)")
+    m = evaluate.primary_metric
+    champ = f", champion {report.champion.metric(m):.3f}" if report.champion else ""
+    get_run_logger().info(f"evaluate: {m} of base {report.base.metric(m):.3f}{champ}, candidate "
+                          f"{report.candidate.metric(m):.3f} on {report.n_examples} held-out examples "
+                          f"(answers of up to {report.max_new_tokens} tokens)")
     return report

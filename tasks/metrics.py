@@ -1,8 +1,9 @@
 """Metrics: how answers are scored, the same way for every model and for the drift monitor.
 
-Pure and offline (no model, no API, no Prefect): labels parsed from answers, accuracy / macro-F1 / per
-class, exact match / ROUGE-L / BLEU, the confusion matrix, the worst answers, and the answer budget sized
-from the references. The LLM judge is in ``tasks.answerers``: it is a model answering, through a paid API.
+Pure and offline (no model, no API, no Prefect): each task its own metrics (classification: labels parsed
+from answers, accuracy / macro-F1 / per class, the confusion matrix; generation: exact match / ROUGE-L /
+BLEU of the whole answer), the worst answers, and the answer budget sized from the references. The LLM
+judge is in ``tasks.answerers``: it is a model answering, through a paid API.
 """
 
 from __future__ import annotations
@@ -52,26 +53,35 @@ def _normalize(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def text_scores(texts: list[str], examples: list[HeldOutExample]) -> tuple[float, float, float, list[float]]:
-    """Exact match, mean ROUGE-L F-measure (and per example), corpus BLEU / 100."""
-    import sacrebleu
+def rouge_l(texts: list[str], examples: list[HeldOutExample]) -> list[float]:
+    """ROUGE-L F-measure (rouge-score) of each answer against its reference."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    rouge = [scorer.score(e.expected, t)["rougeL"].fmeasure for e, t in zip(examples, texts, strict=True)]
+    return [scorer.score(e.expected, t)["rougeL"].fmeasure for e, t in zip(examples, texts, strict=True)]
+
+
+def text_scores(texts: list[str], examples: list[HeldOutExample]) -> tuple[float, float, float, list[float]]:
+    """Exact match, mean ROUGE-L F-measure, corpus BLEU / 100, and ROUGE-L per example."""
+    import sacrebleu
+
+    rouge = rouge_l(texts, examples)
     exact = sum(_normalize(t) == _normalize(e.expected) for e, t in zip(examples, texts, strict=True)) / len(examples)
     bleu = sacrebleu.corpus_bleu(texts, [[e.expected for e in examples]]).score / 100
-    return round(exact, 4), round(sum(rouge) / len(rouge), 4), round(bleu, 4), rouge
+    return round(exact, 4), round(sum(rouge) / len(rouge), 4), round(bleu, 4), [round(r, 4) for r in rouge]
 
 
 def score(predicted: list[str | None], examples: list[HeldOutExample], texts: list[str] | None = None,
           task: str = "classification", judge: float | None = None) -> ModelScore:
-    """Classification: accuracy, macro-F1 over the expected labels, per-class precision / recall / F1
-    (scikit-learn). Every task: exact match, ROUGE-L and BLEU of the whole answer when texts are given."""
-    text = dict(zip(("exact_match", "rouge_l", "bleu"), text_scores(texts, examples)[:3], strict=True)) if texts else {}
+    """The task's own metrics only; ``predicted``: the labels parsed from the answers (classification) or the
+    answers (generation; ``texts`` when given).
+
+    Classification: accuracy, macro-F1 over the expected labels, per-class precision / recall / F1
+    (scikit-learn); its answers are sized to end at the label, so exact match or BLEU of them would mean
+    nothing. Generation: exact match, ROUGE-L and BLEU of the whole answer, and the judge's grade if any."""
     if task == "generation":
-        return ModelScore(accuracy=text.get("exact_match", 0.0), n_examples=len(examples), n_unparsed=0, judge=judge,
-                          **text)
+        exact, rouge, bleu, _ = text_scores(texts if texts is not None else [p or "" for p in predicted], examples)
+        return ModelScore(n_examples=len(examples), exact_match=exact, rouge_l=rouge, bleu=bleu, judge=judge)
     from sklearn.metrics import precision_recall_fscore_support
 
     expected = [e.label for e in examples]
@@ -84,7 +94,6 @@ def score(predicted: list[str | None], examples: list[HeldOutExample], texts: li
         n_unparsed=sum(x is None for x in predicted), macro_f1=round(float(f.mean()), 4),
         per_class={lab: {"precision": round(float(p[i]), 4), "recall": round(float(r[i]), 4),
                          "f1": round(float(f[i]), 4), "support": int(support[i])} for i, lab in enumerate(labels)},
-        judge=judge, **text,
     )
 
 
@@ -110,18 +119,26 @@ def confusion_png(predicted: list[str | None], examples: list[HeldOutExample], t
 
 
 def worst_examples(labels: list[str | None], texts: list[str], heldout: list[HeldOutExample], n: int,
-                   task: str = "classification") -> list[dict]:
-    """The worst answers as rows a person can read: wrong labels (unparsed first) for classification,
-    the lowest ROUGE-L for generation."""
+                   task: str = "classification", rouge: list[float] | None = None) -> list[dict]:
+    """The worst answers as rows a person can read. Classification: wrong labels, unparsed first (expected and
+    predicted label). Generation (``labels`` unused): the lowest ROUGE-L (per example, ``rouge`` or computed
+    here), exact matches left out; expected is the reference answer."""
     rows = []
-    rouge = text_scores(texts, heldout)[3] if task == "generation" else [0.0] * len(heldout)
-    for e, label, text, r in zip(heldout, labels, texts, rouge, strict=True):
-        if task == "classification" and label == e.label:
-            continue
-        if task == "generation" and _normalize(text) == _normalize(e.expected):
-            continue
-        user = next((m["content"] for m in reversed(e.prompt) if m["role"] == "user"), "")
-        rows.append({"record_id": e.record_id, "input": user[:300], "expected": e.label or e.expected[:300],
-                     "got": label, "answer": text[:300], "unparsed": label is None, "rouge_l": round(r, 4)})
-    rows.sort(key=lambda r: (r["rouge_l"], r["record_id"]) if task == "generation" else (not r["unparsed"], r["record_id"]))
+    if task == "generation":
+        rouge = rouge if rouge is not None else [round(r, 4) for r in rouge_l(texts, heldout)]
+        for e, text, r in zip(heldout, texts, rouge, strict=True):
+            if _normalize(text) != _normalize(e.expected):
+                rows.append({"record_id": e.record_id, "input": _user(e)[:300], "expected": e.expected[:300],
+                             "answer": text[:300], "rouge_l": r})
+        rows.sort(key=lambda row: (row["rouge_l"], row["record_id"]))
+        return rows[:n]
+    for e, label, text in zip(heldout, labels, texts, strict=True):
+        if label != e.label:
+            rows.append({"record_id": e.record_id, "input": _user(e)[:300], "expected": e.label, "got": label,
+                         "answer": text[:300], "unparsed": label is None})
+    rows.sort(key=lambda row: (not row["unparsed"], row["record_id"]))
     return rows[:n]
+
+
+def _user(example: HeldOutExample) -> str:
+    return next((m["content"] for m in reversed(example.prompt) if m["role"] == "user"), "")

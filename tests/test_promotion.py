@@ -130,11 +130,11 @@ def test_generation_metrics_exact_match_rouge_l_and_bleu():
     examples = [HeldOutExample(record_id=str(i), prompt=[{"role": "user", "content": f"q{i}"}], expected=exp, label=None)
                 for i, exp in enumerate(["reset your password from the login page", "we refunded the invoice"])]
     perfect = score([None, None], examples, [e.expected for e in examples], task="generation")
-    assert (perfect.exact_match, perfect.rouge_l, perfect.bleu, perfect.accuracy) == (1.0, 1.0, 1.0, 1.0)
+    assert (perfect.exact_match, perfect.rouge_l, perfect.bleu) == (1.0, 1.0, 1.0)
     partial = score([None, None], examples, ["Reset your  password from the login page", "sorry, no idea"],
                     task="generation")
     assert partial.exact_match == 0.5 and partial.rouge_l == 0.5 and 0 < partial.bleu < 1.0  # ROUGE: 1.0 and 0.0
-    assert partial.macro_f1 == 0.0 and partial.per_class == {}
+    assert partial.accuracy is partial.macro_f1 is None and partial.per_class == {}  # no label metrics
 
 
 def test_the_llm_judge_grades_through_an_openai_compatible_endpoint(monkeypatch):
@@ -164,7 +164,7 @@ def test_metrics_the_config_cannot_compute_are_refused_up_front():
     from tuneloop.core.records import TuneloopError
 
     with pytest.raises(TuneloopError, match="uses 'judge': configure evaluate.judge"):
-        load_config(DEMO_CONFIG, ["evaluate.primary_metric=judge"])
+        load_config(DEMO_CONFIG, ["evaluate.task=generation", "evaluate.primary_metric=judge"])
     with pytest.raises(TuneloopError, match="macro_f1 needs labels"):
         load_config(DEMO_CONFIG, ["evaluate.task=generation", "evaluate.guards={macro_f1: 0.1}"])
     assert load_config(DEMO_CONFIG, ["evaluate.task=generation", "evaluate.primary_metric=rouge_l"]).evaluate.task == "generation"

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import shlex
+from typing import TYPE_CHECKING
 
-from tuneloop.core.records import RetrainResult
+from tuneloop.core.records import METRIC_TITLES, EvalReport, RetrainResult
 from tuneloop.core.state import StateLayout
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 def ui_commands(state: StateLayout, tracking_uri: str) -> list[tuple[str, str]]:
@@ -19,24 +23,32 @@ def ui_commands(state: StateLayout, tracking_uri: str) -> list[tuple[str, str]]:
     ]
 
 
+def score_table(report: EvalReport) -> Table:
+    """The three models in the task's own metrics (classification: accuracy, macro-F1; generation: exact
+    match, ROUGE-L, BLEU and the judge's grade), never a column the task did not compute."""
+    from rich.table import Table
+
+    names = list(report.candidate.metrics)
+    table = Table(title=f"Held-out {report.task} scores ({report.n_examples} examples)", title_justify="left")
+    table.add_column("model")
+    for name in names:
+        table.add_column(METRIC_TITLES[name], justify="right")
+    rows = [("base", report.base), (f"previous champion (v{report.champion_version})", report.champion),
+            ("fine-tuned (candidate)", report.candidate)]
+    for label, s in rows:
+        if s is not None:
+            table.add_row(label, *(f"{s.metrics[m]:.3f}" if m in s.metrics else "" for m in names))
+    return table
+
+
 def print_retrain_summary(result: RetrainResult, state: StateLayout) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(width=max(100, int(os.environ.get("COLUMNS", "100"))))
     if result.status == "nothing_new" or result.report is None or result.model_version is None:
         console.print(f"\n{result.message or 'nothing to do'}; the champion is unchanged.", highlight=False)
         return
-    r = result.report
-    table = Table(title=f"Held-out accuracy ({r.n_examples} examples)", title_justify="left")
-    table.add_column("model")
-    table.add_column("accuracy", justify="right")
-    table.add_column("macro-F1", justify="right")
-    table.add_row("base", f"{r.base.accuracy:.3f}", f"{r.base.macro_f1:.3f}")
-    if r.champion:
-        table.add_row(f"previous champion (v{r.champion_version})", f"{r.champion.accuracy:.3f}",
-                      f"{r.champion.macro_f1:.3f}")
-    table.add_row("fine-tuned (candidate)", f"{r.candidate.accuracy:.3f}", f"{r.candidate.macro_f1:.3f}")
+    table = score_table(result.report)
     console.print()
     console.print(
         f"Data: read {result.n_read} = accepted {result.n_accepted} + quarantined {result.n_quarantined}"
