@@ -147,7 +147,7 @@ def run_ours(workdir: Path, model_dir: Path, max_length: int, batch: int) -> dic
                                manifest_path=data, n_train=n, n_validation=0, sha256={})
     train = TrainConfig(base_model=str(model_dir), local={
         "max_steps": 10**6, "batch_size": batch, "learning_rate": 2e-4, "warmup_steps": 0, "max_length": max_length,
-        "checkpoint_every": 10**6, "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}})
+        "eval_every": 10**6, "early_stopping_patience": None, "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}})
     trainer, _, _ = build_trainer(exported, train, workdir, workdir / "ours-out")
     packed_rows = len(trainer.train_dataset)
     trainer.args.max_steps = math.ceil(packed_rows / batch)  # exactly one epoch over the packed rows

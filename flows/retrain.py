@@ -22,7 +22,15 @@ from tuneloop.tasks.collect import collect_task
 from tuneloop.tasks.evaluate import evaluate_task
 from tuneloop.tasks.export import export_task, token_plan_task
 from tuneloop.tasks.heldout import read_evaluation_set
-from tuneloop.tasks.ledger import commit_ledger, consume, load_ledger, plan_training_task
+from tuneloop.tasks.ledger import (
+    Settings,
+    commit_ledger,
+    consume,
+    load_ledger,
+    mark_trained,
+    plan_training_task,
+)
+from tuneloop.tasks.preflight import ensure_ready
 from tuneloop.tasks.quality import enforce_min_examples, quality_task
 from tuneloop.tasks.register import find_champion_task, register_task
 from tuneloop.tasks.snapshot import snapshot_task
@@ -47,17 +55,21 @@ def cancel_openai_jobs(flow, flow_run, state) -> None:
 
 
 @flow(name="retrain", on_cancellation=[cancel_openai_jobs])
-def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, reason: str | None = None) -> RetrainResult:
-    """Retrain on everything new in the source; promote the result only if it is better.
+def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, reason: str | None = None,
+            force: bool = False) -> RetrainResult:
+    """Retrain on everything new in the source, or when the settings that shape the model changed; promote
+    the result only if it is better.
 
     ``config`` is the configuration or, for deployments, the path of its YAML file (with ``overrides``);
-    ``reason`` says what started the run (a schedule, data landing, drift) and is only logged.
+    ``reason`` says what started the run (a schedule, data landing, drift) and is only logged; ``force``
+    trains on the newest dataset version even when it was trained on with these settings.
     """
 
     state = prepare_state()
     log = get_run_logger()
     if isinstance(config, str):
         config = load_config(config, overrides or [])
+    ensure_ready(config)  # before any work: a config problem is one line, not a failure after training
     if reason:
         log.info(f"started by: {reason}")
     run_id = flow_run.get_id() or "local"
@@ -78,11 +90,12 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
         enforce_min_examples(new.n_examples, config.quality, "examples in the dataset")
         ledger = consume(ledger, raw, new)
         commit_ledger(ledger, state.ledger)
-    decision = plan_training_task(ledger, new, state.datasets, config.registry, tracking_uri)
+    settings = Settings(hash=config.settings_hash(), values=config.model_settings())
+    decision = plan_training_task(ledger, new, state.datasets, config.registry, tracking_uri, settings, force)
     log.info(decision.reason)
     if not decision.train:
         if decision.mark_trained:
-            commit_ledger(ledger.model_copy(update={"trained_version": decision.dataset.version}), state.ledger)
+            commit_ledger(mark_trained(ledger, decision.dataset.version, settings.hash, settings.values), state.ledger)
         return RetrainResult(status="nothing_new", message=decision.reason, run_dir=run_dir,
                              dataset_version=decision.dataset.version if decision.dataset else ledger.dataset_version)
     dataset = decision.dataset
@@ -117,7 +130,7 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
     report = evaluate_task(trained, champion, heldout, config.evaluate, run_dir, config.train.openai,
                            state.home / "generations" if config.evaluate.cache_generations else None)
     version = register_task(config, checked, exported, trained, report, tracking_uri, artifacts_dir, run_id)
-    commit_ledger(ledger.model_copy(update={"trained_version": dataset.version}), state.ledger)
+    commit_ledger(mark_trained(ledger, dataset.version, settings.hash, settings.values), state.ledger)
     counts = checked.model_dump(include={"n_read", "n_accepted", "n_quarantined", "n_duplicates"}) if checked else {}
     return RetrainResult(status="trained", dataset_version=dataset.version, report=report, model_version=version,
                          run_dir=run_dir, **counts)

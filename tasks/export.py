@@ -26,6 +26,7 @@ from tuneloop.core.records import ChatExample, DatasetVersion, ExportedDataset, 
 from tuneloop.tasks.chatformat import example_errors
 from tuneloop.tasks.collect import sha256_file
 from tuneloop.tasks.heldout import HeldOutExample, prompt_keys
+from tuneloop.tasks.length import apply_length_policy
 from tuneloop.tasks.snapshot import read_snapshot
 from tuneloop.tasks.tokens import ChatTemplateCounter, TokenCounter, estimate_cost, token_stats
 
@@ -58,7 +59,7 @@ def token_plan(train: TrainConfig, models_dir: Path, home: Path | None = None) -
         return TokenPlan(counter=TiktokenCounter(encoding), limit=cfg.spec().context_tokens, openai=cfg, model=cfg.model)
 
     source = resolve_base_model(train, models_dir)
-    counter = ChatTemplateCounter(load_tokenizer(source), str(train.base_model))
+    counter = ChatTemplateCounter(load_tokenizer(source), str(train.base_model), train.local.chat_template)
     return TokenPlan(counter=counter, limit=train.local.max_length)
 
 
@@ -151,14 +152,23 @@ def export_chat_jsonl(
     if len(clean) < 2:
         raise TuneloopError(f"export: only {len(clean)} examples left after removing held-out overlaps")
     validate_examples(clean)
+    fitted, n_trimmed, too_long = None, 0, []
+    if plan is not None:  # counted before the split, so an example is fitted to the limit once, wherever it goes
+        counts = plan.counter.count([e.messages for e in clean])
+        fitted = apply_length_policy(clean, counts, lambda m: plan.counter.count([m])[0], plan.limit,
+                                     export.too_long, plan.counter.name)
+        clean, n_trimmed, too_long = fitted.kept, fitted.trimmed, fitted.set_aside
+        if len(clean) < 2:
+            raise TuneloopError(f"export: only {len(clean)} examples fit the {plan.limit}-token limit "
+                                f"({len(too_long)} set aside as too_many_tokens); raise the limit")
     train, validation = split_examples(clean, export.validation_fraction, f"{export.seed}:{dataset.version}")
     assert_no_heldout({"train": train, "validation": validation}, heldout)
 
     stats: dict[str, TokenStats] = {}
     estimate = None
-    if plan is not None:
-        counts = plan.counter.count([e.messages for e in train + validation])
-        train_counts, val_counts = counts[:len(train)], counts[len(train):]
+    if fitted is not None:
+        tokens_of = {id(e): n for e, n in zip(fitted.kept, fitted.counts, strict=True)}
+        train_counts, val_counts = [tokens_of[id(e)] for e in train], [tokens_of[id(e)] for e in validation]
         for name, part in (("train", train_counts), ("validation", val_counts)):
             stats[name] = token_stats(part, plan.limit, plan.counter.name)
         if plan.openai is not None:
@@ -169,6 +179,8 @@ def export_chat_jsonl(
     write_jsonl(tmp / "train.jsonl", train)
     write_jsonl(tmp / "validation.jsonl", validation)
     sha = {"train.jsonl": sha256_file(tmp / "train.jsonl"), "validation.jsonl": sha256_file(tmp / "validation.jsonl")}
+    if too_long:  # accounted for, like the gate's quarantine: with the reason and where the record came from
+        (tmp / "too_long.jsonl").write_bytes(b"".join(orjson.dumps(q) + b"\n" for q in too_long))
     manifest = {
         "dataset_version": dataset.version,
         "snapshot": str(dataset.path),
@@ -176,7 +188,9 @@ def export_chat_jsonl(
         "config_hash": config_hash,
         "split_seed": export.seed,
         "validation_fraction": export.validation_fraction,
-        "counts": {"train": len(train), "validation": len(validation), "heldout_overlaps_removed": overlaps},
+        "counts": {"train": len(train), "validation": len(validation), "heldout_overlaps_removed": overlaps,
+                   "prompt_trimmed": n_trimmed, "too_many_tokens": len(too_long)},
+        "too_long": export.too_long,
         "labels": {name: dict(sorted(Counter(e.label for e in part if e.label is not None).items()))
                    for name, part in (("train", train), ("validation", validation))},
         "tokens": {name: s.model_dump() for name, s in stats.items()},
@@ -193,7 +207,7 @@ def export_chat_jsonl(
         dataset_version=dataset.version, directory=directory, train_path=directory / "train.jsonl",
         validation_path=directory / "validation.jsonl", manifest_path=directory / "manifest.json",
         n_train=len(train), n_validation=len(validation), sha256=sha, n_heldout_overlaps=overlaps,
-        token_stats=stats, estimate=estimate,
+        n_prompt_trimmed=n_trimmed, n_too_long=len(too_long), token_stats=stats, estimate=estimate,
     )
     (directory / "export.json").write_text(exported.model_dump_json(indent=2))
     return exported
@@ -204,6 +218,10 @@ def manifest_summary(exported: ExportedDataset) -> str:
     lines = [f"export {exported.dataset_version}: {exported.n_train} train + {exported.n_validation} validation"
              f" examples ({exported.n_heldout_overlaps} held-out overlaps removed) in {exported.directory}"
              + (" [reused]" if exported.reused else "")]
+    if exported.n_prompt_trimmed or exported.n_too_long:
+        lines.append(f"  over the token limit: {exported.n_prompt_trimmed} prompts trimmed in the middle (answers "
+                     f"kept whole), {exported.n_too_long} examples set aside as too_many_tokens"
+                     + (f" ({exported.directory / 'too_long.jsonl'})" if exported.n_too_long else ""))
     for name, s in exported.token_stats.items():
         over = f", {s.n_over_limit} over the {s.limit}-token limit" if s.limit else ""
         lines.append(f"  {name} tokens ({s.counted_with}): total {s.total:,}, min {s.min}, p50 {s.p50},"

@@ -29,12 +29,40 @@ class ConsumedFile(BaseModel):
 class Ledger(BaseModel):
     files: dict[str, ConsumedFile] = Field(default_factory=dict)  # by sha256 of the content
     watermarks: dict[str, Any] = Field(default_factory=dict)  # by SQL source key
+    # by SQL source key: digests (id + content) of the rows within the look-back of its watermark, so that a
+    # row read again is skipped and a late or changed one is not; replaced each run, so it stays one window
+    recent_rows: dict[str, list[str]] = Field(default_factory=dict)
     dataset_version: str | None = None  # the newest snapshot, the base of the next one
     trained_version: str | None = None  # the snapshot the last registered candidate was trained on
+    # dataset version -> the settings hashes (PipelineConfig.settings_hash) candidates were trained on it with
+    trained_settings: dict[str, list[str]] = Field(default_factory=dict)
+    last_settings: dict[str, str] = Field(default_factory=dict)  # the last training's settings, to say what changed
 
     @property
     def untrained(self) -> bool:
         return self.dataset_version is not None and self.dataset_version != self.trained_version
+
+    def trained_with(self, version: str, settings_hash: str) -> bool | None:
+        """Whether ``version`` was trained on with these settings (None: unknown, a ledger from before they were kept)."""
+        hashes = self.trained_settings.get(version)
+        if hashes is None:
+            return None if version == self.trained_version else False
+        return settings_hash in hashes
+
+
+def mark_trained(ledger: Ledger, version: str, settings_hash: str, settings: dict[str, str]) -> Ledger:
+    """The ledger once a candidate trained on ``version`` with these settings is registered."""
+    hashes = [h for h in ledger.trained_settings.get(version, []) if h != settings_hash][-19:] + [settings_hash]
+    kept = dict(ledger.trained_settings)
+    kept[version] = hashes
+    return ledger.model_copy(update={"trained_version": version, "trained_settings": kept, "last_settings": settings})
+
+
+def settings_changes(before: dict[str, str], now: dict[str, str], shown: int = 4) -> str:
+    """``train.local.epochs 2.0 -> 3.0, ...``: what differs between two settings, for the run log."""
+    keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    parts = [f"{k} {before.get(k, '(unset)')} -> {now.get(k, '(unset)')}" for k in keys[:shown]]
+    return ", ".join(parts) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
 
 
 def load_ledger(path: Path) -> Ledger:
@@ -58,11 +86,14 @@ def consume(ledger: Ledger, raw: RawBatch, dataset: DatasetVersion) -> Ledger:
         if digest:
             files[digest] = ConsumedFile(name=Path(entry.source).name, size=entry.record.get("size", 0),
                                          dataset_version=dataset.version, at=now)
-    watermarks = dict(ledger.watermarks)
+    watermarks, recent_rows = dict(ledger.watermarks), dict(ledger.recent_rows)
     if raw.sql is not None and raw.sql.up_to is not None:
         watermarks[raw.sql.source_key] = raw.sql.up_to
-    return Ledger(files=files, watermarks=watermarks, dataset_version=dataset.version,
-                  trained_version=ledger.trained_version)
+    if raw.sql is not None and raw.sql.window is not None:
+        recent_rows[raw.sql.source_key] = raw.sql.window
+    # a copy, so that fields this function does not own are kept
+    return ledger.model_copy(update={"files": files, "watermarks": watermarks, "recent_rows": recent_rows,
+                                     "dataset_version": dataset.version})
 
 
 def commit_ledger(ledger: Ledger, path: Path) -> None:
@@ -73,38 +104,61 @@ def commit_ledger(ledger: Ledger, path: Path) -> None:
 
 class TrainingPlan(BaseModel):
     """Whether this run trains, on which dataset version, and why: the one decision the ledger, the newest
-    snapshot and the registry make together."""
+    snapshot, the settings and the registry make together."""
 
     train: bool
     reason: str
     dataset: DatasetVersion | None = None
-    mark_trained: bool = False  # the champion already has this data: record it so the next run knows
+    mark_trained: bool = False  # the champion already has this data and settings: record it so the next run knows
 
 
-def plan_training(ledger: Ledger, new: DatasetVersion | None, datasets_dir: Path,
-                  champion_dataset: str | None) -> TrainingPlan:
-    """``new`` is the snapshot this run wrote (None when nothing new was collected)."""
+class Settings(BaseModel):
+    """The settings that shape the model (PipelineConfig.model_settings) and their hash."""
+
+    hash: str
+    values: dict[str, str]
+
+
+def plan_training(ledger: Ledger, new: DatasetVersion | None, datasets_dir: Path, champion: tuple[str | None, str | None],
+                  settings: Settings, force: bool = False) -> TrainingPlan:
+    """``new`` is the snapshot this run wrote (None when nothing new was collected); ``champion`` is the dataset
+    version and settings hash the champion was trained with; ``force`` (tuneloop run --retrain) trains anyway."""
     from tuneloop.tasks.snapshot import load_snapshot
 
     note = ""
     if new is None:
-        if not ledger.untrained:
-            return TrainingPlan(train=False, reason="nothing new since dataset version "
-                                f"{ledger.dataset_version or '(none yet)'}")
-        new = load_snapshot(datasets_dir, ledger.dataset_version)
-        note = f"nothing new collected; dataset version {new.version} was never trained on: training now"
-    if champion_dataset == new.version:
+        version = ledger.dataset_version
+        if version is None:
+            return TrainingPlan(train=False, reason="nothing collected yet: no dataset version to train on")
+        known = ledger.trained_with(version, settings.hash)
+        if force:
+            note = f"nothing new collected; retraining on dataset version {version} as asked (--retrain)"
+        elif ledger.untrained:
+            note = f"nothing new collected; dataset version {version} was never trained on: training now"
+        elif known is False:
+            changed = settings_changes(ledger.last_settings, settings.values) if ledger.last_settings else ""
+            note = (f"nothing new collected, but the training settings changed since dataset version {version} was "
+                    f"trained on ({changed or 'settings not recorded then'}): training on it with the new settings")
+        else:
+            return TrainingPlan(train=False, reason=f"nothing new since dataset version {version}, and it was "
+                                "trained on with these settings; `tuneloop run --retrain` trains on it again")
+        new = load_snapshot(datasets_dir, version)
+    champion_version, champion_settings = champion
+    same_settings = champion_settings is None or champion_settings == settings.hash
+    if champion_version == new.version and same_settings and not force:
         return TrainingPlan(train=False, dataset=new, mark_trained=True,
-                            reason=f"dataset version {new.version} is what the champion was trained on: nothing to retrain")
+                            reason=f"dataset version {new.version} is what the champion was trained on, with these "
+                            "settings: nothing to retrain (`tuneloop run --retrain` trains anyway)")
     return TrainingPlan(train=True, dataset=new, reason=note or f"training on dataset version {new.version}")
 
 
 @task(name="plan-training", cache_policy=NO_CACHE)
 def plan_training_task(ledger: Ledger, new: DatasetVersion | None, datasets_dir: Path, registry: RegisterConfig,
-                       tracking_uri: str) -> TrainingPlan:
-    from tuneloop.tasks.register import champion_dataset_version
+                       tracking_uri: str, settings: Settings, force: bool = False) -> TrainingPlan:
+    from tuneloop.tasks.register import champion_training
 
-    # the registry is asked only when there is something to train (a no-op run touches nothing)
-    wanted = new is not None or ledger.untrained
+    # the registry is asked only when there may be something to train (a no-op run touches nothing)
+    wanted = new is not None or ledger.untrained or force or (
+        ledger.dataset_version is not None and ledger.trained_with(ledger.dataset_version, settings.hash) is False)
     return plan_training(ledger, new, datasets_dir,
-                         champion_dataset_version(registry, tracking_uri) if wanted else None)
+                         champion_training(registry, tracking_uri) if wanted else (None, None), settings, force)

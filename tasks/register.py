@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tuneloop.core.config import PipelineConfig, RegisterConfig
 from tuneloop.core.records import (
+    METRIC_TITLES,
     Champion,
     CheckedBatch,
     EvalReport,
@@ -105,15 +106,16 @@ def experiment_id(client, name: str, artifacts_dir: Path | None) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def champion_dataset_version(registry: RegisterConfig, tracking_uri: str) -> str | None:
-    """The dataset version the current champion was trained on (None before the first promotion)."""
+def champion_training(registry: RegisterConfig, tracking_uri: str) -> tuple[str | None, str | None]:
+    """The dataset version and settings hash the current champion was trained with (None before the first
+    promotion; a settings hash of None for a champion registered before it was recorded)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client_for(tracking_uri).get_model_version_by_alias(registry.model_name, CHAMPION).tags.get(
-            "dataset_version")
+        tags = client_for(tracking_uri).get_model_version_by_alias(registry.model_name, CHAMPION).tags
     except MlflowException:
-        return None
+        return None, None
+    return tags.get("dataset_version"), tags.get("settings_hash")
 
 
 def find_champion(registry: RegisterConfig, tracking_uri: str, dst: Path) -> Champion | None:
@@ -156,6 +158,7 @@ def run_tags(config: PipelineConfig, trained: TrainedModel, flow_run_id: str | N
         "backend": trained.backend,
         "base_model": trained.base_model,
         "config_hash": config.config_hash(),
+        "settings_hash": config.settings_hash(),  # what a retrain compares: the settings that shape the model
         "prefect_flow_run_id": flow_run_id or "",
         "git_commit": git_commit(),
         "tuneloop_version": tuneloop_version(),
@@ -190,21 +193,15 @@ def run_metrics(checked: CheckedBatch | None, exported: ExportedDataset, trained
 
     now = int(time.time() * 1000)
     metrics = {
-        "base_accuracy": report.base.accuracy,
-        "candidate_accuracy": report.candidate.accuracy,
         "n_train": exported.n_train,
         "n_validation": exported.n_validation,
         "train_seconds": trained.train_seconds,
         "promotion_delta": decision.delta,
         **{f"promotion_delta.{m}": d for m, d in decision.deltas.items()},
     }
-    if report.champion:
-        metrics["champion_accuracy"] = report.champion.accuracy
-    for who in ("base", "candidate", "champion"):
+    for who in ("base", "candidate", "champion"):  # the task's metrics only (the drift monitor reads candidate_*)
         if (sc := getattr(report, who)) is not None:
-            for m in ("macro_f1", "exact_match", "rouge_l", "bleu", "judge"):
-                if getattr(sc, m) is not None:
-                    metrics[f"{who}_{m}"] = getattr(sc, m)
+            metrics.update({f"{who}_{m}": v for m, v in sc.metrics.items()})
     for label, m in report.candidate.per_class.items():
         metrics.update({f"candidate_{k}.{label}": v for k, v in m.items() if k != "support"})
     for split, stats in exported.token_stats.items():
@@ -300,9 +297,8 @@ def create_version(client, name: str, run, tags: dict[str, str], trained: Traine
         source=f"{run.info.artifact_uri}/model",  # mlflow.pyfunc.load_model("models:/NAME@champion")
         run_id=run_id,
         tags={**tags, **({"adapter_artifact": f"runs:/{run_id}/adapter"} if trained.adapter_path is not None else {}),
-              "candidate_accuracy": str(report.candidate.accuracy),
-              "candidate_macro_f1": str(report.candidate.macro_f1), "promoted": str(decision.promoted),
-              "promotion_reason": decision.reason},
+              "task": report.task, **{f"candidate_{m}": str(v) for m, v in report.candidate.metrics.items()},
+              "promoted": str(decision.promoted), "promotion_reason": decision.reason},
         description=decision.reason,
     )
     client.set_registered_model_alias(name, CHALLENGER, version.version)
@@ -387,7 +383,8 @@ def rollback_champion(tracking_uri: str, name: str, who: str, why: str) -> tuple
 
 
 def list_versions(tracking_uri: str, name: str) -> list[dict[str, Any]]:
-    """``tuneloop models``: every version with its aliases, scores, data and how it came to be."""
+    """``tuneloop models``: every version with its aliases, scores, data and how it came to be; a version has
+    the scores of its task only (a key per metric it was registered with: ``accuracy``, ``rouge_l``, ...)."""
     from mlflow.exceptions import MlflowException
 
     client = client_for(tracking_uri)
@@ -402,7 +399,7 @@ def list_versions(tracking_uri: str, name: str) -> list[dict[str, Any]]:
     for v in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
         t = v.tags
         rows.append({"version": str(v.version), "aliases": sorted(by_version.get(str(v.version), [])),
-                     "accuracy": t.get("candidate_accuracy"), "macro_f1": t.get("candidate_macro_f1"),
+                     "task": t.get("task"), **{m: t[f"candidate_{m}"] for m in METRIC_TITLES if f"candidate_{m}" in t},
                      "dataset_version": t.get("dataset_version"), "backend": t.get("backend"),
                      "promoted": t.get("promoted"), "set_by": t.get("champion_set_by"),
                      "created": v.creation_timestamp, "reason": t.get("promotion_reason")})

@@ -136,6 +136,11 @@ def build_trainer(exported: ExportedDataset, train: TrainConfig, models_dir: Pat
     load_kwargs = _check_quantization(train)
     base_source = resolve_base_model(train, models_dir)
     tokenizer = load_tokenizer(base_source)
+    from tuneloop.core.chat_templates import first_conversation, training_chat_template
+
+    # the template with {% generation %} markers that training uses; saved with the adapter, so eval/serving use it
+    tokenizer.chat_template = training_chat_template(tokenizer, str(base_source), local.chat_template,
+                                                     first_conversation(exported.train_path))
     if local.attn_implementation:
         load_kwargs["attn_implementation"] = local.attn_implementation
     model = load_causal_lm(base_source, **load_kwargs)
@@ -151,15 +156,28 @@ def build_trainer(exported: ExportedDataset, train: TrainConfig, models_dir: Pat
     # so there each micro-batch is one packed row and the batch is reached by gradient accumulation.
     varlen = (local.attn_implementation or "").startswith(("flash_attention", "kernels-community/flash"))
     rows = local.batch_size if (varlen or not local.packing) else 1
+    train_dataset = Dataset.from_list(_read_messages(exported.train_path))
+    if len(train_dataset) == 0:
+        raise TuneloopError(f"train: {exported.train_path} holds no examples")
+    validation = _read_messages(exported.validation_path) if exported.validation_path.is_file() else []
+    eval_dataset = Dataset.from_list(validation) if validation else None
+    budget = {"max_steps": local.max_steps} if local.max_steps is not None else {"num_train_epochs": local.epochs}
+    # Validation loss and checkpoints at the same steps: the best checkpoint is one that was saved.
+    every = local.eval_every or 0.1  # a float below 1 is a fraction of the run's steps
+    selection = {"eval_strategy": "steps", "eval_steps": every, "load_best_model_at_end": True,
+                 "metric_for_best_model": "eval_loss", "greater_is_better": False,
+                 "per_device_eval_batch_size": rows} if eval_dataset is not None else {}
     args = SFTConfig(
         output_dir=str(checkpoint_dir),
-        max_steps=local.max_steps,
+        **budget,
+        **selection,
         per_device_train_batch_size=rows,
         gradient_accumulation_steps=local.batch_size // rows,
         learning_rate=local.learning_rate,
-        warmup_steps=min(local.warmup_steps, local.max_steps),
+        warmup_steps=local.warmup_steps if local.max_steps is None else min(local.warmup_steps, local.max_steps),
         lr_scheduler_type="cosine",
-        logging_steps=max(1, min(local.progress_every, local.max_steps // 10)),
+        logging_steps=max(1, local.progress_every if local.max_steps is None
+                          else min(local.progress_every, local.max_steps // 10)),
         max_length=local.max_length,
         packing=local.packing,
         packing_strategy="bfd",  # padding-free: packed examples keep their own position ids and attention
@@ -169,19 +187,22 @@ def build_trainer(exported: ExportedDataset, train: TrainConfig, models_dir: Pat
         bf16=use_cuda and torch.cuda.is_bf16_supported(),
         gradient_checkpointing=local.gradient_checkpointing,
         save_strategy="steps",
-        save_steps=local.checkpoint_every,
-        save_total_limit=2,
+        save_steps=every,
+        save_total_limit=2,  # the best and the last
         include_num_input_tokens_seen="non_padding",
         report_to=[],
         disable_tqdm=True,
         dataloader_num_workers=0,
         **_distributed_args(local, use_cuda),
     )
-    dataset = Dataset.from_list(_read_messages(exported.train_path))
-    if len(dataset) == 0:
-        raise TuneloopError(f"train: {exported.train_path} holds no examples")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=None if init_adapter is not None else lora, callbacks=callbacks or [])
+    callbacks = list(callbacks or [])
+    if eval_dataset is not None and local.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=local.early_stopping_patience))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=tokenizer, peft_config=None if init_adapter is not None else lora,
+                         callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # our progress log says the same, once, in the run log
     return trainer, tokenizer, base_source
 
@@ -264,15 +285,23 @@ def _progress_callback(log, started: float, start_step: int):
                 self.bar.update(self.task, completed=state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not (logs and "loss" in logs) or not state.is_world_process_zero:
+            if not logs or not state.is_world_process_zero:
+                return
+            total = max(state.max_steps, state.global_step)
+            if "eval_loss" in logs:
+                best = state.best_metric if state.best_metric is not None else logs["eval_loss"]
+                log.info(f"train: step {state.global_step}/{total} validation loss {logs['eval_loss']:.4f} "
+                         f"(best {min(best, logs['eval_loss']):.4f})")
+                return
+            if "loss" not in logs:
                 return
             elapsed = max(time.perf_counter() - started, 1e-9)
             rate = (state.global_step - start_step) / elapsed
-            eta = (state.max_steps - state.global_step) / max(rate, 1e-9)
+            eta = max(0.0, (total - state.global_step) / max(rate, 1e-9))
             tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
             if self.bar:
                 self.bar.update(self.task, loss=f"{logs['loss']:.4f}")
-            log.info(f"train: step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+            log.info(f"train: step {state.global_step}/{total} (epoch {state.epoch or 0:.2f}) loss {logs['loss']:.4f} "
                      f"({tokens / elapsed:,.0f} tokens/s, ETA {eta:.0f}s)")
 
         def on_train_end(self, args, state, control, **kwargs):
@@ -296,8 +325,11 @@ def _train_here(exported: ExportedDataset, train: TrainConfig, models_dir: Path,
     trainer, tokenizer, base_source = build_trainer(exported, train, models_dir, checkpoint_dir,
                                                     [_progress_callback(log, started, start_step)], init_adapter)
     if resume and trainer.is_world_process_zero():
-        log.info(f"train: resuming from {resume} (step {start_step} of {local.max_steps})")
+        log.info(f"train: resuming from {resume} (step {start_step})")
     result = trainer.train(resume_from_checkpoint=resume)
+    selection = _selection(trainer)
+    if selection and trainer.is_world_process_zero():
+        log.info(selection.pop("message"))
     if local.devices > 1:
         _record_rank(trainer, out_dir / "training")
     fsdp = bool(getattr(trainer, "is_fsdp_enabled", False))
@@ -316,13 +348,21 @@ def _train_here(exported: ExportedDataset, train: TrainConfig, models_dir: Path,
     loss_curve_png(history, training_dir / "loss_curve.png")
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
     trained_steps = result.global_step - start_step
+    evals = [(int(e["step"]), float(e["eval_loss"])) for e in trainer.state.log_history if "eval_loss" in e]
+    step_metrics = {"eval_loss": evals} if evals else {}
+    if selection:
+        step_metrics["best_eval_loss"] = [(selection["best_step"], selection["best_eval_loss"])]
     return TrainedModel(
         backend="local",
         base_model=str(base_source),
         adapter_path=adapter_dir,
         artifacts_dir=training_dir,
         dataset_version=exported.dataset_version,
-        steps=local.max_steps,
+        steps=result.global_step,
+        epochs=round(float(trainer.state.epoch or 0), 3),
+        step_metrics=step_metrics,
+        best_step=selection.get("best_step"),
+        stopped_early=selection.get("stopped_early", False),
         train_loss=float(result.training_loss) if trained_steps > 0 else (history[-1][1] if history else None),
         loss_history=history,
         train_seconds=round(seconds, 2),
@@ -331,6 +371,29 @@ def _train_here(exported: ExportedDataset, train: TrainConfig, models_dir: Path,
         peak_memory_mb=_peak_memory_mb(),
         devices=local.devices,
     )
+
+
+def _selection(trainer) -> dict:
+    """Which checkpoint was kept and why, from the trainer's state after training (empty without validation)."""
+    state = trainer.state
+    if state.best_metric is None or not state.best_model_checkpoint:
+        return {}
+    best_step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[1])
+    planned = state.max_steps
+    stopped_early = state.global_step < planned
+    why = (f"stopped early at step {state.global_step} of {planned}: the validation loss had not improved for "
+           f"{_patience(trainer)} evaluations") if stopped_early else \
+        f"trained all {planned} steps"
+    return {"best_step": best_step, "best_eval_loss": float(state.best_metric), "stopped_early": stopped_early,
+            "message": f"train: {why}; kept the checkpoint of step {best_step} (validation loss "
+                       f"{state.best_metric:.4f})"}
+
+
+def _patience(trainer) -> int:
+    from transformers import EarlyStoppingCallback
+
+    found = [c for c in trainer.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)]
+    return found[0].early_stopping_patience if found else 0
 
 
 def _record_rank(trainer, training_dir: Path) -> None:

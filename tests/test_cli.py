@@ -39,8 +39,8 @@ def test_run_failure_is_a_message_not_a_traceback(tmp_path):
     config.write_text(f"evaluate:\n  holdout: {tmp_path / 'missing.jsonl'}\n")
     out = run_cli("run", "--config", str(config), env={"TUNELOOP_HOME": str(tmp_path / "home"), "PATH": "",
                                                       "DO_NOT_TRACK": "true", "PREFECT_HOME": str(tmp_path / "p")})
-    assert out.returncode == 1, out.stderr
-    assert "error: evaluate.holdout:" in out.stderr and "does not exist" in out.stderr, out.stderr
+    assert out.returncode == 2, out.stderr  # found before any work: a config problem
+    assert f"evaluate.holdout {tmp_path / 'missing.jsonl'} does not exist" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr + out.stdout
 
 

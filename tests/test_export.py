@@ -113,3 +113,61 @@ def test_an_invalid_example_is_never_exported(tmp_path):
     with pytest.raises(TuneloopError, match=r"1 examples are not valid chat examples: in.jsonl:6 \(5\): invalid_weight"):
         export_chat_jsonl(dataset, ExportConfig(), [], tmp_path / "exports")
     assert not (tmp_path / "exports").exists() or not any((tmp_path / "exports").iterdir())
+
+
+def _long_snapshot(tmp_path, n=12):
+    import orjson
+
+    from tuneloop.core.records import DatasetVersion
+
+    words = "the sync folder on my laptop stopped after the update and the invoice page is blank again".split()
+    rows = []
+    for i in range(n):
+        user = " ".join(words[(i + k) % len(words)] for k in range(8))
+        if i < 3:  # three long prompts: their start and end must survive, their answers whole
+            user = f"START{i} " + " ".join(words * 40) + f" END{i}"
+        answer = "queue: billing\nThanks, we are on it." if i != 3 else "queue: billing\n" + " ".join(words * 40)
+        rows.append({"messages": [{"role": "system", "content": "Route the ticket."}, {"role": "user", "content": user},
+                                  {"role": "assistant", "content": answer}],
+                     "label": "billing", "record_id": f"r{i}", "source": "in.jsonl", "line": i + 1,
+                     "content_hash": f"{i:064x}"})
+    path = tmp_path / "snap.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    return DatasetVersion(version="long", path=path, n_examples=n), rows
+
+
+@pytest.mark.parametrize("policy", ["trim_prompt", "quarantine"])
+def test_an_example_over_the_token_limit_never_loses_its_answer(tmp_path, policy):
+    """The trainer would cut from the right, i.e. the answer: the export trims the prompt's middle or sets the
+    example aside with reason too_many_tokens; either way every example it writes fits, its answer whole."""
+    from tuneloop.tasks.export import token_plan
+
+    cfg = load_config(DEMO_CONFIG, ["train.local.max_length=128"])
+    dataset, rows = _long_snapshot(tmp_path)
+    plan = token_plan(cfg.train, tmp_path / "models")
+    exported = export_chat_jsonl(dataset, ExportConfig(too_long=policy), [], tmp_path / "exports", plan)
+    written = [json.loads(line)["messages"] for p in (exported.train_path, exported.validation_path)
+               for line in p.read_text().splitlines()]
+    assert max(plan.counter.count(written)) <= 128
+    answers = {m[-1]["content"] for m in written}
+    by_id = {r["record_id"]: r for r in rows}
+    set_aside = [json.loads(line) for line in (exported.directory / "too_long.jsonl").read_text().splitlines()]
+    # r3's answer alone is over the limit: set aside under either policy, with where it came from
+    assert {"r3"} <= {q["record_id"] for q in set_aside}
+    assert all(q["reason"] == "too_many_tokens" and q["tokens"] > 128 and q["line"] for q in set_aside)
+    if policy == "trim_prompt":
+        assert exported.n_prompt_trimmed == 3 and exported.n_too_long == 1
+        trimmed = [m for m in written if m[1]["content"].startswith("START")]
+        assert len(trimmed) == 3
+        for m in trimmed:
+            i = m[1]["content"][5]
+            assert m[1]["content"].endswith(f"END{i}") and "[...]" in m[1]["content"]
+            assert m[0] == by_id[f"r{i}"]["messages"][0] and m[2] == by_id[f"r{i}"]["messages"][2]
+    else:
+        assert exported.n_prompt_trimmed == 0 and exported.n_too_long == 4
+        assert {q["record_id"] for q in set_aside} == {"r0", "r1", "r2", "r3"}
+    assert len(written) + exported.n_too_long == len(rows)  # nothing lost: written or set aside with a reason
+    assert answers <= {r["messages"][2]["content"] for r in rows}  # every answer as it was written
+    manifest = json.loads(exported.manifest_path.read_text())
+    assert manifest["counts"]["too_many_tokens"] == exported.n_too_long
+    assert manifest["counts"]["prompt_trimmed"] == exported.n_prompt_trimmed

@@ -150,3 +150,28 @@ def test_an_unchanged_export_is_not_recomputed(prefect_harness, tmp_path):
     assert second.name == "Cached" and second.result().sha256 == first.result().sha256
     first_again, _ = export_twice(seed=124)  # another split seed is another export
     assert first_again.name != "Cached"
+
+
+def test_changed_settings_retrain_the_same_data_and_retrain_forces_a_run(prefect_harness, home, tmp_path):
+    """Trying new settings on the data already collected needs no edit of the state folder."""
+    from tuneloop.flows.retrain import retrain
+
+    landing = home / "landing"
+    landing.mkdir(parents=True)
+    (landing / "t.jsonl").write_text("".join((DEMO / "tickets.jsonl").read_text().splitlines(True)[:300]))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    quick = ["train.local.max_steps=0", "evaluate.max_examples=10"]
+
+    first = retrain(small_config(uri, *quick))
+    assert first.status == "trained"
+    same = retrain(small_config(uri, *quick))
+    assert same.status == "nothing_new" and "trained on with these settings" in same.message
+    changed = retrain(small_config(uri, *quick, "train.local.lora.r=8"))
+    assert changed.status == "trained" and changed.dataset_version == first.dataset_version
+    ledger = json.loads((home / "consumed.json").read_text())
+    assert len(ledger["trained_settings"][first.dataset_version]) == 2
+    assert ledger["last_settings"]["train.local.lora.r"] == "8"
+    # a log line said what changed; the next run with the same settings does nothing again
+    assert retrain(small_config(uri, *quick, "train.local.lora.r=8")).status == "nothing_new"
+    forced = retrain(small_config(uri, *quick, "train.local.lora.r=8"), force=True)
+    assert forced.status == "trained" and forced.model_version.version == "3"

@@ -219,7 +219,7 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(workspace, tmp_path)
     from conftest import ROOT
 
     root, _, exported, _ = workspace
-    overrides = ["train.local.max_steps=40", "train.local.checkpoint_every=5", "train.local.batch_size=4",
+    overrides = ["train.local.max_steps=40", "train.local.eval_every=5", "train.local.batch_size=4",
                  "train.local.warmup_steps=0"]
     (tmp_path / "exported.json").write_text(exported.model_dump_json())
     ckpt = tmp_path / "checkpoints"
@@ -320,3 +320,37 @@ def test_a_warm_start_continues_the_champions_adapter_only_when_it_fits(workspac
     assert all((after[k] - before[k]).abs().max() < 1e-6 for k in before)
     assert all(t.abs().max() < 1e-6 for k, t in load_file(fresh.adapter_path / "adapter_model.safetensors").items()
                if "lora_B" in k)
+
+
+def test_the_budget_follows_the_data_and_the_best_checkpoint_by_validation_loss_is_kept(workspace, tmp_path):
+    """epochs, not a fixed step count; validation loss at each evaluation; early stopping; the adapter saved is
+    the checkpoint with the lowest validation loss, not the last one."""
+    import math
+
+    from safetensors.torch import load_file
+
+    from tuneloop.tasks.train_local import build_trainer
+
+    root, cfg, exported, _ = workspace
+    one_epoch = load_config(DEMO_CONFIG, ["train.local.epochs=1", "train.local.batch_size=4"])
+    trainer, _, _ = build_trainer(exported, one_epoch.train, root / "models", tmp_path / "probe")
+    rows = len(trainer.train_dataset)
+    trained = train_lora(exported, one_epoch.train, root / "models", tmp_path / "one", tmp_path / "ckpt")
+    assert trained.steps == math.ceil(rows / 4) and trained.epochs == pytest.approx(1.0, abs=0.01)
+    evals = trained.step_metrics["eval_loss"]
+    assert len(evals) >= 9 and all(v > 0 for _, v in evals)  # ten times over the run
+
+    # a learning rate far too high: the validation loss stops improving, training stops after 1 evaluation
+    wild = load_config(DEMO_CONFIG, ["train.local.max_steps=60", "train.local.eval_every=3", "train.local.batch_size=4",
+                                     "train.local.learning_rate=0.3", "train.local.warmup_steps=0",
+                                     "train.local.early_stopping_patience=1"])
+    stopped = train_lora(exported, wild.train, root / "models", tmp_path / "wild", tmp_path / "ckpt")
+    evals = stopped.step_metrics["eval_loss"]
+    best_step, best = min(evals, key=lambda e: e[1])
+    assert stopped.stopped_early and stopped.steps < 60
+    assert stopped.best_step == best_step and stopped.step_metrics["best_eval_loss"] == [(best_step, best)]
+    assert evals[-1][1] >= best and stopped.steps == evals[-1][0]
+    kept = load_file(stopped.adapter_path / "adapter_model.safetensors")
+    ckpt = next((tmp_path / "ckpt").glob(f"*/checkpoint-{best_step}"))
+    at_best = load_file(ckpt / "adapter_model.safetensors")
+    assert kept.keys() == at_best.keys() and all((kept[k] == at_best[k]).all() for k in kept)

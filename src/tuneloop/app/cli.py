@@ -19,9 +19,12 @@ app = typer.Typer(
     "export, train, evaluate, register in MLflow, repeat.",
 )
 
+CONFIG_ENV = "TUNELOOP_CONFIG"
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="pipeline config (YAML); default: the demo's (deployments/demo.yaml, for a clone of the repository)", dir_okay=False),
+    typer.Option("--config", "-c", envvar=CONFIG_ENV,
+                 help=f"pipeline config (YAML); default: ${CONFIG_ENV}, else the packaged demo config "
+                 "(deployments/demo.yaml). `tuneloop init` writes one for your own data", dir_okay=False),
 ]
 SetOption = Annotated[
     list[str] | None,
@@ -42,27 +45,54 @@ def fail(message: str, code: int) -> None:
 
 
 @app.command()
-def run(config: ConfigOption = None, set_: SetOption = None) -> None:
-    """Run the retrain flow once on what is in the landing folder."""
+def run(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    force: Annotated[bool, typer.Option(
+        "--retrain", help="train on the newest dataset version even if it was trained on with these settings")] = False,
+) -> None:
+    """Run the retrain flow once on what is in the landing folder.
+
+    It trains when new data was collected, or when the settings that shape the model (train, export,
+    evaluate) changed since the newest data was trained on; --retrain trains anyway."""
     from tuneloop.core.state import prepare_state
 
     state = prepare_state()
     cfg = _load_config(config, set_)
+    _preflight(cfg, config)
     from tuneloop.flows.retrain import retrain
 
-    result = _run_flow(retrain, cfg)
+    result = _run_flow(retrain, cfg, None, None, force)
     from tuneloop.app.report import print_retrain_summary
 
     print_retrain_summary(result, state)
 
 
 def _load_config(config: Path | None, set_: list[str] | None):
-    """The config, or exit 2 with the error (the state folder is prepared before: Prefect reads it on import)."""
-    from tuneloop.core.config import load_config
+    """The config, or exit 2 with the error (the state folder is prepared before: Prefect reads it on import).
 
+    Without --config, one line on stderr says which config is used: $TUNELOOP_CONFIG's, or the demo's."""
+    from tuneloop.core.config import DEFAULT_CONFIG, load_config
+
+    from_env = os.environ.get(CONFIG_ENV)
+    if config is None:
+        print(f"config: {DEFAULT_CONFIG} (the packaged demo config: pass --config, or run tuneloop init)",
+              file=sys.stderr)
+    elif from_env and Path(from_env) == config:
+        print(f"config: {config} (from ${CONFIG_ENV})", file=sys.stderr)
     try:
         return load_config(config, set_ or [])
     except TuneloopError as exc:
+        fail(str(exc), 2)
+
+
+def _preflight(cfg, config: Path | None) -> None:
+    """Every problem the config has with itself and the held-out data, before any work: exit 2."""
+    from tuneloop.tasks.preflight import ConfigProblem, ensure_ready
+
+    try:
+        ensure_ready(cfg, str(config) if config else "config")
+    except ConfigProblem as exc:
         fail(str(exc), 2)
 
 
@@ -101,12 +131,9 @@ def check(
 
     state = prepare_state()
     from tuneloop.app.report import print_check_report
-    from tuneloop.core.config import load_config
 
-    try:
-        cfg = load_config(config, set_ or [])
-    except TuneloopError as exc:
-        fail(str(exc), 2)
+    cfg = _load_config(config, set_)
+    _preflight(cfg, config)
     if format_ not in ("records", "chat"):
         fail(f"--format {format_}: expected records or chat", 2)
     if format_ == "chat":
@@ -158,6 +185,49 @@ def _check_chat(path: Path, cfg, state, as_json: bool) -> None:
         fail(str(exc), 2)
     print_chat_report(report, as_json)
     raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def init(
+    sample: Annotated[Path | None, typer.Argument(
+        help="a sample of your records: a JSONL, CSV or Parquet file (or use --sql-url and --table)", dir_okay=False)] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder to write tuneloop.yaml, expectations/records.json "
+                                      "and holdout.jsonl into (created)", file_okay=False)] = ...,
+    sql_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL of a database to sample instead of a file; "
+                                                "a password in it is not written: the config reads it from $TUNELOOP_DB_PASSWORD (--password-env)")] = None,
+    table: Annotated[str | None, typer.Option(help="the table to sample and collect from (with --sql-url)")] = None,
+    id_: Annotated[str | None, typer.Option("--id", help="the field that identifies a record")] = None,
+    label: Annotated[str | None, typer.Option(help="the label field (classification)")] = None,
+    text: Annotated[list[str] | None, typer.Option(help="a field the model reads (repeatable, in order)")] = None,
+    answer: Annotated[str | None, typer.Option(help="the field the model writes (generation; for "
+                                               "classification, a reply after the label)")] = None,
+    task: Annotated[str | None, typer.Option(help="classification or generation; default: classification when "
+                                             "a label field is found")] = None,
+    watermark: Annotated[str | None, typer.Option(help="SQL: the column new rows are taken by (default: an "
+                                                  "updated_at-like timestamp)")] = None,
+    holdout: Annotated[float | None, typer.Option(help="records held out for evaluation: a fraction (0.1) or a "
+                                                  "number (200); default 10%, at most 300")] = None,
+    name: Annotated[str | None, typer.Option(help="pipeline and registered model name; default: the folder's")] = None,
+    password_env: Annotated[str, typer.Option(help="environment variable the written SQL URL reads its "
+                                              "password from")] = "TUNELOOP_DB_PASSWORD",
+    limit: Annotated[int, typer.Option(help="records of the sample to profile")] = 20_000,
+    seed: Annotated[int, typer.Option(help="seed of the held-out draw")] = 0,
+    force: Annotated[bool, typer.Option(help="overwrite a tuneloop.yaml already in --out")] = False,
+) -> None:
+    """Write a starting pipeline for your own data: a config, a quality suite for its columns and a held-out
+    file, with the id, label and text fields proposed from a sample. Exit 2: unusable sample or arguments."""
+    from tuneloop.app.init import init_project, summary_lines
+    from tuneloop.tasks.profile import Choices
+
+    if task not in (None, "classification", "generation"):
+        fail(f"--task {task}: expected classification or generation", 2)
+    choices = Choices(id=id_, label=label, text=list(text or []), answer=answer, task=task, watermark=watermark)
+    try:
+        result = init_project(out, sample, sql_url=sql_url, table=table, choices=choices, holdout=holdout,
+                              name=name, force=force, limit=limit, seed=seed, password_env=password_env)
+    except TuneloopError as exc:
+        fail(str(exc), 2)
+    print("\n".join(summary_lines(result)))
 
 
 @app.command()
@@ -258,6 +328,14 @@ def _who() -> str:
         return "unknown"
 
 
+def _score_cell(value: str | None) -> str:
+    """A score tag as three decimals, as the run summary shows it (tags are strings, maybe from older runs)."""
+    try:
+        return f"{float(value):.3f}" if value is not None else ""
+    except ValueError:
+        return value
+
+
 @app.command()
 def models(config: ConfigOption = None, set_: SetOption = None,
            as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False) -> None:
@@ -277,11 +355,15 @@ def models(config: ConfigOption = None, set_: SetOption = None,
     from rich.console import Console
     from rich.table import Table
 
+    from tuneloop.core.records import METRIC_TITLES
+
+    # the metrics the versions were registered with: a generation model has no accuracy to show as 0
+    metrics = [m for m in METRIC_TITLES if any(m in r for r in rows)]
     table = Table(title=f"{name} at {uri}", title_justify="left")
-    for col in ("version", "aliases", "accuracy", "macro-F1", "dataset", "backend", "promoted"):
+    for col in ("version", "aliases", *(METRIC_TITLES[m] for m in metrics), "dataset", "backend", "promoted"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["version"], ", ".join(r["aliases"]), r["accuracy"] or "", r["macro_f1"] or "",
+        table.add_row(r["version"], ", ".join(r["aliases"]), *(_score_cell(r.get(m)) for m in metrics),
                       r["dataset_version"] or "", r["backend"] or "", r["promoted"] or "")
     Console(width=max(100, int(os.environ.get("COLUMNS", "100")))).print(table)
 

@@ -21,6 +21,7 @@ from pydantic import (
     Tag,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -68,14 +69,45 @@ class FolderSource(Strict):
     chunk_size: int = Field(50_000, ge=1)
 
 
+def _lookback_amount(value: float | str) -> float:
+    """A look-back as one number ('1h' -> 3600.0), so that it applies to time and numeric watermarks alike."""
+    import re
+
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        parts = re.findall(r"(\d+(?:\.\d+)?)([smhdw])", text)
+        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+            value = float(text)
+        elif parts and "".join(n + u for n, u in parts) == text:
+            value = sum(float(n) * units[u] for n, u in parts)
+        else:
+            raise ValueError(f"{value!r} is not a look-back: write a duration such as '1h', '30m', '2d', '1h30m' or a number")
+    if value < 0:
+        raise ValueError("a look-back cannot be negative (0 re-reads only rows at the watermark itself)")
+    return float(value)
+
+
 class SqlSource(Strict):
-    """Rows of a table or query through SQLAlchemy, taken incrementally by a watermark column."""
+    """Rows of a table or query through SQLAlchemy, taken incrementally by a watermark column.
+
+    Each run reads the rows past the stored watermark and, again, those within ``lookback`` of it: a row
+    committed late with an older or equal watermark value is still collected. Rows read again whose id and
+    content (every column but the watermark) were already consumed are skipped; a changed one is an update.
+    """
 
     kind: Literal["sql"] = "sql"
     url: str = Field(description="SQLAlchemy URL, e.g. sqlite:///data.db or postgresql+psycopg://host/db")
     table: str | None = None
     query: str | None = Field(None, description="a SELECT; wrapped as a subquery and filtered by watermark")
     watermark: str = "updated_at"
+    lookback: Annotated[float | str, AfterValidator(_lookback_amount)] = Field(
+        3600.0, description="how far behind the stored watermark each run reads again, for rows committed late "
+        "with a watermark value equal to or older than the newest already seen; rows read again whose id and "
+        "content were consumed are skipped, changed ones are collected as updates. A duration ('1h', '30m', '2d') "
+        "or a number: seconds for date/time columns, the column's own units for numeric ones (a duration counts "
+        "as seconds there: right for epoch seconds; a sequence id re-reads its last 3600 values by default). "
+        "0 re-reads only the rows at the watermark itself. Default: 1h")
     chunk_size: int = Field(50_000, ge=1)
 
     @model_validator(mode="after")
@@ -121,6 +153,9 @@ class QualityConfig(Strict):
     pii: Literal["redact", "quarantine"] = "redact"
     pii_patterns: dict[str, str] = Field(
         default_factory=dict, description="extra PII: NAME -> RE2 regex; redacted as [NAME]")
+    phone_region: str = Field(
+        "US", min_length=2, max_length=2, description="how national phone numbers are written in your data (ISO "
+        "3166 code: US, GB, DE...); numbers written with + and a country code are found whatever it says")
     data_docs: bool = Field(True, description="build Great Expectations Data Docs in the run folder")
     prepare_in_subprocess: Literal["auto", "always", "never"] = Field(
         "auto", description="read and prepare chunks in a second process while GX validates (large batches)")
@@ -129,6 +164,11 @@ class QualityConfig(Strict):
 class ExportConfig(Strict):
     validation_fraction: float = Field(0.1, gt=0, lt=0.5)
     seed: int = 0
+    too_long: Literal["trim_prompt", "quarantine"] = Field(
+        "trim_prompt", description="an example over the training token limit: trim_prompt cuts the middle of its "
+        "user message(s), keeping the system message, the start and end of the prompt and the whole answer; "
+        "quarantine sets it aside (too_long.jsonl in the export, reason too_many_tokens). An example whose system "
+        "message and answer alone are over the limit is always set aside")
 
 
 class LoraSettings(Strict):
@@ -139,22 +179,38 @@ class LoraSettings(Strict):
 
 
 class LocalTrainConfig(Strict):
-    max_steps: int = Field(300, ge=0, description="optimizer steps; 0 saves the untrained adapter (= base)")
+    epochs: float = Field(
+        3.0, gt=0, description="passes over the training split: the budget grows with the data. Early stopping on "
+        "the validation loss may end training sooner; the best checkpoint by validation loss is kept")
+    max_steps: int | None = Field(
+        None, ge=0, description="optimizer steps instead of epochs (an override); 0 saves the untrained adapter (= base)")
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)
-    max_length: int = Field(256, ge=16, description="tokens per training row; longer examples are truncated")
+    max_length: int = Field(
+        256, ge=16, description="tokens per training example (and packed row); longer examples are handled by "
+        "export.too_long before training, never cut through the answer")
     packing: bool = Field(
         True, description="pack examples into rows of max_length without padding (best-fit decreasing); each "
         "example still attends only to itself. batch_size then counts packed rows, not examples")
     attn_implementation: str | None = Field(
         None, description="e.g. flash_attention_2 on a GPU with flash-attn installed; default: the model's own (sdpa)")
+    chat_template: str | None = Field(
+        None, description="the chat template training formats with, for a base model whose own template has no "
+        "{% generation %} markers and no training variant in TRL: a .jinja file whose assistant turns (answer and "
+        "end-of-turn token) are wrapped in {% generation %}...{% endgeneration %}, 'chatml', or the name of a "
+        "training template TRL ships (llama3, qwen2_5, gemma3, phi3, ...). It is saved with the adapter, so "
+        "evaluation and serving use it too. Unset: the base model's own template (or TRL's training variant of it)")
     seed: int = 0
     lora: LoraSettings = Field(default_factory=LoraSettings)
     init_from: Literal["base", "champion"] = Field(
         "base", description="base: a fresh adapter each retrain; champion: a warm start, the champion's adapter "
         "trained further on the whole new dataset (same base and LoRA shape, else fresh, with a log line why)")
-    checkpoint_every: int = Field(50, ge=1, description="checkpoint every N steps; a rerun resumes from the last")
+    eval_every: int | None = Field(
+        None, ge=1, description="compute the validation loss and checkpoint every N steps (a rerun resumes from the "
+        "last checkpoint); unset: ten times over the run")
+    early_stopping_patience: int | None = Field(
+        3, ge=1, description="stop after this many evaluations without a lower validation loss; unset: never stop early")
     gradient_checkpointing: bool = False
     quantization: Literal["none", "4bit"] = Field("none", description="4bit: QLoRA through bitsandbytes (CUDA only)")
     devices: int = Field(1, ge=1, description="processes (GPUs) to train on; >1 launches torchrun, one per device")
@@ -165,6 +221,14 @@ class LocalTrainConfig(Strict):
         "on the work pool (work_pool) and wait for it")
     deployment: str = Field("train-local/train-local", description="the flow/deployment started when placement: pool")
     progress_every: int = Field(25, ge=1, description="log step, loss, tokens/s and ETA every N steps")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A template file is relative to the config's folder, like every path in a config."""
+        if value and value.endswith((".jinja", ".j2")):
+            return str(_resolve(Path(value), info))
+        return value
 
 
 class TinyBaseConfig(Strict):
@@ -281,18 +345,44 @@ class EvaluateConfig(Strict):
         "(a cut-off label would be scored wrong), with a warning")
     batch_size: int = Field(64, ge=1)
     max_examples: int | None = Field(None, ge=1)
-    primary_metric: METRICS = Field("accuracy", description="what a candidate must improve to become champion")
+    primary_metric: METRICS = Field(
+        "accuracy", description="what a candidate must improve to become champion; one of the task's metrics "
+        "(classification: accuracy, macro_f1; generation: exact_match, rouge_l, bleu, judge). Unset: accuracy for "
+        "classification, rouge_l for generation")
     guards: dict[METRICS, float] = Field(
         default_factory=dict, description="metric -> largest allowed drop vs the champion, e.g. {macro_f1: 0.01}")
-    judge: JudgeConfig | None = None
+    judge: JudgeConfig | None = Field(None, description="an LLM grading free-text answers (generation only)")
+
+    @staticmethod
+    def task_metrics(task: str) -> tuple[str, ...]:
+        """The metrics a task computes: labels for classification, the answer's text for generation. Exact match
+        or BLEU of a label-sized answer, or accuracy of free text, would be numbers that mean nothing."""
+        return ("accuracy", "macro_f1") if task == "classification" else ("exact_match", "rouge_l", "bleu", "judge")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _primary_metric_of_the_task(cls, data: Any) -> Any:
+        """Unset, the primary metric is the task's own: accuracy for labels, ROUGE-L for free text."""
+        if isinstance(data, dict) and data.get("primary_metric") is None:
+            return {**data, "primary_metric": "rouge_l" if data.get("task") == "generation" else "accuracy"}
+        return data
 
     @model_validator(mode="after")
     def _metrics_exist(self):
-        used = {self.primary_metric, *self.guards}
-        if "judge" in used and self.judge is None:
+        computed = self.task_metrics(self.task)
+        for key, names in (("primary_metric", [self.primary_metric]), ("guards", sorted(self.guards))):
+            outside = [m for m in names if m not in computed]
+            if outside:
+                hint = (f"{', '.join(outside)} {'needs' if len(outside) == 1 else 'need'} labels: use "
+                        f"{'it' if len(outside) == 1 else 'them'} with evaluate.task: classification"
+                        if self.task == "generation" else
+                        "exact_match, rouge_l, bleu and judge score free text: use them with evaluate.task: generation")
+                raise ValueError(f"evaluate.{key} names {', '.join(outside)}, which a {self.task} task does not "
+                                 f"compute (it scores {', '.join(computed)}); {hint}")
+        if self.judge is not None and self.task != "generation":
+            raise ValueError("evaluate.judge grades free-text answers: use it with evaluate.task: generation")
+        if "judge" in {self.primary_metric, *self.guards} and self.judge is None:
             raise ValueError("evaluate.primary_metric or evaluate.guards uses 'judge': configure evaluate.judge")
-        if self.task == "generation" and "macro_f1" in used:
-            raise ValueError("macro_f1 needs labels: use it with evaluate.task: classification")
         return self
 
 
@@ -340,6 +430,41 @@ class PipelineConfig(Strict):
     registry: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
+
+    # Where and how a run goes, not what it makes: changing these does not call for a retrain.
+    _NOT_MODEL_SETTINGS = {
+        "train": {"max_cost_usd": True,
+                  "local": {"placement": True, "deployment": True, "progress_every": True},
+                  "openai": {"api_key_env": True, "api_key_secret_block": True, "poll_seconds": True,
+                             "max_paused_seconds": True, "request_retries": True, "eval_concurrency": True,
+                             "tiktoken_cache_dir": True, "tiktoken_file": True, "models": True}},
+        "evaluate": {"cache_generations": True, "batch_size": True, "n_worst": True,
+                     "judge": {"api_key_env": True, "concurrency": True}},
+    }
+
+    def model_settings(self) -> dict[str, str]:
+        """The settings that shape the model and its verdict (training, export, evaluation), as dotted keys."""
+        exclude = {**self._NOT_MODEL_SETTINGS, "train": dict(self._NOT_MODEL_SETTINGS["train"])}
+        unused = ("openai",) if self.train.backend == "local" else ("local", "tiny")  # the other backend's settings
+        exclude["train"].update(dict.fromkeys(unused, True))
+        if self.train.base_model != "tiny":
+            exclude["train"]["tiny"] = True
+        data = self.model_dump(mode="json", include={"train", "export", "evaluate"}, exclude=exclude)
+        flat: dict[str, str] = {}
+
+        def walk(node: Any, prefix: str) -> None:
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix[:-1]] = str(node)
+
+        walk(data, "")
+        return flat
+
+    def settings_hash(self) -> str:
+        data = "\n".join(f"{k}={v}" for k, v in sorted(self.model_settings().items()))
+        return hashlib.sha256(data.encode()).hexdigest()[:16]
 
     def config_hash(self) -> str:
         """What the trained model depends on (when and how drift is checked does not change it)."""

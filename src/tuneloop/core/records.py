@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 
 class TuneloopError(Exception):
@@ -54,7 +54,11 @@ class LandingFile(BaseModel):
 
 
 class SqlSlice(BaseModel):
-    """The rows of a SQL source past the last watermark, up to the newest one seen at collect time."""
+    """The rows of a SQL source past the last watermark, up to the newest one seen at collect time, and
+    those within the look-back before it that were not consumed yet (committed late, or updated).
+
+    The digests (``consumed``, ``window``) cover one look-back's rows: what the ledger keeps, so bounded.
+    """
 
     source_key: str
     url: str  # password hidden
@@ -62,7 +66,12 @@ class SqlSlice(BaseModel):
     watermark: str
     after: Any = None
     up_to: Any = None
-    n_rows: int
+    n_rows: int  # rows to read: past ``after``, plus those read again that were not consumed yet
+    reread_from: Any = None  # rows from here up to ``after`` are read again (the look-back); None: none are
+    consumed: list[str] = Field(default_factory=list)  # digests of id + content already consumed: skipped
+    n_reread: int = 0  # rows within the look-back read again
+    n_already_consumed: int = 0  # of those, skipped: same id and content as a row already consumed
+    window: list[str] | None = None  # digests of the rows within the look-back of ``up_to``, for the ledger
 
 
 class RawBatch(BaseModel):
@@ -174,6 +183,8 @@ class ExportedDataset(BaseModel):
     n_validation: int
     sha256: dict[str, str]
     n_heldout_overlaps: int = 0
+    n_prompt_trimmed: int = 0  # over the token limit: the middle of the prompt cut, the answer whole
+    n_too_long: int = 0  # over the token limit and set aside (too_long.jsonl, reason too_many_tokens)
     token_stats: dict[str, TokenStats] = Field(default_factory=dict)
     estimate: CostEstimate | None = None
     reused: bool = False
@@ -201,6 +212,9 @@ class TrainedModel(BaseModel):
     devices: int = 1  # local: processes (GPUs) it trained on
     training_run_id: str | None = None  # local on a work pool: the MLflow run holding the adapter it trained
     warm_start_from: str | None = None  # local: the champion version whose adapter training continued from
+    epochs: float | None = None  # local: passes over the training split actually made
+    best_step: int | None = None  # local: the checkpoint kept (lowest validation loss)
+    stopped_early: bool = False  # local: early stopping ended training before its budget
 
 
 class Champion(BaseModel):
@@ -214,18 +228,38 @@ class Champion(BaseModel):
     dataset_version: str | None = None
 
 
-class ModelScore(BaseModel):
-    """Classification scores on the held-out examples; an unparsed answer counts as wrong."""
+METRIC_TITLES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "exact_match": "exact match",
+                 "rouge_l": "ROUGE-L", "bleu": "BLEU", "judge": "judge"}  # every metric, in the order shown
 
-    accuracy: float
+
+class ModelScore(BaseModel):
+    """One model's scores on the held-out examples, in its task's metrics only: a metric left None was not
+    computed (a label task has no meaningful BLEU, a free-text task no accuracy), so none is shown as 0.
+
+    Classification: accuracy, macro-F1, per class (an unparsed answer counts as wrong). Generation: exact
+    match, ROUGE-L, BLEU of the whole answer, and the judge's grade when one is configured.
+    """
+
     n_examples: int
-    n_unparsed: int
-    macro_f1: float = 0.0
+    accuracy: float | None = None
+    n_unparsed: int | None = None  # classification: answers with no label the pattern could find
+    macro_f1: float | None = None
     per_class: dict[str, dict[str, float]] = Field(default_factory=dict)  # precision, recall, f1, support
-    exact_match: float = 0.0  # the whole answer, whitespace and case normalized
-    rouge_l: float = 0.0  # mean ROUGE-L F-measure (rouge-score)
-    bleu: float = 0.0  # corpus BLEU / 100 (sacrebleu)
+    exact_match: float | None = None  # the whole answer, whitespace and case normalized
+    rouge_l: float | None = None  # mean ROUGE-L F-measure (rouge-score)
+    bleu: float | None = None  # corpus BLEU / 100 (sacrebleu)
     judge: float | None = None  # mean LLM-judge grade scaled to 0..1, when configured
+
+    @model_serializer(mode="wrap")
+    def _task_fields_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Written out (report.json, Prefect results), a score holds its task's fields only: no nulls for
+        metrics its task does not compute, no empty per-class table."""
+        return {k: v for k, v in handler(self).items() if v is not None and v != {}}
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The metrics computed for this score, in display order."""
+        return {name: float(value) for name in METRIC_TITLES if (value := getattr(self, name)) is not None}
 
     def metric(self, name: str) -> float:
         value = getattr(self, name)
@@ -237,13 +271,14 @@ class ModelScore(BaseModel):
 class EvalReport(BaseModel):
     """The same held-out examples scored for the base model, the champion (if any) and the candidate."""
 
+    task: Literal["classification", "generation"] = "classification"  # which metrics the scores hold
     n_examples: int
     base: ModelScore
     candidate: ModelScore
     champion: ModelScore | None = None
     champion_version: str | None = None
     predictions_path: Path
-    worst: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)  # per model, the wrong answers
+    worst: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)  # per model: wrong labels / lowest ROUGE-L
     n_golden: int = 0  # of n_examples, how many came from evaluate.golden
     cached_answers: int = 0  # answers taken from the generation cache instead of generated again
     max_new_tokens: int = 8  # the answer budget every model had (evaluate.answer_budget)
