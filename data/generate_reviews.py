@@ -2,8 +2,9 @@
 
 Other field names (``review_id``, ``title``, ``review_text``, ``department``, ``reply``, ``rating``,
 ``created_at``), other labels (ten departments, two with a space in their name) and a reply to learn as
-generation. Each department sells 24 products; a review names one (in the title, the text, or only in the
-text, by a nickname), sometimes mentions a product of another department in passing, and about 3% of
+generation. Each department sells 10 products; a review names one (in the title and the text, or only in
+the text), says in 60% of cases the room it is used in, sometimes mentions a product of another department
+in passing, and about 3% of
 reviews are filed under a neighbouring department (label noise, as in real routing data). So a model
 learns the catalogue product by product, and more data keeps helping: what the two-batch benchmark needs.
 
@@ -56,6 +57,10 @@ CATALOGUE = {
              "paint-sprayer ladder angle-grinder mitre-saw pliers utility-knife",
 }
 DEPARTMENTS = sorted(CATALOGUE)
+ROOMS = {"bath": "bathroom", "bedding": "bedroom", "cookware": "kitchen", "electronics": "living room",
+         "garden": "vegetable patch", "home office": "study", "kids": "nursery", "outdoor": "campsite",
+         "pet supplies": "dog basket corner", "tools": "workshop"}
+PER_DEPARTMENT = 10  # products sold per department (the catalogue lists more, for a harder variant)
 NEIGHBOUR = {d: DEPARTMENTS[(i + 1) % len(DEPARTMENTS)] for i, d in enumerate(DEPARTMENTS)}
 OPENINGS = ["I bought the {p} last month.", "Our new {p} arrived on Tuesday.", "Ordered the {p} as a gift.",
             "Second {p} from Pinecrest.", "Picked up the {p} in the spring sale.", "We replaced our old {p}."]
@@ -75,8 +80,8 @@ REPLIES = {5: "Thank you for the kind words about the {p}! Our {d} team will be 
            1: "We are very sorry about the {p}. Our {d} team will arrange a refund or replacement today."}
 
 
-def products() -> dict[str, list[str]]:
-    return {d: [w.replace("-", " ") for w in CATALOGUE[d].split()] for d in DEPARTMENTS}
+def products(per_department: int = PER_DEPARTMENT) -> dict[str, list[str]]:
+    return {d: [w.replace("-", " ") for w in CATALOGUE[d].split()][:per_department] for d in DEPARTMENTS}
 
 
 def review(i: int, rng: random.Random, when: datetime) -> dict:
@@ -89,6 +94,8 @@ def review(i: int, rng: random.Random, when: datetime) -> dict:
              else rng.choice(VERDICTS[rating]).rstrip("."))
     parts = [rng.choice(OPENINGS).format(p=product), rng.choice(VERDICTS[rating]),
              *rng.sample(DETAILS, rng.randint(1, 3))]
+    if rng.random() < 0.6:  # where it is used: a strong hint, but not in every review
+        parts.insert(rng.randint(1, len(parts)), f"It lives in our {ROOMS[dept]} now.")
     if rng.random() < 0.2:  # a product of another department, in passing
         other = rng.choice([d for d in DEPARTMENTS if d != dept])
         parts.insert(rng.randint(1, len(parts)), f"I also looked at the {rng.choice(catalogue[other])}.")

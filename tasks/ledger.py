@@ -131,6 +131,8 @@ def plan_training(ledger: Ledger, new: DatasetVersion | None, datasets_dir: Path
         if version is None:
             return TrainingPlan(train=False, reason="nothing collected yet: no dataset version to train on")
         known = ledger.trained_with(version, settings.hash)
+        if known is None and champion[0] == version and champion[1] is not None:
+            known = champion[1] == settings.hash  # a ledger from before settings were kept: ask the champion
         if force:
             note = f"nothing new collected; retraining on dataset version {version} as asked (--retrain)"
         elif ledger.untrained:
@@ -139,12 +141,18 @@ def plan_training(ledger: Ledger, new: DatasetVersion | None, datasets_dir: Path
             changed = settings_changes(ledger.last_settings, settings.values) if ledger.last_settings else ""
             note = (f"nothing new collected, but the training settings changed since dataset version {version} was "
                     f"trained on ({changed or 'settings not recorded then'}): training on it with the new settings")
+        elif known is None:  # trained before settings were recorded: assume these, and record them from now on
+            return TrainingPlan(train=False, mark_trained=True, dataset=load_snapshot(datasets_dir, version),
+                                reason=f"nothing new since dataset version {version}; the settings it was trained "
+                                "with were not recorded: taking them to be these, so the next change retrains "
+                                "(`tuneloop run --retrain` trains now)")
         else:
             return TrainingPlan(train=False, reason=f"nothing new since dataset version {version}, and it was "
                                 "trained on with these settings; `tuneloop run --retrain` trains on it again")
         new = load_snapshot(datasets_dir, version)
     champion_version, champion_settings = champion
-    same_settings = champion_settings is None or champion_settings == settings.hash
+    same_settings = (champion_settings == settings.hash if champion_settings is not None
+                     else ledger.trained_with(new.version, settings.hash) is not False)
     if champion_version == new.version and same_settings and not force:
         return TrainingPlan(train=False, dataset=new, mark_trained=True,
                             reason=f"dataset version {new.version} is what the champion was trained on, with these "
@@ -159,6 +167,6 @@ def plan_training_task(ledger: Ledger, new: DatasetVersion | None, datasets_dir:
 
     # the registry is asked only when there may be something to train (a no-op run touches nothing)
     wanted = new is not None or ledger.untrained or force or (
-        ledger.dataset_version is not None and ledger.trained_with(ledger.dataset_version, settings.hash) is False)
+        ledger.dataset_version is not None and not ledger.trained_with(ledger.dataset_version, settings.hash))
     return plan_training(ledger, new, datasets_dir,
                          champion_training(registry, tracking_uri) if wanted else (None, None), settings, force)

@@ -19,7 +19,7 @@ from tuneloop.tasks.heldout import HeldOutExample
 
 def parse_label(text: str, pattern: re.Pattern[str]) -> str | None:
     match = pattern.search(text)
-    return match.group(1) if match else None
+    return match.group(1).strip() if match and match.group(1) is not None else None  # labels are stripped values
 
 
 def answer_budget(heldout: list[HeldOutExample], evaluate: EvaluateConfig, pattern: re.Pattern[str],

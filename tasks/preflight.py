@@ -16,6 +16,7 @@ import orjson
 
 from tuneloop.core.config import PipelineConfig
 from tuneloop.core.records import TuneloopError
+from tuneloop.tasks.metrics import parse_label
 
 PLACEHOLDER = "lorem ipsum dolor"
 
@@ -59,12 +60,12 @@ def suite_label_set(suite: Path, column: str) -> list[str] | None:
     return None
 
 
-def _heldout_records(path: Path, limit: int = 5000) -> tuple[list[dict], str | None]:
+def _heldout_records(path: Path, key: str = "evaluate.holdout", limit: int = 5000) -> tuple[list[dict], str | None]:
     """The held-out file's first records (JSONL), or the problem reading it."""
     if not path.is_file():
-        return [], f"evaluate.holdout {path} does not exist"
+        return [], f"{key} {path} does not exist"
     if path.suffix.lower() != ".jsonl":
-        return [], None  # CSV/Parquet held-out files are read and checked by tasks.heldout
+        return [], f"{key} {path}: a held-out file is JSONL (one record per line, the source's fields)"
     records = []
     with path.open("rb") as fh:
         for n, line in enumerate(fh, 1):
@@ -92,13 +93,13 @@ def render_assistant(template: str, label_field: str, label: str) -> str:
 def label_pattern_problems(cfg: PipelineConfig, labels: list[str]) -> list[str]:
     """Labels the pattern does not read back from the answer the assistant template writes for them."""
     m = cfg.mapping
-    if cfg.evaluate.task != "classification" or not m.label or not m.assistant or m.label not in fields_of(m.assistant):
+    if cfg.evaluate.task != "classification" or not m.label or m.messages or not m.assistant \
+            or m.label not in fields_of(m.assistant):
         return []
     pattern = re.compile(cfg.evaluate.label_pattern, re.MULTILINE)
     wrong = []
     for label in labels:
-        found = pattern.search(render_assistant(m.assistant, m.label, label))
-        got = found.group(1).strip() if found and found.groups() and found.group(1) is not None else None
+        got = parse_label(render_assistant(m.assistant, m.label, label), pattern)  # as evaluation parses it
         if got != label.strip():
             wrong.append(f"{label!r} -> {got!r}")
     if not wrong:
@@ -115,20 +116,26 @@ def preflight(cfg: PipelineConfig) -> list[str]:
     if ev.task == "classification" and not m.label and not m.messages:
         problems.append("evaluate.task is classification but mapping.label is unset: name the field holding the "
                         "label, or use evaluate.task: generation")
-    if m.label and m.assistant and ev.task == "classification" and m.label not in fields_of(m.assistant):
+    if m.label and m.assistant and not m.messages and ev.task == "classification" and m.label not in fields_of(m.assistant):
         problems.append(f"mapping.assistant {m.assistant!r} does not write the label field {{{m.label}}}: the "
                         "model could not learn to answer with it")
-    records, problem = _heldout_records(ev.holdout)
-    if problem:
-        problems.append(problem)
-    if records and not m.messages:
-        needed = sorted({f for t in (m.system, m.user, m.assistant) for f in fields_of(t)} - {m.label})
-        missing = [f for f in needed if f not in records[0]]
-        if missing:
-            problems.append(f"{ev.holdout}:1: no field {', '.join(missing)} that the mapping's templates read "
-                            f"(it has: {', '.join(sorted(records[0]))})")
+    records: list[dict] = []
+    for key, path in (("evaluate.holdout", ev.holdout), ("evaluate.golden", ev.golden)):
+        if path is None:
+            continue
+        found, problem = _heldout_records(path, key)
+        if problem:
+            problems.append(problem)
+            continue
+        if found and not m.messages:
+            needed = sorted({f for t in (m.system, m.user, m.assistant) for f in fields_of(t)} - {m.label})
+            missing = [f for f in needed if f not in found[0]]
+            if missing:
+                problems.append(f"{path}:1: no field {', '.join(missing)} that the mapping's templates read "
+                                f"(it has: {', '.join(sorted(found[0]))})")
+        records += found
     suite_labels = suite_label_set(cfg.quality.suite, m.label) if m.label else None
-    held_labels = sorted({str(r[m.label]) for r in records if m.label and r.get(m.label) not in (None, "")})
+    held_labels = sorted({str(r[m.label]).strip() for r in records if m.label and r.get(m.label) not in (None, "")})
     if suite_labels is not None and held_labels:
         unknown = [label for label in held_labels if label not in suite_labels]
         if unknown:

@@ -415,9 +415,9 @@ def propose(profile: SampleProfile, choices: Choices) -> Proposal:
         col = cols[label]
         if col.multiline:
             raise TuneloopError(f"--label {label}: some of its values in {where} span lines; a label is one line")
-        if col.n_distinct > MAX_LABELS:
-            why["label"] = (f"{col.n_distinct} distinct values in the sample: more than a label set usually has; "
-                            "the suite lists each of them")
+        if col.n_distinct > MAX_LABELS:  # its values are not kept for a suite's value set: say so, not fail later
+            raise TuneloopError(f"--label {label}: {col.n_distinct} distinct values in {where}, more than the "
+                                f"{MAX_LABELS} a label set may have here; pick a coarser field, or --task generation")
     elif choices.task != "generation" and not messages:
         labels = [c for c in cols.values() if c.name not in taken and c.categorical and c.missing_share <= MAX_MISSING
                   and _formattable(c.name) and (c.kind == "string" or (

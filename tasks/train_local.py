@@ -37,6 +37,8 @@ def checkpoint_key(exported: ExportedDataset, train: TrainConfig, init_adapter: 
                                      exclude={"local": {"placement", "deployment", "progress_every"}})
     if init_adapter is not None:
         settings += adapter_identity(str(train.base_model), init_adapter)
+    # the split trained and validated on (another export seed, held-out set or length policy is another training)
+    settings += "|".join(f"{name}={digest}" for name, digest in sorted(exported.sha256.items()))
     return f"{exported.dataset_version}-{hashlib.sha256(settings.encode()).hexdigest()[:12]}"
 
 
@@ -235,9 +237,52 @@ def train_lora(exported: ExportedDataset, train: TrainConfig, models_dir: Path, 
     if local.max_steps == 0:
         return _untrained_adapter(exported, train, models_dir, out_dir, init_adapter)
     checkpoint_dir = (checkpoints_dir or out_dir / "checkpoints") / checkpoint_key(exported, train, init_adapter)
+    if (finished := _finished(checkpoint_dir, out_dir)) is not None:
+        return finished
     if local.devices > 1:
-        return _launch_distributed(exported, train, models_dir, out_dir, checkpoint_dir, init_adapter)
-    return _train_here(exported, train, models_dir, out_dir, checkpoint_dir, init_adapter)
+        trained = _launch_distributed(exported, train, models_dir, out_dir, checkpoint_dir, init_adapter)
+    else:
+        trained = _train_here(exported, train, models_dir, out_dir, checkpoint_dir, init_adapter)
+    _mark_finished(trained, checkpoint_dir)
+    return trained
+
+
+FINISHED = "finished"  # in a checkpoint folder: the adapter training ended with, and its TrainedModel record
+
+
+def _mark_finished(trained: TrainedModel, checkpoint_dir: Path) -> None:
+    """Keep the final (best) adapter beside the checkpoints, so a rerun of the same training is a copy, not a
+    resume: after early stopping the last checkpoint is short of max_steps, and resuming would train on."""
+    import shutil
+
+    final = checkpoint_dir / FINISHED
+    tmp = checkpoint_dir / (FINISHED + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(trained.adapter_path, tmp / "adapter")
+    if trained.artifacts_dir is not None and trained.artifacts_dir.is_dir():
+        shutil.copytree(trained.artifacts_dir, tmp / "training")
+    (tmp / "trained.json").write_text(trained.model_dump_json())
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def _finished(checkpoint_dir: Path, out_dir: Path) -> TrainedModel | None:
+    import shutil
+
+    record = checkpoint_dir / FINISHED / "trained.json"
+    if not record.is_file():
+        return None
+    trained = TrainedModel.model_validate_json(record.read_bytes())
+    adapter_dir = out_dir / "adapter"
+    shutil.copytree(checkpoint_dir / FINISHED / "adapter", adapter_dir, dirs_exist_ok=True)
+    artifacts = None
+    if (checkpoint_dir / FINISHED / "training").is_dir():
+        artifacts = out_dir / "training"
+        shutil.copytree(checkpoint_dir / FINISHED / "training", artifacts, dirs_exist_ok=True)
+    stage_logger().info(f"train: this training (same data, split and settings) finished before: reusing its "
+                        f"adapter ({trained.steps} steps)")
+    return trained.model_copy(update={"adapter_path": adapter_dir, "artifacts_dir": artifacts,
+                                      "resumed_from_step": trained.steps, "train_seconds": 0.0})
 
 
 def _untrained_adapter(exported: ExportedDataset, train: TrainConfig, models_dir: Path, out_dir: Path,

@@ -253,6 +253,8 @@ def test_refusals_are_one_line_and_exit_2(tmp_path):
     one_line_refusal(init(str(sample), "--out", str(tmp_path / "c"), "--label", "dept"),
                      "--label dept", "no column 'dept'", "department")
     one_line_refusal(init(str(sample), "--out", str(tmp_path / "c"), "--text", "body"), "no column 'body'")
+    one_line_refusal(init(str(sample), "--out", str(tmp_path / "c"), "--label", "review_text"),
+                     "--label review_text", "distinct values", "more than the 50")
 
     out = tmp_path / "taken"
     assert init(str(sample), "--out", str(out))[0] == 0
@@ -305,6 +307,12 @@ def test_sql_table_gets_a_sql_source_with_a_watermark_and_no_password(tmp_path, 
     from sqlalchemy.engine import make_url
 
     assert make_url(os.path.expandvars(url)).password == "s3cr@t"  # what the SQL source connects with
+    # a password next to a variable host, or in the query string, is not written either; a reference stays
+    for given in ("postgresql://app:secret@${DB_HOST}/shop", "postgresql://app@db/shop?password=secret"):
+        written, _ = config_url(given, "SHOP_DB_PASSWORD")
+        assert "secret" not in written and ":${SHOP_DB_PASSWORD}@" in written, written
+    assert config_url("postgresql://app:${PW}@db/shop", "X") == ("postgresql://app:${PW}@db/shop", None)
+    assert config_url("sqlite:///lite.db", "X")[0] == f"sqlite:///{Path('lite.db').resolve()}"
 
     # without a timestamp column there is nothing to take new rows by
     with sqlite3.connect(db) as conn:

@@ -64,10 +64,23 @@ def test_retrain_forces_a_run_on_the_newest_data(tmp_path):
     assert plan_training(Ledger(dataset_version="v4"), new, tmp_path, ("v4", "s1"), S1, force=True).train
 
 
-def test_a_ledger_from_before_settings_were_kept_does_not_retrain_by_surprise(tmp_path):
+def test_a_ledger_from_before_settings_were_kept_records_them_and_then_notices_a_change(tmp_path):
+    snapshot(tmp_path, "v1")
     old = Ledger(dataset_version="v1", trained_version="v1")
     assert old.trained_with("v1", "s1") is None
-    assert not plan_training(old, None, tmp_path, ("v1", None), S1).train
+    plan = plan_training(old, None, tmp_path, ("v1", None), S1)
+    assert not plan.train and plan.mark_trained and "not recorded" in plan.reason
+    recorded = mark_trained(old, "v1", S1.hash, S1.values)  # what the flow commits for mark_trained
+    assert plan_training(recorded, None, tmp_path, ("v1", None), S2).train
+    # a champion tagged with its settings answers for the old ledger
+    assert plan_training(old, None, tmp_path, ("v1", "s1"), S2).train
+    assert not plan_training(old, None, tmp_path, ("v1", "s1"), S1).train
+
+
+def test_an_untagged_champion_does_not_hide_a_settings_change_the_ledger_knows(tmp_path):
+    new = snapshot(tmp_path, "v1")
+    plan = plan_training(trained("v1", S1), new, tmp_path, ("v1", None), S2)
+    assert plan.train and not plan.mark_trained
 
 
 def test_model_settings_cover_what_shapes_the_model_and_not_where_it_runs():
@@ -89,3 +102,20 @@ def test_marked_settings_stay_bounded():
     for i in range(50):
         ledger = mark_trained(ledger, "v1", f"s{i}", {})
     assert len(ledger.trained_settings["v1"]) == 20 and ledger.trained_settings["v1"][-1] == "s49"
+
+
+def test_the_settings_hash_follows_file_contents_not_paths(tmp_path):
+    import shutil
+
+    from conftest import ROOT
+
+    copy = tmp_path / "elsewhere"
+    for part in ("deployments", "data/demo", "expectations"):
+        shutil.copytree(ROOT / part, copy / part)
+    here, there = load_config(DEMO_CONFIG), load_config(copy / "deployments" / "demo.yaml")
+    assert here.settings_hash() == there.settings_hash()  # another checkout, another machine: the same training
+    held = copy / "data" / "demo" / "holdout.jsonl"
+    held.write_text("".join(held.read_text().splitlines(True)[:-1]))  # an edited held-out set changes the training set
+    edited = load_config(copy / "deployments" / "demo.yaml")
+    assert edited.settings_hash() != here.settings_hash()
+    assert settings_changes(here.model_settings(), edited.model_settings()).startswith("evaluate.holdout sha256:")

@@ -63,3 +63,25 @@ def test_run_with_a_broken_pattern_exits_2_with_one_line_before_any_work(tmp_pat
     assert "Traceback" not in out.stderr and "is not a valid regex (missing ), unterminated subpattern" in out.stderr
     assert not (home / "datasets").exists() or not any((home / "datasets").iterdir())  # nothing collected
     assert ROOT.is_dir()
+
+
+def test_valid_configs_of_other_shapes_pass(tmp_path):
+    """No false alarm: chat-messages records, a pattern whose group starts with a space, a generation task."""
+    holdout = tmp_path / "holdout.jsonl"
+    chat = [{"role": "user", "content": "my card was charged twice"}, {"role": "assistant", "content": "queue: billing"}]
+    holdout.write_text(json.dumps({"messages": chat, "queue": "billing"}) + "\n")
+    messages = load_config(DEMO_CONFIG, ["mapping.messages=messages", f"evaluate.holdout={holdout}"])
+    assert preflight(messages) == []
+    assert preflight(load_config(DEMO_CONFIG, ["evaluate.label_pattern='^queue:(.+)$'"])) == []
+    assert preflight(load_config(DEMO_CONFIG, ["evaluate.task=generation", "evaluate.primary_metric=rouge_l"])) == []
+
+
+def test_a_held_out_file_must_be_jsonl_and_the_golden_set_is_checked_too(tmp_path):
+    csv = tmp_path / "holdout.csv"
+    csv.write_text("ticket_id,subject\n1,x\n")
+    (problem,) = preflight(load_config(DEMO_CONFIG, [f"evaluate.holdout={csv}"]))
+    assert problem.startswith(f"evaluate.holdout {csv}: a held-out file is JSONL")
+    golden = tmp_path / "golden.jsonl"
+    golden.write_text(json.dumps({"ticket_id": "g1", "body": "b", "queue": "billing", "answer": "a"}) + "\n")
+    (problem,) = preflight(load_config(DEMO_CONFIG, [f"evaluate.golden={golden}"]))
+    assert problem.startswith(f"{golden}:1: no field subject")

@@ -246,7 +246,10 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(workspace, tmp_path)
     assert trained.tokens_per_second and trained.peak_memory_mb
 
     again = train_lora(exported, cfg.train, root / "models", tmp_path / "again", ckpt)
-    assert again.resumed_from_step == 40 and again.train_seconds < trained.train_seconds + 30  # finished: nothing to redo
+    assert again.resumed_from_step == 40 and again.train_seconds == 0.0  # finished: nothing to redo
+    assert again.adapter_path == tmp_path / "again" / "adapter" and (again.artifacts_dir / "loss_curve.png").is_file()
+    assert (again.adapter_path / "adapter_model.safetensors").read_bytes() == \
+        (trained.adapter_path / "adapter_model.safetensors").read_bytes()
 
 
 def test_qlora_is_refused_without_cuda(workspace):
@@ -354,3 +357,5 @@ def test_the_budget_follows_the_data_and_the_best_checkpoint_by_validation_loss_
     ckpt = next((tmp_path / "ckpt").glob(f"*/checkpoint-{best_step}"))
     at_best = load_file(ckpt / "adapter_model.safetensors")
     assert kept.keys() == at_best.keys() and all((kept[k] == at_best[k]).all() for k in kept)
+    rerun = train_lora(exported, wild.train, root / "models", tmp_path / "wild-again", tmp_path / "ckpt")
+    assert rerun.steps == stopped.steps and rerun.best_step == best_step and rerun.train_seconds == 0.0

@@ -96,16 +96,22 @@ def config_url(url: str, password_env: str) -> tuple[str, str | None]:
     except ArgumentError as exc:
         raise TuneloopError(f"--sql-url: not a SQLAlchemy URL ({exc})") from None
     note = None
-    if parsed.password is not None and "${" not in url and "$" + password_env not in url:
+    password = parsed.password
+    is_reference = password is not None and re.fullmatch(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?", str(password))
+    secret_query = {k for k in parsed.query if k.lower() in ("password", "passwd", "pwd")}
+    if (password is not None and not is_reference) or secret_query:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", password_env):
             raise TuneloopError(f"--password-env {password_env}: not an environment variable name")
-        shown = parsed.render_as_string(hide_password=True)
-        url = shown.replace(":***@", ":${" + password_env + "}@", 1)
+        reference = "${" + password_env + "}"
+        query = {k: v for k, v in parsed.query.items() if k not in secret_query}
+        parsed = parsed.set(query=query, password=reference)
         note = (f"the password in --sql-url is not written to {CONFIG_NAME}: the URL there reads it from "
                 f"${password_env} when a run connects (URL-encode special characters, e.g. @ as %40)")
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:" \
             and not parsed.database.startswith("file:") and not os.path.isabs(os.path.expandvars(parsed.database)):
-        url = url.replace(parsed.database, str(Path(os.path.expandvars(parsed.database)).resolve()), 1)
+        parsed = parsed.set(database=str(Path(os.path.expandvars(parsed.database)).resolve()))
+    # rendered with the reference in place (SQLAlchemy would percent-encode its braces)
+    url = parsed.render_as_string(hide_password=False).replace("%24%7B", "${").replace("%7D@", "}@")
     return url, note
 
 

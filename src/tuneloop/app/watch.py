@@ -64,7 +64,7 @@ class Watcher:
         return {
             "keys": [f.sha256 for f in files] + ([sql_key] if sql is not None else []),
             "files": [{"name": Path(f.path).name, "size": f.size, "sha256": f.sha256} for f in files],
-            "sql": sql.model_dump(mode="json") if sql is not None else None,
+            "sql": sql.model_dump(mode="json", exclude={"consumed", "window"}) if sql is not None else None,
             "summary": ", ".join([Path(f.path).name for f in files]
                                  + ([f"{sql.n_rows} rows of {sql.selectable} past {sql.watermark}"] if sql else [])),
         }

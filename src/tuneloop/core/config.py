@@ -117,6 +117,18 @@ class SqlSource(Strict):
         return self
 
 
+def _file_digest(path: Path) -> str:
+    """sha256 of a file's content (first 16 hex digits), or its name when it cannot be read."""
+    try:
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        return "sha256:" + digest.hexdigest()[:16]
+    except OSError:
+        return f"missing:{path.name}"
+
+
 def _source_kind(value: Any) -> str:
     return (value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)) or "folder"
 
@@ -460,6 +472,15 @@ class PipelineConfig(Strict):
                 flat[prefix[:-1]] = str(node)
 
         walk(data, "")
+        # files by their content, not their path: the same config on another machine is the same training,
+        # and an edited held-out file, corpus or template is a different one
+        files = {"evaluate.holdout": [self.evaluate.holdout], "evaluate.golden": [self.evaluate.golden],
+                 "train.tiny.corpus": list(self.train.tiny.corpus),
+                 "train.local.chat_template": [Path(self.train.local.chat_template)]
+                 if (self.train.local.chat_template or "").endswith((".jinja", ".j2")) else []}
+        for key, paths in files.items():
+            if key in flat and any(paths):
+                flat[key] = ",".join(_file_digest(p) for p in paths if p is not None)
         return flat
 
     def settings_hash(self) -> str:
@@ -498,12 +519,19 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+RENAMED = {  # keys of earlier releases, so an old config is told what to write instead
+    "train.local.checkpoint_every": "train.local.eval_every (a checkpoint is saved at each evaluation)",
+}
+
+
 def _describe(err: ValidationError, origin: str, overrides: dict[str, Any]) -> str:
     lines = []
     for e in err.errors():
         dotted = ".".join(str(p) for p in e["loc"])
         where = f"--set {dotted}" if dotted in overrides else origin
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if dotted in RENAMED:
+            msg = f"renamed: use {RENAMED[dotted]}"
         lines.append(f"{where}: {dotted}: {msg}")
     return "invalid configuration\n  " + "\n  ".join(lines)
 
