@@ -72,7 +72,8 @@ def test_retrain_registers_promotes_and_a_worse_run_leaves_the_champion(prefect_
 
     idle = retrain(small_config(uri))  # nothing new landed: ends early, trains nothing, registers nothing
     assert idle.status == "nothing_new" and idle.model_version is None
-    assert idle.message == f"nothing new since dataset version {first.dataset_version}"
+    assert idle.message == (f"nothing new since dataset version {first.dataset_version}, and it was trained on "
+                            "with these settings; `tuneloop run --retrain` trains on it again")
     assert len(client.search_model_versions(f"name='{name}'")) == 1
 
     (landing / "tickets-2.jsonl").write_text("".join(lines[800:1000]))
