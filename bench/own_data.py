@@ -67,8 +67,9 @@ def candidate_metrics(home: Path) -> dict:
 
 
 def run_setting(work: Path, config: Path, batches: list[Path], overrides: list[str], seed: int) -> list[dict]:
-    home = work / "home"
-    shutil.rmtree(home, ignore_errors=True)
+    # a home of its own per setting and seed: MLflow caches its store per URI in this process, so a deleted and
+    # recreated mlflow.db at the same path would still be read through the old (unlinked) file
+    home = work / f"home-seed-{seed}"
     landing = home / "landing"
     landing.mkdir(parents=True)
     sets = [x for o in [*overrides, f"train.local.seed={seed}", f"source.landing={landing}"] for x in ("--set", o)]
