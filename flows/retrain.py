@@ -90,7 +90,8 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
         enforce_min_examples(new.n_examples, config.quality, "examples in the dataset")
         ledger = consume(ledger, raw, new)
         commit_ledger(ledger, state.ledger)
-    settings = Settings(hash=config.settings_hash(), values=config.model_settings())
+    values = config.model_settings()
+    settings = Settings(hash=config.settings_hash(values), values=values)
     decision = plan_training_task(ledger, new, state.datasets, config.registry, tracking_uri, settings, force)
     log.info(decision.reason)
     if not decision.train:

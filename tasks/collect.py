@@ -31,6 +31,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tuneloop.core.config import FolderSource, SourceConfig, SqlSource
 from tuneloop.core.records import LandingFile, QuarantineEntry, RawBatch, RecordChunk, SqlSlice, TuneloopError
+from tuneloop.core.state import sha256_file
 from tuneloop.tasks.ledger import Ledger
 
 INCOMPLETE_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
@@ -38,14 +39,6 @@ FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv
            ".pq": "parquet"}
 SNIFF_RECORDS = 100  # a JSONL field absent from all of a file's first records is a mapping error
 csv.field_size_limit(sys.maxsize)  # a 10 MB field is a quality problem (quarantine), not a crash
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _missing_columns_error(path: Path, missing: list[str], seen: list[str]) -> TuneloopError:

@@ -23,8 +23,8 @@ from prefect.cache_policies import NO_CACHE
 
 from tuneloop.core.config import ExportConfig, OpenAITrainConfig, TrainConfig
 from tuneloop.core.records import ChatExample, DatasetVersion, ExportedDataset, TokenStats, TuneloopError
+from tuneloop.core.state import sha256_file
 from tuneloop.tasks.chatformat import example_errors
-from tuneloop.tasks.collect import sha256_file
 from tuneloop.tasks.heldout import HeldOutExample, prompt_keys
 from tuneloop.tasks.length import apply_length_policy
 from tuneloop.tasks.snapshot import read_snapshot

@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from string import Formatter
 
 import orjson
 
 from tuneloop.core.config import PipelineConfig
+from tuneloop.core.mapping import fields_of
 from tuneloop.core.records import TuneloopError
 from tuneloop.tasks.metrics import parse_label
 
-PLACEHOLDER = "lorem ipsum dolor"
-
-
-def fields_of(template: str | None) -> list[str]:
-    return [name for _, name, _, _ in Formatter().parse(template or "") if name]  # stands for a field's text when a template is rendered to test the pattern
+PLACEHOLDER = "lorem ipsum dolor"  # stands for a field's text when a template is rendered to test the pattern
 
 
 class ConfigProblem(TuneloopError):
@@ -85,7 +81,7 @@ def _heldout_records(path: Path, key: str = "evaluate.holdout", limit: int = 500
 
 def render_assistant(template: str, label_field: str, label: str) -> str:
     """What the assistant template writes for ``label`` (other fields stand-in text)."""
-    values = {name: PLACEHOLDER for _, name, _, _ in Formatter().parse(template) if name}
+    values = dict.fromkeys(fields_of(template), PLACEHOLDER)
     values[label_field] = label
     return template.format(**values)
 

@@ -140,7 +140,8 @@ def check(
         _check_chat(path, cfg, state, as_json)
     from tuneloop.core.mapping import required_fields
     from tuneloop.core.records import LandingFile, RawBatch
-    from tuneloop.tasks.collect import FORMATS, check_columns, sha256_file
+    from tuneloop.core.state import sha256_file
+    from tuneloop.tasks.collect import FORMATS, check_columns
     from tuneloop.tasks.quality import QualityGateFailed, check_batch, enforce_gate
 
     if not path.is_file():

@@ -15,6 +15,7 @@ uncoalesced events) does not queue another.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -54,8 +55,6 @@ class Watcher:
         sql, sql_key = None, None
         if raw.sql is not None and raw.sql.n_rows:
             # rows committed late under an unchanged watermark are news too: the key covers the window's rows
-            import hashlib
-
             window = hashlib.sha256("\n".join(sorted(raw.sql.window or [])).encode()).hexdigest()[:16]
             sql_key = f"sql:{raw.sql.up_to}:{window}"
             sql = raw.sql if sql_key not in self.seen else None

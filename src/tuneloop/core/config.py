@@ -119,12 +119,10 @@ class SqlSource(Strict):
 
 def _file_digest(path: Path) -> str:
     """sha256 of a file's content (first 16 hex digits), or its name when it cannot be read."""
+    from tuneloop.core.state import sha256_file
+
     try:
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        return "sha256:" + digest.hexdigest()[:16]
+        return "sha256:" + sha256_file(path)[:16]
     except OSError:
         return f"missing:{path.name}"
 
@@ -483,8 +481,9 @@ class PipelineConfig(Strict):
                 flat[key] = ",".join(_file_digest(p) for p in paths if p is not None)
         return flat
 
-    def settings_hash(self) -> str:
-        data = "\n".join(f"{k}={v}" for k, v in sorted(self.model_settings().items()))
+    def settings_hash(self, settings: dict[str, str] | None = None) -> str:
+        """The hash of ``model_settings()`` (pass them when already computed: files are read to make them)."""
+        data = "\n".join(f"{k}={v}" for k, v in sorted((settings or self.model_settings()).items()))
         return hashlib.sha256(data.encode()).hexdigest()[:16]
 
     def config_hash(self) -> str:

@@ -24,13 +24,18 @@ from tuneloop.core.records import QuarantineEntry, RecordChunk
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 
 
+def fields_of(template: str | None) -> list[str]:
+    """The ``{field}`` names one template reads, in order."""
+    return [name for _, name, _, _ in string.Formatter().parse(template or "") if name]
+
+
 def template_fields(mapping: MappingConfig) -> list[str]:
     """The record fields the mapping reads, in first-use order."""
     names: list[str] = []
     if mapping.messages is None:
         for template in (mapping.system, mapping.user, mapping.assistant):
-            for _, name, _, _ in string.Formatter().parse(template or ""):
-                if name and name not in names:
+            for name in fields_of(template):
+                if name not in names:
                     names.append(name)
     return names
 

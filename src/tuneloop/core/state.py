@@ -73,6 +73,17 @@ class StateLayout:
         return self.home / "consumed.json"
 
 
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's content, read in 1 MiB blocks (landing files, exports, config files)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Write, fsync, then rename: a reader (or a crash) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
