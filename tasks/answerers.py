@@ -22,6 +22,7 @@ from tuneloop.core.models import adapter_identity, load_causal_lm, load_tokenize
 from tuneloop.core.openai_client import chat_completions
 from tuneloop.core.records import Champion, TrainedModel, TuneloopError
 from tuneloop.tasks.heldout import HeldOutExample
+from tuneloop.tasks.runlog import stage_logger
 
 
 def chat_answers(openai: OpenAITrainConfig, model: str, examples: list[HeldOutExample], max_new_tokens: int,
@@ -34,10 +35,19 @@ def chat_answers(openai: OpenAITrainConfig, model: str, examples: list[HeldOutEx
 
 class GenerationCache:
     """Answers kept per (model identity, prompt, decoding settings) in the state folder: a champion that
-    was scored on these examples before is not run again, locally or through a paid API."""
+    was scored on these examples before is not run again, locally or through a paid API.
 
-    def __init__(self, folder: Path | None, max_new_tokens: int):
+    One JSON line per answer, appended. A kill can cut the last line mid-way and a disk can garble one: such
+    a line is dropped (its answer is generated again) and the file set right at the next append, never a
+    traceback. Appends hold a lock on the folder and go out in one ``write``, so two runs appending at once
+    cannot interleave their lines.
+    """
+
+    LOCK = ".append.lock"
+
+    def __init__(self, folder: Path | None, max_new_tokens: int, warn: Callable[[str], None] | None = None):
         self.folder, self.max_new_tokens = folder, max_new_tokens
+        self.warn = warn or stage_logger().warning
         self.hits = self.misses = 0
 
     def key(self, e: HeldOutExample) -> str:
@@ -48,22 +58,81 @@ class GenerationCache:
         if self.folder is None:
             return produce(examples)
         path = self.folder / f"{hashlib.sha256(identity.encode()).hexdigest()[:24]}.jsonl"
-        known: dict[str, str] = {}
-        if path.is_file():
-            for line in path.read_bytes().splitlines():
-                row = orjson.loads(line)
-                known[row["k"]] = row["a"]
+        known, damaged = _read_cache(path, self.warn)
         missing = [e for e in examples if self.key(e) not in known]
         self.hits += len(examples) - len(missing)
         self.misses += len(missing)
-        if missing:
-            new = produce(missing)
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with path.open("ab") as fh:
-                for e, a in zip(missing, new, strict=True):
-                    known[self.key(e)] = a
-                    fh.write(orjson.dumps({"k": self.key(e), "a": a, "model": identity}) + b"\n")
+        if missing or damaged:
+            new = produce(missing) if missing else []
+            rows = []
+            for e, a in zip(missing, new, strict=True):
+                known[self.key(e)] = a
+                rows.append(orjson.dumps({"k": self.key(e), "a": a, "model": identity}) + b"\n")
+            _append_cache(path, b"".join(rows), self.folder / self.LOCK)
         return [known[self.key(e)] for e in examples]
+
+
+def _cache_lines(data: bytes) -> tuple[dict[str, str], list[int], bool]:
+    """The answers in a cache file's bytes, the (1-based) numbers of lines that are not entries, and whether
+    the last line was cut short (no newline: a kill while it was appended)."""
+    lines = data.split(b"\n")
+    torn = bool(lines[-1])
+    known: dict[str, str] = {}
+    garbled: list[int] = []
+    for number, line in enumerate(lines[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            row = orjson.loads(line)
+            known[row["k"]] = row["a"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            garbled.append(number)
+    return known, garbled, torn
+
+
+def _read_cache(path: Path, warn: Callable[[str], None]) -> tuple[dict[str, str], bool]:
+    """The answers cached in ``path``, and whether the file needs setting right (a line was dropped)."""
+    if not path.is_file():
+        return {}, False
+    known, garbled, torn = _cache_lines(path.read_bytes())
+    if torn:
+        warn(f"generation cache {path}: dropped an incomplete last line (a run was stopped while writing it); "
+             "that answer is generated again")
+    if garbled:
+        shown = ", ".join(str(n) for n in garbled[:5]) + (" ..." if len(garbled) > 5 else "")
+        warn(f"generation cache {path}: skipped {len(garbled)} unreadable line(s) (line {shown}); "
+             "those answers are generated again")
+    return known, bool(torn or garbled)
+
+
+def _append_cache(path: Path, rows: bytes, lock_path: Path) -> None:
+    """Append whole lines under the folder's lock; a file holding a torn or garbled line is first rewritten
+    without it (temp + rename), so the damage is reported once, not on every later run."""
+    import os
+
+    from filelock import FileLock
+
+    from tuneloop.core.state import write_atomically
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(lock_path):
+        data = path.read_bytes() if path.is_file() else b""
+        _, garbled, torn = _cache_lines(data)
+        if torn or garbled:  # read again under the lock: another run may have set it right meanwhile
+            bad = set(garbled)
+            lines = data.split(b"\n")[:-1]
+            kept = b"".join(line + b"\n" for n, line in enumerate(lines, 1) if n not in bad and line.strip())
+            write_atomically(path, kept + rows)
+            return
+        if not rows:
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(rows)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
 
 
 def local_answers(trained: TrainedModel, champion: Champion | None, heldout: list[HeldOutExample],

@@ -37,7 +37,7 @@ def evaluate_models(
     pattern = re.compile(evaluate.label_pattern, re.MULTILINE)
     budget = answer_budget(heldout, evaluate, pattern, token_counters(trained, champion), warn)
     evaluate = evaluate.model_copy(update={"max_new_tokens": budget})
-    cache = GenerationCache(cache_dir, evaluate.max_new_tokens)
+    cache = GenerationCache(cache_dir, evaluate.max_new_tokens, warn)
     texts = heldout_answers(trained, champion, heldout, evaluate, openai, cache, warn)
     if classification:
         labels = {name: [parse_label(t, pattern) for t in outs] for name, outs in texts.items()}

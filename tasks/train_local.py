@@ -3,7 +3,9 @@
 Loss is on assistant tokens only (the chat template marks them with generation blocks), so the model
 learns to answer, not to echo tickets. On a machine without CUDA it trains in fp32 on the CPU; bf16 where
 the GPU supports it. Checkpoints go to a folder keyed by (dataset version, training config), so a rerun
-after a crash resumes from the last one instead of step 0, and a rerun of finished training is instant.
+after a crash resumes from the last whole one instead of step 0 (one a kill cut short is removed), and a rerun
+of finished training is instant: it reuses the ``finished`` copy, or takes a checkpoint at the end of the
+training as the result without stepping again.
 """
 
 from __future__ import annotations
@@ -239,12 +241,96 @@ def train_lora(exported: ExportedDataset, train: TrainConfig, models_dir: Path, 
     checkpoint_dir = (checkpoints_dir or out_dir / "checkpoints") / checkpoint_key(exported, train, init_adapter)
     if (finished := _finished(checkpoint_dir, out_dir)) is not None:
         return finished
+    resume = last_complete_checkpoint(checkpoint_dir)  # checked here, once, before any rank looks
     if local.devices > 1:
-        trained = _launch_distributed(exported, train, models_dir, out_dir, checkpoint_dir, init_adapter)
+        trained = _launch_distributed(exported, train, models_dir, out_dir, checkpoint_dir, init_adapter, resume)
     else:
-        trained = _train_here(exported, train, models_dir, out_dir, checkpoint_dir, init_adapter)
+        trained = _train_here(exported, train, models_dir, out_dir, checkpoint_dir, init_adapter, resume)
     _mark_finished(trained, checkpoint_dir)
     return trained
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1])
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (None: it is whole).
+
+    The trainer writes ``trainer_state.json`` last, after the weights, optimizer, scheduler and RNG states: a
+    kill while saving leaves it missing or cut short. The adapter weights are checked too (a safetensors
+    header whose tensors run past the end of the file), which a lost write after a power cut would leave.
+    """
+    try:
+        state = orjson.loads((checkpoint / "trainer_state.json").read_bytes())
+    except FileNotFoundError:
+        return "it has no trainer_state.json"
+    except (OSError, orjson.JSONDecodeError) as exc:
+        return f"its trainer_state.json is unreadable: {exc}"
+    if not isinstance(state, dict) or state.get("global_step") != _step(checkpoint):
+        return f"its trainer_state.json is not the state of step {_step(checkpoint)}"
+    weights = checkpoint / "adapter_model.safetensors"
+    if weights.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), "pt"):
+                pass
+        except Exception as exc:  # safetensors raises its own error type for a cut file
+            return f"its adapter weights are unreadable: {exc}"
+    return None
+
+
+def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest checkpoint that is whole. One that a kill left incomplete is removed (it would fail every
+    later run, and the trainer saves that step again); the one before it is resumed instead."""
+    import re
+    import shutil
+
+    if not checkpoint_dir.is_dir():
+        return None
+    found = [p for p in checkpoint_dir.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    for checkpoint in sorted(found, key=_step, reverse=True):
+        why = checkpoint_problem(checkpoint)
+        if why is None:
+            return checkpoint
+        stage_logger().warning(f"train: {checkpoint.name} is incomplete ({why}; a run was stopped while saving "
+                               "it): removed it, its steps are trained again from the whole checkpoint before it")
+        shutil.rmtree(checkpoint)
+    return None
+
+
+def training_ended(checkpoint: Path) -> bool:
+    """Whether this checkpoint is where the training ended: its last step, or the step early stopping stopped
+    at. Resuming from it would step once more (the trainer checks for the end only after a step)."""
+    state = orjson.loads((checkpoint / "trainer_state.json").read_bytes())
+    control = (state.get("stateful_callbacks") or {}).get("TrainerControl") or {}
+    if isinstance(control, list):
+        control = control[-1] if control else {}
+    stop = bool((control.get("args") or {}).get("should_training_stop"))
+    return stop or state.get("global_step", 0) >= state.get("max_steps", float("inf"))
+
+
+def _take_ended_checkpoint(trainer, checkpoint: Path) -> bool:
+    """Make ``trainer`` what it was when that training ended, without a step: its state from the checkpoint and
+    the weights it kept (the best checkpoint's, under best-by-validation selection). False where the checkpoint
+    holds no adapter weights to load (sharded FSDP): then the run resumes as before."""
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    kept = checkpoint
+    if trainer.args.load_best_model_at_end and state.best_model_checkpoint:
+        best = checkpoint.parent / Path(state.best_model_checkpoint).name  # by name: the folder may have moved
+        if best.is_dir() and checkpoint_problem(best) is None:
+            kept = best
+        else:
+            stage_logger().warning(f"train: the best checkpoint ({best.name}) is gone; keeping {checkpoint.name}")
+    if not (kept / "adapter_model.safetensors").is_file():
+        return False
+    trainer.state = state
+    model = trainer.model
+    model.load_adapter(str(kept), model.active_adapter)  # what the trainer does to load the best model at the end
+    return True
 
 
 FINISHED = "finished"  # in a checkpoint folder: the adapter training ended with, and its TrainedModel record
@@ -252,7 +338,8 @@ FINISHED = "finished"  # in a checkpoint folder: the adapter training ended with
 
 def _mark_finished(trained: TrainedModel, checkpoint_dir: Path) -> None:
     """Keep the final (best) adapter beside the checkpoints, so a rerun of the same training is a copy, not a
-    resume: after early stopping the last checkpoint is short of max_steps, and resuming would train on."""
+    resume. Written to a temporary folder and renamed into place: a kill leaves no ``finished`` or the whole of
+    it (a leftover temporary folder is cleared here and ignored by ``_finished``)."""
     import shutil
 
     final = checkpoint_dir / FINISHED
@@ -357,27 +444,34 @@ def _progress_callback(log, started: float, start_step: int):
 
 
 def _train_here(exported: ExportedDataset, train: TrainConfig, models_dir: Path, out_dir: Path,
-                checkpoint_dir: Path, init_adapter: Path | None = None) -> TrainedModel | None:
-    """Train in this process (one device, or one rank under torchrun); only rank 0 saves and reports."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+                checkpoint_dir: Path, init_adapter: Path | None = None,
+                resume: Path | None = None) -> TrainedModel | None:
+    """Train in this process (one device, or one rank under torchrun), on from ``resume`` (a whole checkpoint,
+    see ``last_complete_checkpoint``); only rank 0 saves and reports."""
     local = train.local
     log = stage_logger()
     adapter_dir = out_dir / "adapter"
     started = time.perf_counter()
-    resume = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
-    start_step = int(Path(resume).name.rsplit("-", 1)[1]) if resume else 0
+    start_step = _step(resume) if resume else 0
     trainer, tokenizer, base_source = build_trainer(exported, train, models_dir, checkpoint_dir,
                                                     [_progress_callback(log, started, start_step)], init_adapter)
-    if resume and trainer.is_world_process_zero():
-        log.info(f"train: resuming from {resume} (step {start_step})")
-    result = trainer.train(resume_from_checkpoint=resume)
+    train_loss = None
+    if resume and training_ended(resume) and _take_ended_checkpoint(trainer, resume):
+        if trainer.is_world_process_zero():
+            log.info(f"train: {resume.name} is where this training ended (step {start_step}), but it was not marked "
+                     "finished: taking it as the result, with no step more")
+    else:
+        if resume and trainer.is_world_process_zero():
+            log.info(f"train: resuming from {resume} (step {start_step})")
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        train_loss = float(result.training_loss)
+    trained_steps = trainer.state.global_step - start_step
     selection = _selection(trainer)
     if selection and trainer.is_world_process_zero():
         log.info(selection.pop("message"))
     if local.devices > 1:
         _record_rank(trainer, out_dir / "training")
-    fsdp = bool(getattr(trainer, "is_fsdp_enabled", False))
+    fsdp = bool(getattr(trainer, "is_fsdp_enabled", False)) and trained_steps > 0  # else: not sharded
     if fsdp:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         trainer.save_model(str(adapter_dir))  # gathers the shards of the adapter onto rank 0
@@ -392,7 +486,6 @@ def _train_here(exported: ExportedDataset, train: TrainConfig, models_dir: Path,
     training_dir.mkdir(exist_ok=True)
     loss_curve_png(history, training_dir / "loss_curve.png")
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
-    trained_steps = result.global_step - start_step
     evals = [(int(e["step"]), float(e["eval_loss"])) for e in trainer.state.log_history if "eval_loss" in e]
     step_metrics = {"eval_loss": evals} if evals else {}
     if selection:
@@ -403,12 +496,12 @@ def _train_here(exported: ExportedDataset, train: TrainConfig, models_dir: Path,
         adapter_path=adapter_dir,
         artifacts_dir=training_dir,
         dataset_version=exported.dataset_version,
-        steps=result.global_step,
+        steps=trainer.state.global_step,
         epochs=round(float(trainer.state.epoch or 0), 3),
         step_metrics=step_metrics,
         best_step=selection.get("best_step"),
         stopped_early=selection.get("stopped_early", False),
-        train_loss=float(result.training_loss) if trained_steps > 0 else (history[-1][1] if history else None),
+        train_loss=train_loss if trained_steps > 0 else (history[-1][1] if history else None),
         loss_history=history,
         train_seconds=round(seconds, 2),
         resumed_from_step=start_step,
@@ -456,7 +549,8 @@ def _record_rank(trainer, training_dir: Path) -> None:
 
 
 def _launch_distributed(exported: ExportedDataset, train: TrainConfig, models_dir: Path, out_dir: Path,
-                        checkpoint_dir: Path, init_adapter: Path | None = None) -> TrainedModel:
+                        checkpoint_dir: Path, init_adapter: Path | None = None,
+                        resume: Path | None = None) -> TrainedModel:
     """The same training under torchrun, one process per device; rank 0 writes the result this process reads."""
     import collections
     import subprocess
@@ -480,6 +574,7 @@ def _launch_distributed(exported: ExportedDataset, train: TrainConfig, models_di
         "train": train.model_copy(update={"base_model": str(base)}).model_dump(mode="json"),
         "models_dir": str(models_dir), "out_dir": str(out_dir), "checkpoint_dir": str(checkpoint_dir),
         "result": str(result_path), "init_adapter": str(init_adapter) if init_adapter else None,
+        "resume": str(resume) if resume else None,
     }))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={train.local.devices}",
            "-m", "tuneloop.tasks.train_local", str(spec)]
@@ -511,7 +606,8 @@ def _worker_main(spec_path: str) -> None:
     try:
         trained = _train_here(ExportedDataset.model_validate(spec["exported"]), train, Path(spec["models_dir"]),
                               Path(spec["out_dir"]), Path(spec["checkpoint_dir"]),
-                              Path(spec["init_adapter"]) if spec.get("init_adapter") else None)
+                              Path(spec["init_adapter"]) if spec.get("init_adapter") else None,
+                              Path(spec["resume"]) if spec.get("resume") else None)
     except Exception as exc:
         import os
         import traceback
