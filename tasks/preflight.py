@@ -2,7 +2,8 @@
 
 Pydantic checks each key's type; this checks what only makes sense together: a regex that must compile,
 templates whose fields the data must have, a label pattern that must read back every label the assistant
-template writes, a suite whose label set must cover the held-out labels. A problem found here costs a
+template writes, a suite whose label set must cover the held-out labels, a SQL source whose database driver
+must be installed. A problem found here costs a
 second; found after training, it costs the training. Every problem is one line; all are reported at once.
 """
 
@@ -108,6 +109,8 @@ def label_pattern_problems(cfg: PipelineConfig, labels: list[str]) -> list[str]:
 def preflight(cfg: PipelineConfig) -> list[str]:
     """Every problem of the configuration that can be found before collecting, one line each."""
     problems = _regex_problems(cfg)
+    if cfg.source.kind == "sql" and (problem := cfg.source.driver_problem()):  # before a connection is tried
+        problems.append(problem)
     m, ev = cfg.mapping, cfg.evaluate
     if ev.task == "classification" and not m.label and not m.messages:
         problems.append("evaluate.task is classification but mapping.label is unset: name the field holding the "

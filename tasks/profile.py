@@ -136,6 +136,8 @@ def read_sql_sample(url: str, table: str, limit: int) -> Sample:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchTableError, SQLAlchemyError
 
+    from tuneloop.core.config import driver_hint
+
     expanded = os.path.expandvars(url)
     try:
         shown = make_url(expanded).render_as_string(hide_password=True)
@@ -143,7 +145,7 @@ def read_sql_sample(url: str, table: str, limit: int) -> Sample:
     except (ArgumentError, ValueError) as exc:
         raise TuneloopError(f"--sql-url: not a SQLAlchemy URL ({exc})") from None
     except ImportError as exc:
-        raise TuneloopError(f"--sql-url {shown}: its database driver is not installed ({exc})") from None
+        raise TuneloopError(f"--sql-url {shown}: its database driver is not installed ({exc}): {driver_hint(exc.name)}") from None
     where = f"{shown} table {table}"
     try:
         with engine.connect() as conn:

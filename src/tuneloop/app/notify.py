@@ -4,13 +4,21 @@ model is promoted, through a Prefect notification block and two automations on t
 Automations live on the Prefect server, not in prefect.yaml (which can only declare triggers that start
 deployments), so ``tuneloop notify --webhook URL`` creates them; deployments/automations.yaml is the
 same thing for ``prefect automation create``.
+
+The webhook URL is the secret (Slack, Teams and most others put the token in it): the block keeps it in its
+``secrets`` (a SecretDict, encrypted by the server and shown as ******** in the UI and in the
+``prefect.block-document.*`` events) and its ``url`` is only the template ``{{webhook_url}}``, filled in when
+the server posts. Nothing in Prefect's database holds the URL in plain text.
 """
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from tuneloop.tasks.register import PROMOTED_EVENT
 
 BLOCK_NAME = "tuneloop-notify"
+URL_SECRET = "webhook_url"  # the key of the webhook URL in the block's secrets
 
 
 def automations(model_name: str, block_document_id) -> list:
@@ -46,8 +54,13 @@ def setup_notifications(model_name: str, webhook_url: str) -> list[str]:
     from prefect.automations import Automation
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
+    from tuneloop.core.scrub import install_log_scrubber, register
+
+    install_log_scrubber()
+    register(webhook_url)  # out of this process's log lines too
     block = CustomWebhookNotificationBlock(
-        name="tuneloop", url=webhook_url, method="POST",
+        name=f"tuneloop -> {urlsplit(webhook_url).hostname or 'webhook'}",  # where it posts, without the token
+        url="{{" + URL_SECRET + "}}", secrets={URL_SECRET: webhook_url}, method="POST",
         json_data={"text": "{{subject}}\n{{body}}", "subject": "{{subject}}", "body": "{{body}}"},
         allow_private_urls=True)  # company webhooks often live on private addresses
     block_id = block.save(BLOCK_NAME, overwrite=True)

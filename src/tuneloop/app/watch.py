@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tuneloop.core.config import PipelineConfig
 from tuneloop.core.mapping import required_fields
+from tuneloop.core.scrub import scrub
 from tuneloop.core.state import StateLayout
 from tuneloop.tasks.collect import make_source
 from tuneloop.tasks.ledger import load_ledger
@@ -116,8 +117,12 @@ class Watcher:
 
 def watch(config: PipelineConfig, home: Path, deployment: str = "retrain/retrain", once: bool = False,
           stop=lambda: False) -> None:
-    """Poll every schedule.poll_seconds until stopped; errors of one poll are logged, never fatal."""
+    """Poll every schedule.poll_seconds until stopped; errors of one poll are logged, never fatal. A SQL source
+    whose database driver is not installed is logged once, and nothing is watched."""
     watcher = Watcher(config, home, deployment)
+    if config.source.kind == "sql" and (problem := config.source.driver_problem()):
+        log.error(f"watch: {problem}")  # it would fail every poll: said once, and nothing to watch
+        return
     # Files already waiting when the watcher starts are announced too: nothing landed is ever ignored.
     while not stop():
         try:
@@ -125,7 +130,7 @@ def watch(config: PipelineConfig, home: Path, deployment: str = "retrain/retrain
             if landed:
                 watcher.announce(landed)
         except Exception as exc:  # a flaky share or a restarting Prefect server must not stop the watcher
-            log.warning(f"watch: {type(exc).__name__}: {exc}")
+            log.warning(scrub(f"watch: {type(exc).__name__}: {exc}"))  # a driver's error may carry the URL
         if once:
             return
         time.sleep(config.schedule.poll_seconds)

@@ -8,6 +8,8 @@ so a config works from any working directory. ``--set a.b=value`` overrides appl
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PlainSerializer,
     Tag,
     ValidationError,
     ValidationInfo,
@@ -26,6 +29,7 @@ from pydantic import (
 )
 
 from tuneloop.core.records import TuneloopError
+from tuneloop.core.scrub import install_log_scrubber, redact_url, register, scrub, url_secrets
 
 
 def packaged(package: str, name: str) -> Path:
@@ -48,9 +52,37 @@ def _resolve(path: Path, info: ValidationInfo) -> Path:
 
 ConfigPath = Annotated[Path, AfterValidator(_resolve)]
 
+# A URL that may carry a password or token. The object keeps it whole (it connects); dumped to JSON -- what
+# Prefect stores as a flow run's parameters, what config_hash and MLflow see -- the secret is *** (a ${VAR}
+# reference is kept: it names the secret without holding it).
+SecretUrl = Annotated[str, PlainSerializer(redact_url, return_type=str, when_used="json")]
+
+
+def _environment_variable(value: str) -> str:
+    """The name of an environment variable; a key pasted in its place is refused without being shown."""
+    keyish = len(value) >= 20 and "_" not in value and re.search(r"\d", value) and re.search(r"[A-Za-z]", value)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value) or keyish or scrub(value) != value:
+        raise ValueError("must name the environment variable that holds the API key (letters, digits and _, e.g. "
+                         "OPENAI_API_KEY), not the key itself. The value given is not shown, in case it is a key: "
+                         "put the key in an environment variable, name that variable here, and rotate the key if "
+                         "this config was shared")
+    return value
+
+
+def _not_a_key(value: str | None) -> str | None:
+    if value is not None and scrub(value) != value:
+        raise ValueError("looks like an API key (not shown): name the Prefect Secret block that holds the key")
+    return value
+
+
+EnvVarName = Annotated[str, AfterValidator(_environment_variable)]
+
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    # hide_input_in_errors: a ValidationError printed anywhere (Prefect validating a flow's parameters, a
+    # traceback) names the key and the problem, never the value -- which may be a password or a pasted key.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              hide_input_in_errors=True)
 
 
 class FolderSource(Strict):
@@ -71,8 +103,6 @@ class FolderSource(Strict):
 
 def _lookback_amount(value: float | str) -> float:
     """A look-back as one number ('1h' -> 3600.0), so that it applies to time and numeric watermarks alike."""
-    import re
-
     units = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
     if isinstance(value, str):
         text = value.strip().lower().replace(" ", "")
@@ -97,7 +127,9 @@ class SqlSource(Strict):
     """
 
     kind: Literal["sql"] = "sql"
-    url: str = Field(description="SQLAlchemy URL, e.g. sqlite:///data.db or postgresql+psycopg://host/db")
+    url: SecretUrl = Field(description="SQLAlchemy URL, e.g. sqlite:///data.db or postgresql+psycopg://user:${DB_PASSWORD}"
+                           "@host/db (${VAR} is read from the environment when connecting; postgresql+psycopg needs "
+                           "pip install 'tuneloop[postgres]')")
     table: str | None = None
     query: str | None = Field(None, description="a SELECT; wrapped as a subquery and filtered by watermark")
     watermark: str = "updated_at"
@@ -115,6 +147,36 @@ class SqlSource(Strict):
         if (self.table is None) == (self.query is None):
             raise ValueError("set exactly one of source.table and source.query")
         return self
+
+    def driver_problem(self) -> str | None:
+        """Why this URL cannot connect from this Python (unknown dialect, driver not installed), before trying."""
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        shown = redact_url(self.url)
+        try:
+            make_url(os.path.expandvars(self.url)).get_dialect().import_dbapi()
+        except ArgumentError as exc:  # NoSuchModuleError too: a dialect SQLAlchemy does not know
+            return f"source.url {shown}: not a usable SQLAlchemy URL ({scrub(str(exc).splitlines()[0])})"
+        except ImportError as exc:
+            return (f"source.url {shown}: its database driver {exc.name or ''} is not installed"
+                    f"{'' if exc.name else ' (' + scrub(str(exc).splitlines()[0]) + ')'}: {driver_hint(exc.name)}")
+        return None
+
+    def require_driver(self) -> None:
+        """Raise the driver problem as one line (a TuneloopError), not an ImportError's traceback."""
+        problem = self.driver_problem()
+        if problem:
+            raise TuneloopError(problem)
+
+
+def driver_hint(module: str | None) -> str:
+    """What to install for a missing database driver."""
+    if module == "psycopg":
+        return "pip install 'tuneloop[postgres]'"
+    if module == "psycopg2":
+        return "write the URL as postgresql+psycopg://... and pip install 'tuneloop[postgres]' (or pip install psycopg2-binary)"
+    return f"install the package that provides the {module!r} module" if module else "install the dialect's driver"
 
 
 def _file_digest(path: Path) -> str:
@@ -179,6 +241,9 @@ class ExportConfig(Strict):
         "user message(s), keeping the system message, the start and end of the prompt and the whole answer; "
         "quarantine sets it aside (too_long.jsonl in the export, reason too_many_tokens). An example whose system "
         "message and answer alone are over the limit is always set aside")
+    max_heldout_overlap: float = Field(
+        0.2, ge=0, le=1, description="the held-out set may remove at most this share of the dataset (examples asking "
+        "a held-out question); more means it is (a copy of) the training data, an error before training")
 
 
 class LoraSettings(Strict):
@@ -279,10 +344,12 @@ class OpenAITrainConfig(Strict):
     """The fine-tuning API: OpenAI, Azure OpenAI, or any endpoint that speaks it."""
 
     provider: Literal["openai", "azure", "compatible"] = "openai"
-    base_url: str | None = Field(None, description="compatible endpoints; unset: $OPENAI_BASE_URL or OpenAI's")
-    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the key (never put the key here)")
-    api_key_secret_block: str | None = Field(None, description="a Prefect Secret block holding the key, used when set")
-    azure_endpoint: str | None = Field(None, description="https://<resource>.openai.azure.com")
+    base_url: SecretUrl | None = Field(None, description="compatible endpoints; unset: $OPENAI_BASE_URL or OpenAI's")
+    api_key_env: EnvVarName = Field(
+        "OPENAI_API_KEY", description="environment variable holding the key (never put the key here: it is refused)")
+    api_key_secret_block: Annotated[str | None, AfterValidator(_not_a_key)] = Field(
+        None, description="a Prefect Secret block holding the key, used when set")
+    azure_endpoint: SecretUrl | None = Field(None, description="https://<resource>.openai.azure.com")
     azure_api_version: str = "2025-04-01-preview"
     model: str = "gpt-4o-mini-2024-07-18"
     suffix: str | None = Field(None, max_length=64)
@@ -336,8 +403,8 @@ class JudgeConfig(Strict):
     model: str
     rubric: str = ("You grade a support answer against a reference answer. Score it from 1 (wrong or unhelpful) "
                    "to 5 (correct, complete, right tone). Reply with the number only.")
-    base_url: str | None = Field(None, description="unset: OpenAI (or $OPENAI_BASE_URL)")
-    api_key_env: str = "OPENAI_API_KEY"
+    base_url: SecretUrl | None = Field(None, description="unset: OpenAI (or $OPENAI_BASE_URL)")
+    api_key_env: EnvVarName = "OPENAI_API_KEY"
     concurrency: int = Field(4, ge=1)
 
 
@@ -399,7 +466,7 @@ class EvaluateConfig(Strict):
 class RegisterConfig(Strict):
     model_name: str = "tuneloop-model"
     experiment: str = "tuneloop"
-    tracking_uri: str | None = Field(None, description="unset: sqlite under $TUNELOOP_HOME")
+    tracking_uri: SecretUrl | None = Field(None, description="unset: sqlite under $TUNELOOP_HOME")
     min_improvement: float = Field(0.0, ge=0)
 
 
@@ -448,6 +515,7 @@ class PipelineConfig(Strict):
                   "openai": {"api_key_env": True, "api_key_secret_block": True, "poll_seconds": True,
                              "max_paused_seconds": True, "request_retries": True, "eval_concurrency": True,
                              "tiktoken_cache_dir": True, "tiktoken_file": True, "models": True}},
+        "export": {"max_heldout_overlap": True},  # a guard: it stops a run, it does not shape the model
         "evaluate": {"cache_generations": True, "batch_size": True, "n_worst": True,
                      "judge": {"api_key_env": True, "concurrency": True}},
     }
@@ -480,6 +548,13 @@ class PipelineConfig(Strict):
             if key in flat and any(paths):
                 flat[key] = ",".join(_file_digest(p) for p in paths if p is not None)
         return flat
+
+    def url_secrets(self) -> list[str]:
+        """The passwords and tokens the config's URLs carry, as written and as read from the environment."""
+        judge = self.evaluate.judge
+        urls = [getattr(self.source, "url", None), self.registry.tracking_uri, self.train.openai.base_url,
+                self.train.openai.azure_endpoint, judge.base_url if judge else None]
+        return [s for u in urls if u for s in {*url_secrets(u), *url_secrets(os.path.expandvars(u))}]
 
     def settings_hash(self, settings: dict[str, str] | None = None) -> str:
         """The hash of ``model_settings()`` (pass them when already computed: files are read to make them)."""
@@ -551,7 +626,10 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
     applied = dict(parse_override(o) for o in overrides or [])
     for key, value in applied.items():
         _set_dotted(data, key, value)
+    install_log_scrubber()  # every process that reads a config: the CLI, a deployment's flow run, the watcher
     try:
-        return PipelineConfig.model_validate(data, context={"base_dir": path.resolve().parent})
+        config = PipelineConfig.model_validate(data, context={"base_dir": path.resolve().parent})
     except ValidationError as exc:
         raise TuneloopError(_describe(exc, str(path), applied)) from None
+    register(*config.url_secrets())
+    return config

@@ -10,21 +10,23 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import time
 from collections.abc import Callable
 from typing import Any
 
 from tuneloop.core.config import OpenAITrainConfig
 from tuneloop.core.records import TuneloopError
+from tuneloop.core.scrub import register, scrub
 
 
 def env_api_key(cfg: OpenAITrainConfig) -> str:
     """The key from the environment variable ``cfg.api_key_env``."""
     key = os.environ.get(cfg.api_key_env)
-    if not key:
-        raise TuneloopError(f"train.openai: no API key: set the environment variable {cfg.api_key_env} "
-                            "(train.openai.api_key_env) or name a Prefect Secret block in train.openai.api_key_secret_block")
+    if not key:  # scrubbed: a key pasted as the variable's name (the config refuses one; a copy built without it)
+        raise TuneloopError(scrub(f"train.openai: no API key: set the environment variable {cfg.api_key_env} "
+                                  "(train.openai.api_key_env) or name a Prefect Secret block in "
+                                  "train.openai.api_key_secret_block"))
+    register(key)  # out of every later log line of this process, too
     return key
 
 
@@ -46,15 +48,14 @@ def make_client(cfg: OpenAITrainConfig, key: str | None = None):
 
 
 class Secrets:
-    """Removes the key (and anything that looks like one) from text bound for logs, errors or MLflow."""
+    """Removes the key (and anything that looks like one: see core.scrub) from text bound for logs, errors or
+    MLflow."""
 
     def __init__(self, *keys: str):
         self.keys = [k for k in keys if k]
 
     def scrub(self, text: str) -> str:
-        for k in self.keys:
-            text = text.replace(k, "***")
-        return re.sub(r"sk-[A-Za-z0-9_\-*]{8,}", "sk-***", text)
+        return scrub(text, *self.keys)
 
 
 def _retry_after(exc) -> float | None:
