@@ -8,11 +8,18 @@ Two sources, each a small class whose one method, ``collect(ledger)``, says what
 
 Reading is separate (``read_chunks``) so the quality stage can stream a million records in bounded
 memory. A line that cannot be parsed is not dropped: it becomes a quarantine entry with its reason.
+
+The landing folder is a boundary: a symlink leading out of it, or a symlink loop, is refused before
+anything of its target is opened (a quarantine entry naming the link, never the target's content). Bad
+input never stops a run: a file that vanishes or cannot be opened, a record nested too deep for the gate
+to write, each is a quarantine entry with its reason, and the rest of the batch goes on.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import errno
 import hashlib
 import io
 import math
@@ -38,7 +45,52 @@ INCOMPLETE_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet",
            ".pq": "parquet"}
 SNIFF_RECORDS = 100  # a JSONL field absent from all of a file's first records is a mapping error
+NESTING_LIMIT = 254  # orjson writes records again downstream and refuses deeper ones: quarantined at reading
 csv.field_size_limit(sys.maxsize)  # a 10 MB field is a quality problem (quarantine), not a crash
+
+
+def _unreadable_reason(exc: OSError) -> str:
+    """Why a listed file could not be read; never its content (nor the path: the entry's source names it)."""
+    if isinstance(exc, FileNotFoundError):
+        return "unreadable: the file vanished between listing and reading"
+    if isinstance(exc, PermissionError):
+        return "unreadable: permission denied"
+    return f"unreadable: {type(exc).__name__} ({exc.strerror or 'I/O error'})"
+
+
+def _unreadable(path: str, exc: OSError, after: int = 0) -> QuarantineEntry:
+    """A whole file that could not be read: no content hash, so the ledger does not take it as consumed and
+    it is collected once readable."""
+    reason = _unreadable_reason(exc) + (f" after {after} record(s); the rest was not read" if after else "")
+    return QuarantineEntry(source=path, line=0, reasons=[reason], record={})
+
+
+def boundary_refusal(path: Path, landing: Path) -> tuple[str, str] | None:
+    """(reason, key) when ``path`` (found in ``landing``) leads out of the landing folder, through a symlink
+    to it or to a folder on its way, or is a symlink loop; None when it stays inside.
+
+    Only links are followed (lstat and readlink): nothing of a target is opened. The key hashes the link's
+    name and where it points, so that the ledger can take the refusal as consumed and a link pointed
+    elsewhere is refused again.
+    """
+    try:
+        real = os.path.realpath(path, strict=True)
+        code, why = None, ""
+    except FileNotFoundError:  # dangling: refused only when it would lead outside
+        real = os.path.realpath(path)
+        code, why = None, ""
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        real = os.path.realpath(path)
+        code, why = "symlink_loop", "the link never resolves to a file"
+    if code is None and not Path(real).is_relative_to(os.path.realpath(landing)):
+        code, why = "symlink_outside_landing", "the link resolves outside the landing folder"
+    if code is None:
+        return None
+    name = path.relative_to(landing)
+    key = hashlib.sha256(f"{code}\0{name}\0{real}".encode("utf-8", "surrogateescape")).hexdigest()
+    return f"refused: {code} ({why}; not read)", key
 
 
 def _missing_columns_error(path: Path, missing: list[str], seen: list[str]) -> TuneloopError:
@@ -69,9 +121,10 @@ def check_columns(path: Path, fmt: str, required: list[str]) -> None:
         seen: dict[str, None] = {}
         parsed = 0
         with path.open("rb") as fh:
-            for raw in fh:
+            for lineno, raw in enumerate(fh, start=1):
                 try:
-                    row = orjson.loads(raw)
+                    row = orjson.loads(raw[len(codecs.BOM_UTF8):] if lineno == 1 and raw.startswith(codecs.BOM_UTF8)
+                                       else raw)
                 except orjson.JSONDecodeError:
                     continue
                 if isinstance(row, dict):
@@ -106,40 +159,64 @@ class LandingFolder:
         if not self.landing.is_dir():
             raise TuneloopError(f"landing folder does not exist: {self.landing}")
         now = time.time()
-        candidates = sorted(
+        candidates = sorted(  # symlinks too, even dangling or looping ones: each is checked, never skipped unsaid
             {p for pattern in self.config.patterns for p in self.landing.glob(pattern)
-             if p.is_file() and not p.name.startswith(".")},
+             if (p.is_symlink() or p.is_file()) and not p.name.startswith(".")},
             key=lambda p: p.name,
         )
         batch = RawBatch()
         for path in candidates:
-            if (why := self._complete(path, now)) is not None:
-                batch.skipped.append(why)
-                continue
-            fmt = FORMATS.get(path.suffix.lower())
-            if fmt is None:
-                batch.skipped.append(f"{path.name}: unknown format (known: {', '.join(sorted(FORMATS))})")
-                continue
-            digest = sha256_file(path)
-            if digest in ledger.files:
-                batch.already_consumed += 1
-                continue
             try:
-                check_columns(path, fmt, self.required)
-            except TuneloopError:
-                raise
-            except Exception as exc:  # a corrupt Parquet footer, for one: the whole file is quarantined
-                batch.rejected.append(QuarantineEntry(
-                    source=str(path), line=0, reasons=[f"parse: unreadable {fmt} file ({type(exc).__name__}: {exc})"],
-                    record={"sha256": digest, "size": path.stat().st_size}))
-                continue
-            batch.files.append(LandingFile(path=str(path), sha256=digest, size=path.stat().st_size, format=fmt))
+                self._examine(path, now, ledger, batch)
+            except OSError as exc:  # listed, then removed or locked: reported, and collected once readable
+                batch.rejected.append(_unreadable(str(path), exc))
         return batch
+
+    def _examine(self, path: Path, now: float, ledger: Ledger, batch: RawBatch) -> None:
+        """Put one listed path in its place in the batch: refused, skipped, already consumed, rejected or new.
+
+        The boundary comes first: a link out of the landing folder is refused before anything of it is read.
+        An OSError (the file vanished or is locked) is left to the caller."""
+        if (refusal := boundary_refusal(path, self.landing)) is not None:
+            reason, key = refusal
+            if key in ledger.files:
+                batch.already_consumed += 1
+            else:  # taken as consumed once accounted for in quarantine, like a corrupt file
+                batch.rejected.append(QuarantineEntry(source=str(path), line=0, reasons=[reason],
+                                                      record={"sha256": key, "size": 0}))
+            return
+        if path.is_symlink() and not path.exists():
+            batch.skipped.append(f"{path.name}: a symlink to a file that does not exist (yet)")
+            return
+        if path.is_dir():  # a link to a folder inside: its files are matched by the patterns, or not
+            return
+        if (why := self._complete(path, now)) is not None:
+            batch.skipped.append(why)
+            return
+        fmt = FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            batch.skipped.append(f"{path.name}: unknown format (known: {', '.join(sorted(FORMATS))})")
+            return
+        digest, size = sha256_file(path), path.stat().st_size
+        if digest in ledger.files:
+            batch.already_consumed += 1
+            return
+        try:
+            check_columns(path, fmt, self.required)
+        except (TuneloopError, FileNotFoundError, PermissionError):
+            raise
+        except Exception as exc:  # a corrupt Parquet footer, for one: the whole file is quarantined
+            batch.rejected.append(QuarantineEntry(
+                source=str(path), line=0, reasons=[f"parse: unreadable {fmt} file ({type(exc).__name__}: {exc})"],
+                record={"sha256": digest, "size": size}))
+            return
+        batch.files.append(LandingFile(path=str(path), sha256=digest, size=size, format=fmt))
 
 
 def _engine(source: SqlSource):
     from sqlalchemy import create_engine
 
+    source.require_driver()  # a missing driver is one line naming what to install, not an ImportError's traceback
     return create_engine(os.path.expandvars(source.url))
 
 
@@ -300,10 +377,24 @@ def make_source(config: SourceConfig, landing: Path, required: list[str]) -> Lan
 # ---- reading, in chunks -------------------------------------------------------------------------------
 
 
+def _too_deep(row: dict[str, Any], raw: bytes) -> bool:
+    """Whether a record nests deeper than orjson writes (the gate writes each record again); a line with
+    fewer brackets than the limit cannot, so the common case costs two byte counts."""
+    if raw.count(b"[") + raw.count(b"{") <= NESTING_LIMIT:
+        return False
+    try:
+        orjson.dumps(row, default=str)
+    except orjson.JSONEncodeError:
+        return True
+    return False
+
+
 def _read_jsonl(path: str, chunk_size: int) -> Iterator[RecordChunk]:
     chunk = RecordChunk()
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # UTF-8 with a BOM is UTF-8
+                raw = raw[len(codecs.BOM_UTF8):]
             if not raw.strip():
                 continue
             try:
@@ -314,11 +405,13 @@ def _read_jsonl(path: str, chunk_size: int) -> Iterator[RecordChunk]:
                     source=path, line=lineno, reasons=[f"parse: {reason}"],
                     record=raw.decode("utf-8", errors="replace").rstrip("\r\n")[:10_000]))
             else:
-                if isinstance(row, dict):
+                why = (f"expected a JSON object, got {type(row).__name__}" if not isinstance(row, dict)
+                       else f"nested deeper than {NESTING_LIMIT} levels" if _too_deep(row, raw) else None)
+                if why is None:
                     chunk.add(row, path, lineno)
                 else:
                     chunk.unreadable.append(QuarantineEntry(
-                        source=path, line=lineno, reasons=[f"parse: expected a JSON object, got {type(row).__name__}"],
+                        source=path, line=lineno, reasons=[f"parse: {why}"],
                         record=raw.decode("utf-8", errors="replace").rstrip("\r\n")[:10_000]))
             if len(chunk) >= chunk_size:
                 yield chunk
@@ -383,6 +476,8 @@ def _read_parquet(path: str, chunk_size: int) -> Iterator[RecordChunk]:
                 line += 1
                 chunk.add(row, path, line)
             yield chunk
+    except (FileNotFoundError, PermissionError):  # the file, not its data: read_chunks reports it
+        raise
     except Exception as exc:  # a corrupt page: the rest of the file is one quarantine entry
         yield RecordChunk(unreadable=[QuarantineEntry(
             source=path, line=line + 1, reasons=[f"parse: corrupt Parquet data after row {line} ({exc})"],
@@ -424,14 +519,28 @@ def _read_sql(source: SqlSource, sql: SqlSlice, chunk_size: int) -> Iterator[Rec
         yield chunk
 
 
+READERS = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}
+
+
+def _read_file(f: LandingFile, chunk_size: int) -> Iterator[RecordChunk]:
+    """One file's chunks. A file removed or locked since collect listed it ends as a quarantine entry (after
+    the records already read), not as an error that stops the run."""
+    n_read = 0
+    try:
+        for chunk in READERS[f.format](f.path, chunk_size):
+            n_read += len(chunk)
+            yield chunk
+    except OSError as exc:
+        yield RecordChunk(unreadable=[_unreadable(f.path, exc, after=n_read)])
+
+
 def read_chunks(raw: RawBatch, source: SourceConfig, chunk_size: int | None = None) -> Iterator[RecordChunk]:
     """Every new record of the batch, chunk by chunk; whole-file rejections come first."""
     size = chunk_size or source.chunk_size
     if raw.rejected:
         yield RecordChunk(unreadable=list(raw.rejected))
-    readers = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}
     for f in raw.files:
-        yield from readers[f.format](f.path, size)
+        yield from _read_file(f, size)
     if raw.sql is not None and raw.sql.n_rows and isinstance(source, SqlSource):
         yield from _read_sql(source, raw.sql, size)
 
@@ -439,7 +548,8 @@ def read_chunks(raw: RawBatch, source: SourceConfig, chunk_size: int | None = No
 def describe(raw: RawBatch) -> str:
     parts = []
     if raw.files or raw.rejected:
-        parts.append(f"{len(raw.files)} new file(s)" + (f", {len(raw.rejected)} unreadable" if raw.rejected else ""))
+        parts.append(f"{len(raw.files)} new file(s)" + (f", {len(raw.rejected)} refused or unreadable (quarantined)"
+                                                     if raw.rejected else ""))
     if raw.sql is not None:
         sql = raw.sql
         parts.append(f"{sql.n_rows} new or changed row(s) from {sql.url} ({sql.selectable})")

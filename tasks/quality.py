@@ -83,6 +83,7 @@ class QualityGate:
         self.seen: dict[bytes, tuple[str, int]] = {}
         self.ids: dict[str, dict[str, tuple[str, int]]] = {c: {} for c in self.unique_columns}
         self.n_read = self.n_accepted = self.n_quarantined = self.n_duplicates = self.n_redacted = 0
+        self.unread_sources: list[str] = []
 
     @staticmethod
     def _suite_columns(suite) -> set[str]:
@@ -100,6 +101,8 @@ class QualityGate:
         self.n_redacted += chunk.n_redacted
         for entry in chunk.unreadable:
             self._quarantine(entry.source, entry.line, entry.reasons, entry.record)
+            if entry.line == 0 and not (isinstance(entry.record, dict) and entry.record.get("sha256")):
+                self.unread_sources.append(entry.source)  # no content to take as consumed
         if not chunk.keys:
             return
         # exact duplicates first, so they are counted once and never quarantined
@@ -182,6 +185,7 @@ class QualityGate:
             data_docs=(self.docs_dir / "index.html") if self.docs_dir and (self.docs_dir / "index.html").exists() else None,
             n_read=self.n_read, n_accepted=self.n_accepted, n_quarantined=self.n_quarantined,
             n_duplicates=self.n_duplicates, n_redacted=self.n_redacted, expectations=self.outcomes(),
+            unread_sources=self.unread_sources,
         )
         if checked.n_read != checked.n_accepted + checked.n_quarantined + checked.n_duplicates:
             raise RuntimeError(f"records lost: {checked.n_read} read, {checked.n_accepted} + "

@@ -1,4 +1,8 @@
-"""What a person sees at the end of a run: the scores, the decision, and where to look next."""
+"""What a person sees at the end of a run: the scores, the decision, and where to look next.
+
+Paths, file names, columns, reasons and tags come from the data: every console here prints text as it is
+(``markup=False``), and the few styled words are ``Text`` styles, so ``[/]`` in a file name is just text.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,21 @@ from tuneloop.core.records import METRIC_TITLES, EvalReport, RetrainResult
 from tuneloop.core.state import StateLayout
 
 if TYPE_CHECKING:
+    from rich.console import Console
     from rich.table import Table
+
+
+def _console() -> Console:
+    from rich.console import Console
+
+    return Console(width=max(100, int(os.environ.get("COLUMNS", "100"))), markup=False)
+
+
+def _styled(*parts: str | tuple[str, str]):
+    """A line of plain text with some parts styled: ``("champion", "bold")``; nothing in it is markup."""
+    from rich.text import Text
+
+    return Text.assemble(*parts)
 
 
 def ui_commands(state: StateLayout, tracking_uri: str) -> list[tuple[str, str]]:
@@ -42,9 +60,7 @@ def score_table(report: EvalReport) -> Table:
 
 
 def print_retrain_summary(result: RetrainResult, state: StateLayout) -> None:
-    from rich.console import Console
-
-    console = Console(width=max(100, int(os.environ.get("COLUMNS", "100"))))
+    console = _console()
     if result.status == "nothing_new" or result.report is None or result.model_version is None:
         console.print(f"\n{result.message or 'nothing to do'}; the champion is unchanged.", highlight=False)
         return
@@ -56,9 +72,9 @@ def print_retrain_summary(result: RetrainResult, state: StateLayout) -> None:
     )
     console.print(table)
     mv = result.model_version
-    alias = ("alias [bold]champion[/] (and challenger)" if "champion" in mv.aliases
-             else "alias [bold]challenger[/]; champion unchanged")
-    console.print(f"Registered [bold]{mv.name}[/] version [bold]{mv.version}[/] with {alias}.")
+    alias = (("alias ", ("champion", "bold"), " (and challenger)") if "champion" in mv.aliases
+             else ("alias ", ("challenger", "bold"), "; champion unchanged"))
+    console.print(_styled("Registered ", (mv.name, "bold"), " version ", (mv.version, "bold"), " with ", *alias, "."))
     console.print(f"Decision: {mv.decision.reason}", highlight=False)
     console.print(f"Run folder: {result.run_dir}", highlight=False)
     for name, command in ui_commands(state, mv.tracking_uri):
@@ -84,10 +100,9 @@ def print_check_report(path, checked, verdict: str | None, as_json: bool) -> Non
         }
         print(orjson.dumps(report).decode())
         return
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=max(100, int(os.environ.get("COLUMNS", "100"))))
+    console = _console()
     console.print(f"{path}: read {checked.n_read} = accepted {checked.n_accepted} + quarantined "
                   f"{checked.n_quarantined} + duplicates {checked.n_duplicates}; {checked.n_redacted} PII matches "
                   "would be redacted", highlight=False)
@@ -105,7 +120,8 @@ def print_check_report(path, checked, verdict: str | None, as_json: bool) -> Non
         console.print(f"  ... and {len(rejected) - 20} more (use --json for all)")
     for d in duplicates[:5]:
         console.print(f"  line {d['line']}: duplicate of line {d['duplicate_of']['line']}", highlight=False)
-    console.print("[bold green]gate passes[/]" if verdict is None else f"[bold red]gate fails:[/] {verdict}")
+    console.print(_styled(("gate passes", "bold green")) if verdict is None
+                  else _styled(("gate fails:", "bold red"), " ", verdict))
 
 
 def print_chat_report(report, as_json: bool) -> None:
@@ -115,9 +131,7 @@ def print_chat_report(report, as_json: bool) -> None:
     if as_json:
         print(orjson.dumps(report.to_json()).decode())
         return
-    from rich.console import Console
-
-    console = Console(width=max(100, int(os.environ.get("COLUMNS", "100"))))
+    console = _console()
     console.print(f"{report.path}: {report.n_examples} examples, {report.size_bytes:,} bytes", highlight=False)
     for code, n in report.counts.items():
         console.print(f"  {code}: {n}", highlight=False)
@@ -128,7 +142,8 @@ def print_chat_report(report, as_json: bool) -> None:
         console.print(f"  ... and {len(rows) - 20} more lines (use --json for all)")
     for code in report.file_codes:
         console.print(f"  file: {code}", highlight=False)
-    console.print("[bold green]format ok[/]" if report.ok else "[bold red]format errors: fix the lines above[/]")
+    console.print(_styled(("format ok", "bold green")) if report.ok
+                  else _styled(("format errors: fix the lines above", "bold red")))
 
 
 def print_estimate(report, estimate, counted_with: str, refusal: str | None, as_json: bool) -> None:
@@ -143,7 +158,6 @@ def print_estimate(report, estimate, counted_with: str, refusal: str | None, as_
                             "tokens": stats.model_dump(), "estimate": estimate.model_dump(),
                             "within_budget": refusal is None, "refusal": refusal}).decode())
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"Fine-tuning estimate for {report.path}", title_justify="left", show_header=False)
@@ -160,7 +174,7 @@ def print_estimate(report, estimate, counted_with: str, refusal: str | None, as_
         (f"cost at ${estimate.usd_per_1m_training_tokens}/1M ({estimate.model})", f"${estimate.estimated_cost_usd:,.2f}"),
     ):
         table.add_row(name, value)
-    console = Console(width=max(100, int(os.environ.get("COLUMNS", "100"))))
+    console = _console()
     console.print(table)
     if refusal:
-        console.print(f"[bold red]over budget:[/] {refusal}", highlight=False)
+        console.print(_styled(("over budget:", "bold red"), " ", refusal), highlight=False)

@@ -122,6 +122,8 @@ class CheckedBatch(BaseModel):
     n_duplicates: int
     n_redacted: int
     expectations: list[ExpectationOutcome]
+    # files the gate could not read to the end (vanished, locked): not consumed, so read again once readable
+    unread_sources: list[str] = Field(default_factory=list)
 
     @property
     def quarantined_fraction(self) -> float:
