@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 from tuneloop.core.config import PipelineConfig, load_config
 from tuneloop.core.mapping import required_fields
 from tuneloop.core.records import RetrainResult
-from tuneloop.core.state import prepare_state
+from tuneloop.core.state import prepare_state, run_lock
 from tuneloop.tasks.collect import collect_task
 from tuneloop.tasks.evaluate import evaluate_task
 from tuneloop.tasks.export import export_task, token_plan_task
@@ -32,7 +32,7 @@ from tuneloop.tasks.ledger import (
 )
 from tuneloop.tasks.preflight import ensure_ready
 from tuneloop.tasks.quality import enforce_min_examples, quality_task
-from tuneloop.tasks.register import find_champion_task, register_task
+from tuneloop.tasks.register import complete_registration_task, find_champion_task, register_task
 from tuneloop.tasks.snapshot import snapshot_task
 from tuneloop.tasks.tokens import enforce_budget
 from tuneloop.tasks.train_local import warm_start_task
@@ -66,72 +66,74 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
     """
 
     state = prepare_state()
-    log = get_run_logger()
-    if isinstance(config, str):
-        config = load_config(config, overrides or [])
-    ensure_ready(config)  # before any work: a config problem is one line, not a failure after training
-    if reason:
-        log.info(f"started by: {reason}")
     run_id = flow_run.get_id() or "local"
-    run_dir = state.runs / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{run_id[:8]}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tracking_uri = state.resolve_tracking_uri(config.registry.tracking_uri)
-    # A local store keeps artifacts in the state folder; a tracking server decides for itself.
-    artifacts_dir = None if tracking_uri.startswith(("http://", "https://", "databricks")) else state.mlflow_artifacts
+    with run_lock(state.home, f"retrain flow run {run_id}"):  # one run per state folder at a time
+        log = get_run_logger()
+        if isinstance(config, str):
+            config = load_config(config, overrides or [])
+        ensure_ready(config)  # before any work: a config problem is one line, not a failure after training
+        if reason:
+            log.info(f"started by: {reason}")
+        run_dir = state.runs / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{run_id[:8]}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tracking_uri = state.resolve_tracking_uri(config.registry.tracking_uri)
+        # A local store keeps artifacts in the state folder; a tracking server decides for itself.
+        artifacts_dir = None if tracking_uri.startswith(("http://", "https://", "databricks")) else state.mlflow_artifacts
 
-    heldout = read_evaluation_set(config.evaluate, config.mapping, config.quality)
-    ledger = load_ledger(state.ledger)
-    landing = getattr(config.source, "landing", None) or state.landing
-    raw = collect_task(config.source, landing, required_fields(config.mapping), ledger)
-    checked, new = None, None
-    if not raw.nothing_new:
-        checked = quality_task(raw, config.source, config.mapping, config.quality, run_dir)
-        new = snapshot_task(checked, state.datasets, ledger.dataset_version)
-        enforce_min_examples(new.n_examples, config.quality, "examples in the dataset")
-        ledger = consume(ledger, raw, new)
-        commit_ledger(ledger, state.ledger)
-    values = config.model_settings()
-    settings = Settings(hash=config.settings_hash(values), values=values)
-    decision = plan_training_task(ledger, new, state.datasets, config.registry, tracking_uri, settings, force)
-    log.info(decision.reason)
-    if not decision.train:
-        if decision.mark_trained:
-            commit_ledger(mark_trained(ledger, decision.dataset.version, settings.hash, settings.values), state.ledger)
-        return RetrainResult(status="nothing_new", message=decision.reason, run_dir=run_dir,
-                             dataset_version=decision.dataset.version if decision.dataset else ledger.dataset_version)
-    dataset = decision.dataset
+        heldout = read_evaluation_set(config.evaluate, config.mapping, config.quality)
+        ledger = load_ledger(state.ledger)
+        landing = getattr(config.source, "landing", None) or state.landing
+        raw = collect_task(config.source, landing, required_fields(config.mapping), ledger)
+        checked, new = None, None
+        if not raw.nothing_new:
+            checked = quality_task(raw, config.source, config.mapping, config.quality, run_dir)
+            new = snapshot_task(checked, state.datasets, ledger.dataset_version)
+            enforce_min_examples(new.n_examples, config.quality, "examples in the dataset")
+            ledger = consume(ledger, raw, new, checked.unread_sources)
+            commit_ledger(ledger, state.ledger)
+        values = config.model_settings()
+        settings = Settings(hash=config.settings_hash(values), values=values)
+        decision = plan_training_task(ledger, new, state.datasets, config.registry, tracking_uri, settings, force)
+        log.info(decision.reason)
+        if not decision.train:
+            completed = None
+            if decision.complete_version is not None:  # a run killed after registering: finish, don't train again
+                completed = complete_registration_task(config.registry, tracking_uri, decision.complete_version)
+            if decision.mark_trained:
+                commit_ledger(mark_trained(ledger, decision.dataset.version, settings.hash, settings.values), state.ledger)
+            return RetrainResult(status="nothing_new", message=decision.reason, run_dir=run_dir, model_version=completed,
+                                 dataset_version=decision.dataset.version if decision.dataset else ledger.dataset_version)
+        dataset = decision.dataset
 
-    plan = token_plan_task(config.train, state.models, state.home)
-    exported = export_task(dataset, config.export, heldout, state.home / "exports", plan, config.config_hash())
-    if not exported.train_path.is_file():  # a cached result whose files were deleted since: export again
-        exported = export_task.with_options(refresh_cache=True)(
-            dataset, config.export, heldout, state.home / "exports", plan, config.config_hash())
-    enforce_budget(exported.estimate, config.train.max_cost_usd)
-    init_adapter, warm_from = None, None
-    if config.train.backend == "local" and config.train.local.init_from == "champion":
-        warm_from = find_champion_task(config.registry, tracking_uri, run_dir / "warm-start")
-        init_adapter = warm_start_task(warm_from, config.train, state.models)
-    if config.train.backend == "openai":
-        from tuneloop.tasks.train_openai import train_openai_task
+        plan = token_plan_task(config.train, state.models, state.home)
+        exported = export_task(dataset, config.export, heldout, state.home / "exports", plan, config.config_hash(),
+                               config.quality.min_examples)
+        enforce_budget(exported.estimate, config.train.max_cost_usd)
+        init_adapter, warm_from = None, None
+        if config.train.backend == "local" and config.train.local.init_from == "champion":
+            warm_from = find_champion_task(config.registry, tracking_uri, run_dir / "warm-start")
+            init_adapter = warm_start_task(warm_from, config.train, state.models)
+        if config.train.backend == "openai":
+            from tuneloop.tasks.train_openai import train_openai_task
 
-        trained = train_openai_task(exported, config.train, state.home, run_dir / "openai", run_id, config.config_hash())
-    elif config.train.local.placement == "pool":
-        from tuneloop.tasks.train_pool import train_on_pool_task
+            trained = train_openai_task(exported, config.train, state.home, run_dir / "openai", run_id, config.config_hash())
+        elif config.train.local.placement == "pool":
+            from tuneloop.tasks.train_pool import train_on_pool_task
 
-        trained = train_on_pool_task(exported, config.train, tracking_uri, config.registry.experiment, artifacts_dir,
-                                     state.models, run_dir, init_adapter)
-    else:
-        from tuneloop.flows.train_local import train_local
+            trained = train_on_pool_task(exported, config.train, tracking_uri, config.registry.experiment, artifacts_dir,
+                                         state.models, run_dir, init_adapter)
+        else:
+            from tuneloop.flows.train_local import train_local
 
-        trained = train_local(exported, config.train, run_dir, init_adapter=init_adapter)
-    if init_adapter is not None:
-        trained = trained.model_copy(update={"warm_start_from": warm_from.version})
-    # Looked up after training: a champion promoted meanwhile (tuneloop promote) is the one to beat.
-    champion = find_champion_task(config.registry, tracking_uri, run_dir / "champion")
-    report = evaluate_task(trained, champion, heldout, config.evaluate, run_dir, config.train.openai,
-                           state.home / "generations" if config.evaluate.cache_generations else None)
-    version = register_task(config, checked, exported, trained, report, tracking_uri, artifacts_dir, run_id)
-    commit_ledger(mark_trained(ledger, dataset.version, settings.hash, settings.values), state.ledger)
-    counts = checked.model_dump(include={"n_read", "n_accepted", "n_quarantined", "n_duplicates"}) if checked else {}
-    return RetrainResult(status="trained", dataset_version=dataset.version, report=report, model_version=version,
-                         run_dir=run_dir, **counts)
+            trained = train_local(exported, config.train, run_dir, init_adapter=init_adapter)
+        if init_adapter is not None:
+            trained = trained.model_copy(update={"warm_start_from": warm_from.version})
+        # Looked up after training: a champion promoted meanwhile (tuneloop promote) is the one to beat.
+        champion = find_champion_task(config.registry, tracking_uri, run_dir / "champion")
+        report = evaluate_task(trained, champion, heldout, config.evaluate, run_dir, config.train.openai,
+                               state.home / "generations" if config.evaluate.cache_generations else None)
+        version = register_task(config, checked, exported, trained, report, tracking_uri, artifacts_dir, run_id)
+        commit_ledger(mark_trained(ledger, dataset.version, settings.hash, settings.values), state.ledger)
+        counts = checked.model_dump(include={"n_read", "n_accepted", "n_quarantined", "n_duplicates"}) if checked else {}
+        return RetrainResult(status="trained", dataset_version=dataset.version, report=report, model_version=version,
+                             run_dir=run_dir, **counts)

@@ -23,10 +23,11 @@ from prefect.cache_policies import NO_CACHE
 
 from tuneloop.core.config import ExportConfig, OpenAITrainConfig, TrainConfig
 from tuneloop.core.records import ChatExample, DatasetVersion, ExportedDataset, TokenStats, TuneloopError
-from tuneloop.core.state import sha256_file
+from tuneloop.core.state import sha256_file, write_atomically
 from tuneloop.tasks.chatformat import example_errors
 from tuneloop.tasks.heldout import HeldOutExample, prompt_keys
 from tuneloop.tasks.length import apply_length_policy
+from tuneloop.tasks.runlog import stage_logger
 from tuneloop.tasks.snapshot import read_snapshot
 from tuneloop.tasks.tokens import ChatTemplateCounter, TokenCounter, estimate_cost, token_stats
 
@@ -128,29 +129,54 @@ def _export_key(export: ExportConfig, plan: TokenPlan | None, heldout: list[Held
 
 
 def _reuse(directory: Path) -> ExportedDataset | None:
-    """A finished export (its manifest is written last) whose files still hash as recorded."""
+    """A finished export (its record is written last) whose files still hash as recorded, with its paths
+    read from where it is now (a state folder copied elsewhere trains on its own files)."""
     record = directory / "export.json"
     if not record.is_file():
         return None
-    exported = ExportedDataset.model_validate_json(record.read_bytes())
+    try:
+        exported = ExportedDataset.model_validate_json(record.read_bytes())
+    except ValueError:  # a torn or edited record: the export is made again
+        return None
     for name, digest in exported.sha256.items():
         path = directory / name
         if not path.is_file() or sha256_file(path) != digest:
+            stage_logger().warning(f"export: {path} does not match its recorded sha256; exporting again")
             return None
-    return exported.model_copy(update={"reused": True})
+    return exported.model_copy(update={
+        "reused": True, "directory": directory, "train_path": directory / "train.jsonl",
+        "validation_path": directory / "validation.jsonl", "manifest_path": directory / "manifest.json"})
+
+
+def check_overlap(n_examples: int, n_clean: int, export: ExportConfig, min_examples: int) -> None:
+    """What the held-out set leaves for training, before any token is counted: enough, and not a held-out set
+    that is really the training data under another name."""
+    removed = n_examples - n_clean
+    if n_examples and removed / n_examples > export.max_heldout_overlap:
+        raise TuneloopError(
+            f"export: the held-out set removes {removed} of {n_examples} examples ({removed / n_examples:.0%}; "
+            f"export.max_heldout_overlap is {export.max_heldout_overlap:.0%}): evaluate.holdout holds (a copy of) "
+            "the training data. Point it at examples kept out of the source, or raise the limit if this is meant")
+    if n_clean < min_examples:
+        raise TuneloopError(f"export: only {n_clean} examples left for training after removing {removed} held-out "
+                            f"overlaps; quality.min_examples is {min_examples}")
 
 
 def export_chat_jsonl(
     dataset: DatasetVersion, export: ExportConfig, heldout: list[HeldOutExample], exports_dir: Path,
-    plan: TokenPlan | None = None, config_hash: str = "",
+    plan: TokenPlan | None = None, config_hash: str = "", min_examples: int = 2,
 ) -> ExportedDataset:
+    """``min_examples`` (quality.min_examples) applies to what is left for training, held-out overlaps and
+    examples over the token limit removed."""
+    min_examples = max(min_examples, 2)
     directory = exports_dir / f"{dataset.version}-{_export_key(export, plan, heldout)}"
     if (found := _reuse(directory)) is not None:
+        check_overlap(found.n_train + found.n_validation + found.n_heldout_overlaps + found.n_too_long,
+                      found.n_train + found.n_validation + found.n_too_long, export, min_examples)
         return found
     examples = read_snapshot(dataset)
     clean, overlaps = remove_heldout(examples, heldout)
-    if len(clean) < 2:
-        raise TuneloopError(f"export: only {len(clean)} examples left after removing held-out overlaps")
+    check_overlap(len(examples), len(clean), export, min_examples)
     validate_examples(clean)
     fitted, n_trimmed, too_long = None, 0, []
     if plan is not None:  # counted before the split, so an example is fitted to the limit once, wherever it goes
@@ -158,9 +184,10 @@ def export_chat_jsonl(
         fitted = apply_length_policy(clean, counts, lambda m: plan.counter.count([m])[0], plan.limit,
                                      export.too_long, plan.counter.name)
         clean, n_trimmed, too_long = fitted.kept, fitted.trimmed, fitted.set_aside
-        if len(clean) < 2:
+        if len(clean) < min_examples:
             raise TuneloopError(f"export: only {len(clean)} examples fit the {plan.limit}-token limit "
-                                f"({len(too_long)} set aside as too_many_tokens); raise the limit")
+                                f"({len(too_long)} set aside as too_many_tokens; quality.min_examples is "
+                                f"{min_examples}); raise the limit")
     train, validation = split_examples(clean, export.validation_fraction, f"{export.seed}:{dataset.version}")
     assert_no_heldout({"train": train, "validation": validation}, heldout)
 
@@ -174,8 +201,10 @@ def export_chat_jsonl(
         if plan.openai is not None:
             estimate = estimate_cost(train_counts, plan.model or plan.openai.model, plan.openai)
 
-    tmp = directory.with_name(directory.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    exports_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=exports_dir))  # one per run
     write_jsonl(tmp / "train.jsonl", train)
     write_jsonl(tmp / "validation.jsonl", validation)
     sha = {"train.jsonl": sha256_file(tmp / "train.jsonl"), "validation.jsonl": sha256_file(tmp / "validation.jsonl")}
@@ -198,7 +227,7 @@ def export_chat_jsonl(
         "sha256": sha,
     }
     (tmp / "manifest.json").write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-    if directory.exists():  # a half-finished earlier try (no export.json): replaced whole
+    if directory.exists():  # a half-finished or damaged earlier try: replaced whole
         import shutil
 
         shutil.rmtree(directory)
@@ -209,7 +238,7 @@ def export_chat_jsonl(
         n_train=len(train), n_validation=len(validation), sha256=sha, n_heldout_overlaps=overlaps,
         n_prompt_trimmed=n_trimmed, n_too_long=len(too_long), token_stats=stats, estimate=estimate,
     )
-    (directory / "export.json").write_text(exported.model_dump_json(indent=2))
+    write_atomically(directory / "export.json", exported.model_dump_json(indent=2).encode())  # last: the export is done
     return exported
 
 
@@ -232,16 +261,13 @@ def manifest_summary(exported: ExportedDataset) -> str:
     return "\n".join(lines)
 
 
-def _export_cache_key(context, parameters) -> str:
-    """Same snapshot, settings, tokenizer and held-out set: the same export (Prefect skips the task)."""
-    p = parameters
-    return f"export-{p['dataset'].version}-{_export_key(p['export'], p.get('plan'), p['heldout'])}-{p.get('config_hash', '')}"
-
-
-@task(name="export", cache_key_fn=_export_cache_key, persist_result=True)
+# Not cached by Prefect: a cached result would skip the check that the files on disk are the ones recorded
+# (a truncated train.jsonl would be trained on). The export's own reuse checks them, at the cost of one hash.
+@task(name="export", cache_policy=NO_CACHE)
 def export_task(dataset: DatasetVersion, export: ExportConfig, heldout: list[HeldOutExample],
-                exports_dir: Path, plan: TokenPlan | None = None, config_hash: str = "") -> ExportedDataset:
-    exported = export_chat_jsonl(dataset, export, heldout, exports_dir, plan, config_hash)
+                exports_dir: Path, plan: TokenPlan | None = None, config_hash: str = "",
+                min_examples: int = 2) -> ExportedDataset:
+    exported = export_chat_jsonl(dataset, export, heldout, exports_dir, plan, config_hash, min_examples)
     get_run_logger().info(manifest_summary(exported))
     return exported
 

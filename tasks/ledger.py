@@ -75,11 +75,15 @@ def load_ledger(path: Path) -> Ledger:
                             "re-read every landing file") from None
 
 
-def consume(ledger: Ledger, raw: RawBatch, dataset: DatasetVersion) -> Ledger:
-    """The ledger after this run: its files and rows belong to ``dataset`` from now on."""
+def consume(ledger: Ledger, raw: RawBatch, dataset: DatasetVersion, unread: list[str] | tuple = ()) -> Ledger:
+    """The ledger after this run: its files and rows belong to ``dataset`` from now on, except ``unread``
+    files (the gate could not read them to the end: they are read again once readable)."""
     now = datetime.now(UTC).isoformat(timespec="seconds")
     files = dict(ledger.files)
+    skip = set(unread)
     for f in raw.files:
+        if str(f.path) in skip:
+            continue
         files[f.sha256] = ConsumedFile(name=Path(f.path).name, size=f.size, dataset_version=dataset.version, at=now)
     for entry in raw.rejected:  # an unreadable file is accounted for in quarantine; a fixed copy is new
         digest = entry.record.get("sha256") if isinstance(entry.record, dict) else None
@@ -110,6 +114,7 @@ class TrainingPlan(BaseModel):
     reason: str
     dataset: DatasetVersion | None = None
     mark_trained: bool = False  # the champion already has this data and settings: record it so the next run knows
+    complete_version: str | None = None  # a model version a killed run registered: finish its registration
 
 
 class Settings(BaseModel):
@@ -119,10 +124,19 @@ class Settings(BaseModel):
     values: dict[str, str]
 
 
+class Registered(BaseModel):
+    """The registry's word on the dataset version a run would train on, with these settings."""
+
+    version: str | None = None  # the newest model version trained on it with these settings, if any
+    complete: bool = True  # False: the run that registered it was killed before it finished (RUNNING in MLflow)
+
+
 def plan_training(ledger: Ledger, new: DatasetVersion | None, datasets_dir: Path, champion: tuple[str | None, str | None],
-                  settings: Settings, force: bool = False) -> TrainingPlan:
+                  settings: Settings, force: bool = False, registered: Registered | None = None) -> TrainingPlan:
     """``new`` is the snapshot this run wrote (None when nothing new was collected); ``champion`` is the dataset
-    version and settings hash the champion was trained with; ``force`` (tuneloop run --retrain) trains anyway."""
+    version and settings hash the champion was trained with; ``force`` (tuneloop run --retrain) trains anyway;
+    ``registered`` is what the registry holds for the version to train on (None: not asked). The ledger alone
+    cannot know that a model was deleted, the store replaced, or a run killed after it registered."""
     from tuneloop.tasks.snapshot import load_snapshot
 
     note = ""
@@ -135,12 +149,18 @@ def plan_training(ledger: Ledger, new: DatasetVersion | None, datasets_dir: Path
             known = champion[1] == settings.hash  # a ledger from before settings were kept: ask the champion
         if force:
             note = f"nothing new collected; retraining on dataset version {version} as asked (--retrain)"
+        elif registered is not None and registered.version is not None:
+            pass  # registered already, by a run that may have died after it: decided below
         elif ledger.untrained:
             note = f"nothing new collected; dataset version {version} was never trained on: training now"
         elif known is False:
             changed = settings_changes(ledger.last_settings, settings.values) if ledger.last_settings else ""
             note = (f"nothing new collected, but the training settings changed since dataset version {version} was "
                     f"trained on ({changed or 'settings not recorded then'}): training on it with the new settings")
+        elif registered is not None:  # the ledger says trained, the registry has nothing for it
+            note = (f"nothing new collected; the ledger says dataset version {version} was trained on with these "
+                    "settings, but the registry has no model version for it (deleted, or a new tracking store): "
+                    "training on it again")
         elif known is None:  # trained before settings were recorded: assume these, and record them from now on
             return TrainingPlan(train=False, mark_trained=True, dataset=load_snapshot(datasets_dir, version),
                                 reason=f"nothing new since dataset version {version}; the settings it was trained "
@@ -150,6 +170,19 @@ def plan_training(ledger: Ledger, new: DatasetVersion | None, datasets_dir: Path
             return TrainingPlan(train=False, reason=f"nothing new since dataset version {version}, and it was "
                                 "trained on with these settings; `tuneloop run --retrain` trains on it again")
         new = load_snapshot(datasets_dir, version)
+    if registered is not None and registered.version is not None and not force:
+        if not registered.complete:
+            return TrainingPlan(train=False, dataset=new, mark_trained=True, complete_version=registered.version,
+                                reason=f"dataset version {new.version} with these settings was registered as model "
+                                f"version {registered.version} by a run that stopped before it finished: completing "
+                                "that registration instead of training again")
+        if ledger.trained_with(new.version, settings.hash) is not True:
+            return TrainingPlan(train=False, dataset=new, mark_trained=True,
+                                reason=f"dataset version {new.version} with these settings is already registered as "
+                                f"model version {registered.version}: nothing to retrain (`tuneloop run --retrain` "
+                                "trains anyway)")
+        return TrainingPlan(train=False, reason=f"nothing new since dataset version {new.version}, and it was "
+                            "trained on with these settings; `tuneloop run --retrain` trains on it again")
     champion_version, champion_settings = champion
     same_settings = (champion_settings == settings.hash if champion_settings is not None
                      else ledger.trained_with(new.version, settings.hash) is not False)
@@ -163,10 +196,10 @@ def plan_training(ledger: Ledger, new: DatasetVersion | None, datasets_dir: Path
 @task(name="plan-training", cache_policy=NO_CACHE)
 def plan_training_task(ledger: Ledger, new: DatasetVersion | None, datasets_dir: Path, registry: RegisterConfig,
                        tracking_uri: str, settings: Settings, force: bool = False) -> TrainingPlan:
-    from tuneloop.tasks.register import champion_training
+    from tuneloop.tasks.register import champion_training, registry_view
 
-    # the registry is asked only when there may be something to train (a no-op run touches nothing)
-    wanted = new is not None or ledger.untrained or force or (
-        ledger.dataset_version is not None and not ledger.trained_with(ledger.dataset_version, settings.hash))
-    return plan_training(ledger, new, datasets_dir,
-                         champion_training(registry, tracking_uri) if wanted else (None, None), settings, force)
+    target = new.version if new is not None else ledger.dataset_version
+    if target is None:
+        return plan_training(ledger, new, datasets_dir, (None, None), settings, force)
+    return plan_training(ledger, new, datasets_dir, champion_training(registry, tracking_uri), settings, force,
+                         registry_view(registry, tracking_uri, target, settings.hash))

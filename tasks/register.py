@@ -27,6 +27,7 @@ from tuneloop.core.records import (
     TuneloopError,
 )
 from tuneloop.tasks.promotion import decide_promotion
+from tuneloop.tasks.runlog import stage_logger
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"  # the newest candidate, promoted or not
@@ -162,6 +163,8 @@ def run_tags(config: PipelineConfig, trained: TrainedModel, flow_run_id: str | N
         "prefect_flow_run_id": flow_run_id or "",
         "git_commit": git_commit(),
         "tuneloop_version": tuneloop_version(),
+        "model_digest": model_digest(trained),  # with the two above: one version per trained model, kills or not
+        "tuneloop.state": state_id(),
     }
     if trained.backend == "openai":
         tags.update(fine_tuned_model=trained.fine_tuned_model or "", openai_job_id=trained.job_id or "",
@@ -307,6 +310,115 @@ def create_version(client, name: str, run, tags: dict[str, str], trained: Traine
     return version
 
 
+def model_digest(trained: TrainedModel) -> str:
+    """What identifies the trained model itself: the adapter's bytes (local) or the service's model id (openai).
+    A rerun after a kill reuses the finished training, so it has the same digest as the run that died."""
+    import hashlib
+
+    from tuneloop.core.state import sha256_file
+
+    if trained.adapter_path is None:
+        return f"openai:{trained.fine_tuned_model or trained.job_id or ''}"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(trained.adapter_path).rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(trained.adapter_path)}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+def state_id() -> str:
+    """This state folder on this machine: runs left RUNNING by it were killed (a run holds its lock)."""
+    import socket
+
+    from tuneloop.core.state import tuneloop_home
+
+    return f"{socket.gethostname()}:{tuneloop_home()}"
+
+
+def registered_versions(client, name: str, dataset_version: str, settings_hash: str | None,
+                        digest: str | None = None) -> list:
+    """Versions of ``name`` trained on ``dataset_version`` with these settings (and, given, this model)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name='{name}' and tags.dataset_version='{dataset_version}'")
+    except MlflowException:
+        return []
+    return [v for v in found if (settings_hash is None or v.tags.get("settings_hash") in (None, settings_hash))
+            and (digest is None or v.tags.get("model_digest") == digest)]
+
+
+def registry_view(registry: RegisterConfig, tracking_uri: str, dataset_version: str, settings_hash: str):
+    """What the registry holds for a dataset version and settings: the newest such model version, and whether
+    the run that registered it finished (a kill leaves it RUNNING)."""
+    from tuneloop.tasks.ledger import Registered
+
+    client = client_for(tracking_uri)
+    found = registered_versions(client, registry.model_name, dataset_version, settings_hash)
+    if not found:
+        return Registered()
+    newest = max(found, key=lambda v: int(v.version))
+    try:
+        complete = client.get_run(newest.run_id).info.status != "RUNNING" if newest.run_id else True
+    except Exception:  # noqa: BLE001 - the run was deleted: nothing left to finish
+        complete = True
+    return Registered(version=str(newest.version), complete=complete)
+
+
+def complete_registration(registry: RegisterConfig, tracking_uri: str, version: str) -> ModelVersion:
+    """Finish a registration a killed run left: its run FINISHED, its aliases as its decision said; other runs
+    it left RUNNING marked FAILED."""
+    client = client_for(tracking_uri)
+    mv = client.get_model_version(registry.model_name, version)
+    try:  # the decision the killed run made, as it logged it before registering
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(mv.run_id, "evaluation/promotion_decision.json", tmp)
+            decision = PromotionDecision.model_validate_json(Path(path).read_bytes())
+    except Exception:  # noqa: BLE001 - artifact gone: the version's tags say as much as is needed
+        decision = PromotionDecision(promoted=mv.tags.get("promoted") == "True", baseline="base", delta=0.0,
+                                     reason=mv.tags.get("promotion_reason", ""))
+    experiment = client.get_run(mv.run_id).info.experiment_id
+    close_orphan_runs(client, experiment, keep=mv.run_id)
+    adopt_version(client, registry.model_name, mv, decision)
+    aliases = [CHAMPION, CHALLENGER] if decision.promoted else [CHALLENGER]
+    return ModelVersion(name=registry.model_name, version=version, run_id=mv.run_id, aliases=aliases,
+                        decision=decision, tracking_uri=tracking_uri)
+
+
+def close_orphan_runs(client, experiment: str, keep: str | None = None) -> list[str]:
+    """Runs this state folder left RUNNING (killed, or a full disk): marked FAILED, so none stays 'running'
+    forever in the UI. Only this state folder's: another machine's run may really be running."""
+    from mlflow.entities import RunTag
+
+    orphans = client.search_runs(
+        [experiment], f"attributes.status = 'RUNNING' and tags.`tuneloop.state` = '{state_id()}'", max_results=100)
+    closed = []
+    for run in orphans:
+        if run.info.run_id == keep:
+            continue
+        client.log_batch(run.info.run_id, tags=[RunTag("tuneloop.ended", "the run was killed before it finished; "
+                                                       "marked FAILED by the next run")])
+        client.set_terminated(run.info.run_id, "FAILED")
+        closed.append(run.info.run_id)
+    return closed
+
+
+def adopt_version(client, name: str, version, decision: PromotionDecision) -> None:
+    """Finish what a killed run left of a registration: its run, its aliases."""
+    run = client.get_run(version.run_id) if version.run_id else None
+    if run is not None and run.info.status == "RUNNING":  # killed after the version existed: all was logged
+        client.set_terminated(version.run_id, "FINISHED")
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    if decision.promoted:
+        try:
+            current = str(client.get_model_version_by_alias(name, CHAMPION).version)
+        except Exception:  # noqa: BLE001 - no champion yet
+            current = None
+        if current != str(version.version):
+            move_champion(client, name, str(version.version), "tuneloop retrain", decision.reason)
+
+
 def register_candidate(
     config: PipelineConfig,
     checked: CheckedBatch | None,
@@ -318,13 +430,28 @@ def register_candidate(
     flow_run_id: str | None = None,
 ) -> ModelVersion:
     """One MLflow run with everything that made the candidate, and a model version; the run is marked
-    FAILED if any of it fails."""
+    FAILED if any of it fails.
+
+    Idempotent: one version per (dataset version, settings, trained model). A run killed after it registered
+    leaves a version that the rerun finds by its tags and completes (run finished, aliases set) instead of
+    registering the same model twice; runs left RUNNING by a kill are marked FAILED."""
     registry = config.registry
     client = client_for(tracking_uri)
     exp = experiment_id(client, registry.experiment, artifacts_dir)
     # the champion the candidate was evaluated against (a champion that could not be scored compares with base)
     decision = decide_promotion(report, config.evaluate, registry, has_champion=report.champion is not None)
     tags = run_tags(config, trained, flow_run_id)
+    existing = registered_versions(client, registry.model_name, trained.dataset_version, tags["settings_hash"],
+                                   tags["model_digest"])
+    close_orphan_runs(client, exp, keep=existing[0].run_id if existing else None)
+    if existing:
+        version = existing[0]
+        adopt_version(client, registry.model_name, version, decision)
+        stage_logger().info(f"register: {registry.model_name} version {version.version} already holds this model "
+                            f"(a run killed after registering it); completed it instead of registering it again")
+        aliases = [CHAMPION, CHALLENGER] if decision.promoted else [CHALLENGER]
+        return ModelVersion(name=registry.model_name, version=str(version.version), run_id=version.run_id or "",
+                            aliases=aliases, decision=decision, tracking_uri=tracking_uri)
     run = client.create_run(exp, run_name=f"retrain-{trained.dataset_version[:8]}", tags=tags)
     run_id = run.info.run_id
     try:
@@ -425,6 +552,13 @@ def find_champion_task(registry: RegisterConfig, tracking_uri: str, dst: Path) -
     champion = find_champion(registry, tracking_uri, dst)
     get_run_logger().info(f"registry: champion is version {champion.version}" if champion else "registry: no champion yet")
     return champion
+
+
+@task(name="complete-registration", cache_policy=NO_CACHE)
+def complete_registration_task(registry: RegisterConfig, tracking_uri: str, version: str) -> ModelVersion:
+    mv = complete_registration(registry, tracking_uri, version)
+    get_run_logger().info(f"register: completed {mv.name} version {mv.version} ({', '.join(mv.aliases)})")
+    return mv
 
 
 @task(name="register", cache_policy=NO_CACHE)

@@ -101,7 +101,7 @@ def _append_together(folder: str, start: int, barrier) -> None:
 
 def test_two_processes_appending_at_once_leave_every_line_whole(tmp_path):
     """Two evaluations of the same model (the base is shared by every run) append to one file at once."""
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # not fork: the session has threads (Prefect, torch)
     barrier = ctx.Barrier(2)
     procs = [ctx.Process(target=_append_together, args=(str(tmp_path), start, barrier)) for start in (0, 1000)]
     for p in procs:

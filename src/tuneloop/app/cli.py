@@ -38,9 +38,13 @@ def _root() -> None:
 
 
 def fail(message: str, code: int) -> None:
+    """One line on stderr, then exit. The message names paths, columns and values from the data: printed as
+    it is, never read as rich markup."""
     from rich.console import Console
+    from rich.text import Text
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    Console(stderr=True).print(Text.assemble(("error:", "bold red"), " ", message), highlight=False,
+                               soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -60,9 +64,14 @@ def run(
     state = prepare_state()
     cfg = _load_config(config, set_)
     _preflight(cfg, config)
+    from tuneloop.core.state import run_lock
     from tuneloop.flows.retrain import retrain
 
-    result = _run_flow(retrain, cfg, None, None, force)
+    try:  # before Prefect starts: a second run must not even create the state's databases
+        with run_lock(state.home, "tuneloop run"):
+            result = _run_flow(retrain, cfg, None, None, force)
+    except TuneloopError as exc:
+        fail(str(exc), 1)
     from tuneloop.app.report import print_retrain_summary
 
     print_retrain_summary(result, state)
@@ -97,17 +106,39 @@ def _preflight(cfg, config: Path | None) -> None:
 
 
 def _run_flow(flow_fn, *args):
-    """Run a flow in this process; a stage's error or an ephemeral server that did not start is one line."""
+    """Run a flow in this process against PREFECT_API_URL's server, else a temporary one in a session of its own
+    (a terminal's Ctrl-C does not reach it; app/server.py). A stage's error, a server that cannot start, a full
+    disk or a damaged Prefect database is one line; Ctrl-C or SIGTERM stops the run with one line, 130 / 143."""
+    from tuneloop.app.interrupts import exit_code, interrupted_message, quiet_interrupt_logs
+    from tuneloop.app.server import disk_full_in, prefect_api
+
+    quiet_interrupt_logs()
+    problem, interrupted = None, None
     try:
-        return flow_fn(*args)
+        with prefect_api() as server:
+            try:
+                return flow_fn(*args)
+            except TuneloopError:
+                raise
+            except Exception as exc:  # a bug keeps its traceback; what the disk or the database did is one line
+                problem = (server.problem() if server else None) or disk_full_in(exc)
+                if problem is None:
+                    raise
     except TuneloopError as exc:
-        fail(str(exc), 1)
-    except RuntimeError as exc:
-        if "ephemeral Prefect API server" not in str(exc):
+        problem = str(exc)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (main turns it into one)
+        interrupted = exc
+    except OSError as exc:  # e.g. writing the server's log
+        problem = disk_full_in(exc)
+        if problem is None:
             raise
-        fail("the local Prefect API server did not start (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="
-             f"{os.environ.get('PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS')}); raise that timeout, or start "
-             "one with `make prefect-ui` and set PREFECT_API_URL=http://127.0.0.1:4200/api", 1)
+    if interrupted is not None:
+        print(interrupted_message(interrupted), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Everything is written and the server stopped; tearing down torch and Prefect's threads would take
+        # seconds more on a busy machine.
+        os._exit(exit_code(interrupted))
+    fail(problem, 1)
 
 
 @app.command()
@@ -366,7 +397,7 @@ def models(config: ConfigOption = None, set_: SetOption = None,
     for r in rows:
         table.add_row(r["version"], ", ".join(r["aliases"]), *(_score_cell(r.get(m)) for m in metrics),
                       r["dataset_version"] or "", r["backend"] or "", r["promoted"] or "")
-    Console(width=max(100, int(os.environ.get("COLUMNS", "100")))).print(table)
+    Console(width=max(100, int(os.environ.get("COLUMNS", "100"))), markup=False).print(table)  # tags, as they are
 
 
 @app.command()
@@ -528,7 +559,7 @@ def scenario_drift(
         table.add_row(str(o.week), f"v{o.champion_version}" if o.champion_version else "-", f(o.champion_accuracy),
                       f(o.frozen_accuracy), "DRIFT" if o.drift_detected else "-", o.retrain,
                       f"v{o.promoted_version}" if o.promoted_version else "-")
-    console = Console(width=max(Console().width, 100))
+    console = Console(width=max(Console().width, 100), markup=False)  # drift reasons name columns and values
     console.print(table)
     for o in outcomes:
         for reason in o.drift_reasons:
@@ -537,10 +568,23 @@ def scenario_drift(
 
 
 def main() -> None:
+    import signal
+
+    from tuneloop.app.interrupts import Terminated, exit_code, raise_terminated
+
+    # SIGTERM unwinds like Ctrl-C (Prefect records the run as crashed, the temporary server is stopped)
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         app()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        sys.exit(exit_code(exc))
+    except SystemExit as exc:
+        # typer turns a KeyboardInterrupt outside a flow (which _run_flow reports itself) into a silent exit 130
+        cause = exc.__context__.__cause__ if exc.__context__ is not None else None
+        if isinstance(cause, KeyboardInterrupt):
+            print(f"interrupted ({'SIGTERM' if isinstance(cause, Terminated) else 'Ctrl-C'})", file=sys.stderr)
+            sys.exit(exit_code(cause))
+        raise
 
 
 if __name__ == "__main__":

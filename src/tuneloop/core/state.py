@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Set before prefect/mlflow/transformers are imported: each reads its settings at import time.
 OFFLINE_AND_QUIET = {
@@ -84,15 +87,68 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write, fsync, then rename: a reader (or a crash) never sees half a file."""
+@contextmanager
+def unique_temporary(path: Path):
+    """A new file beside ``path`` under a name no other process uses, open for writing: yields (file, its
+    path); flushed and fsynced on exit, removed if the block fails. The caller renames it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh, tmp
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write, fsync, then rename: a reader (or a crash) never sees half a file, and two writers never
+    share a temporary file."""
+    with unique_temporary(path) as (fh, tmp):
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
     tmp.replace(path)
+
+
+_LOCKS: dict[Path, Any] = {}
+
+
+@contextmanager
+def run_lock(home: Path, what: str = "tuneloop run"):
+    """One run per state folder at a time: two would consume the same files, train in the same checkpoint
+    folder and register the same dataset twice. Held with an OS lock (``filelock``), so a killed run frees
+    it; re-entrant within a process (the CLI takes it before Prefect starts, the flow again inside it)."""
+    import json
+    import socket
+    from datetime import UTC, datetime
+
+    from filelock import FileLock, Timeout
+
+    from tuneloop.core.records import TuneloopError
+
+    home.mkdir(parents=True, exist_ok=True)
+    lock = _LOCKS.setdefault(home, FileLock(home / "run.lock", thread_local=False))
+    holder = home / "run.lock.json"
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            who = json.loads(holder.read_text())
+            by = f" ({who['what']}, pid {who['pid']} on {who['host']}, since {who['since']})"
+        except (OSError, ValueError, KeyError):
+            by = ""
+        raise TuneloopError(f"another run is using the state folder {home}{by}: one run per state folder at a "
+                            "time; this one did nothing. Wait for it to finish, or use another TUNELOOP_HOME") from None
+    try:
+        if lock.lock_counter == 1:
+            write_atomically(holder, json.dumps({
+                "what": what, "pid": os.getpid(), "host": socket.gethostname(),
+                "since": datetime.now(UTC).isoformat(timespec="seconds")}).encode())
+        yield
+    finally:
+        lock.release()
 
 
 def tuneloop_home() -> Path:
