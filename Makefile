@@ -21,7 +21,7 @@ LANDING := $(TUNELOOP_HOME)/landing
 help:
 	@echo "make demo        set up .venv and run the whole pipeline on the bundled demo data"
 	@echo "make test        set up .venv and run the test suite"
-	@echo "make test-fast   the tests not marked slow (~2.5 min): the inner loop"
+	@echo "make test-fast   the tests not marked slow (~3.5 min): the inner loop"
 	@echo "make mlflow-ui   open the MLflow UI on the demo's state (http://127.0.0.1:5000)"
 	@echo "make prefect-ui  open the Prefect UI on the demo's state (http://127.0.0.1:4200)"
 	@echo "make drift-demo  six weeks with a product launch: the loop vs a frozen model, with a plot"

@@ -36,6 +36,15 @@ def write_lines(path: Path, lines: list[str]) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_tracking_uri():
+    """``mlflow.set_tracking_uri`` also sets $MLFLOW_TRACKING_URI: without this, a CLI child of a later test
+    would inherit an earlier test's registry (and find its model versions) instead of its own state folder's."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture
 def demo_lines() -> list[str]:
     return (DEMO / "tickets.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
