@@ -78,6 +78,23 @@ def gate_folder(folder: Path, cfg, run_dir: Path):
     return check_batch(raw, cfg.source, cfg.mapping, cfg.quality, run_dir)
 
 
+def demo_export(root: Path, n_lines: int, max_examples: int):
+    """The first ``n_lines`` demo tickets through the gate, snapshot and export: (config, export, held-out)."""
+    from tuneloop.core.config import load_config
+    from tuneloop.tasks.export import export_chat_jsonl
+    from tuneloop.tasks.heldout import read_heldout
+    from tuneloop.tasks.snapshot import write_snapshot
+
+    cfg = load_config(DEMO_CONFIG, [f"evaluate.max_examples={max_examples}"])
+    landing = root / "landing"
+    landing.mkdir()
+    (landing / "t.jsonl").write_text("".join((DEMO / "tickets.jsonl").read_text().splitlines(True)[:n_lines]))
+    checked = gate_folder(landing, cfg, root / "run")
+    heldout = read_heldout(cfg.evaluate.holdout, cfg.mapping, cfg.evaluate.max_examples)
+    exported = export_chat_jsonl(write_snapshot(checked, root / "datasets"), cfg.export, heldout, root / "exports")
+    return cfg, exported, heldout
+
+
 def accepted(checked) -> dict:
     """Accepted examples by record id."""
     from tuneloop.core.records import ChatExample

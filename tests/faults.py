@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 _CHILD = r"""
-import importlib, json, os, signal, sys
+import functools, importlib, json, os, signal, sys
 spec = json.loads(sys.argv[1])
 module_name, _, attr_path = spec["point"].partition(":")
 owner = importlib.import_module(module_name)
@@ -34,34 +34,22 @@ def _die():
     sys.stdout.flush(); sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 
-def wrapper(*args, **kwargs):
-    calls["n"] += 1
-    if calls["n"] == spec["nth"] and spec["when"] == "before":
-        _die()
-    result = original(*args, **kwargs)
-    if calls["n"] == spec["nth"] and spec["when"] == "after":
-        _die()
-    return result
-
-for name in ("__name__", "__qualname__", "__doc__", "__module__", "__wrapped__"):
-    try:
-        setattr(wrapper, name, getattr(original, name))
-    except AttributeError:
-        pass
-# a Prefect task or flow is called through its .fn: patch that, so the task machinery still runs
-if hasattr(original, "fn") and hasattr(original, "with_options"):
-    inner = original.fn
-    def fn_wrapper(*args, **kwargs):
+def around(call):
+    def wrapper(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == spec["nth"] and spec["when"] == "before":
             _die()
-        result = inner(*args, **kwargs)
+        result = call(*args, **kwargs)
         if calls["n"] == spec["nth"] and spec["when"] == "after":
             _die()
         return result
-    original.fn = fn_wrapper
+    return wrapper
+
+# a Prefect task or flow is called through its .fn: patch that, so the task machinery still runs
+if hasattr(original, "fn") and hasattr(original, "with_options"):
+    original.fn = functools.wraps(original.fn)(around(original.fn))
 else:
-    setattr(owner, parts[-1], wrapper)
+    setattr(owner, parts[-1], functools.wraps(original)(around(original)))
 sys.argv = ["tuneloop", *spec["args"]]
 from tuneloop.app.cli import main
 main()

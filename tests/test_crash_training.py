@@ -14,7 +14,7 @@ import shutil
 import pytest
 from faults import run_cli, run_cli_killed_at
 
-from conftest import DEMO, DEMO_CONFIG, gate_folder
+from conftest import DEMO, DEMO_CONFIG, demo_export
 from tuneloop.core.config import load_config
 from tuneloop.tasks.answerers import GenerationCache
 from tuneloop.tasks.heldout import HeldOutExample
@@ -121,18 +121,8 @@ def test_two_processes_appending_at_once_leave_every_line_whole(tmp_path):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from tuneloop.tasks.export import export_chat_jsonl
-    from tuneloop.tasks.heldout import read_heldout
-    from tuneloop.tasks.snapshot import write_snapshot
-
     root = tmp_path_factory.mktemp("crash")
-    cfg = load_config(DEMO_CONFIG, ["evaluate.max_examples=8"])
-    landing = root / "landing"
-    landing.mkdir()
-    (landing / "t.jsonl").write_text("".join((DEMO / "tickets.jsonl").read_text().splitlines(True)[:300]))
-    checked = gate_folder(landing, cfg, root / "run")
-    heldout = read_heldout(cfg.evaluate.holdout, cfg.mapping, cfg.evaluate.max_examples)
-    exported = export_chat_jsonl(write_snapshot(checked, root / "datasets"), cfg.export, heldout, root / "exports")
+    _, exported, _ = demo_export(root, 300, 8)
     return root, exported
 
 

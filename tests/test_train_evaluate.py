@@ -4,15 +4,12 @@ import json
 
 import pytest
 
-from conftest import DEMO, DEMO_CONFIG, gate_folder
+from conftest import DEMO, DEMO_CONFIG, demo_export
 from tuneloop.core.config import load_config
 from tuneloop.core.models import load_causal_lm
 from tuneloop.core.records import TuneloopError
 from tuneloop.tasks.base_model import resolve_base_model
 from tuneloop.tasks.evaluate import evaluate_models
-from tuneloop.tasks.export import export_chat_jsonl
-from tuneloop.tasks.heldout import read_heldout
-from tuneloop.tasks.snapshot import write_snapshot
 from tuneloop.tasks.train_local import train_lora
 
 pytestmark = pytest.mark.slow
@@ -21,13 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    cfg = load_config(DEMO_CONFIG, ["evaluate.max_examples=40"])
-    landing = root / "landing"
-    landing.mkdir()
-    (landing / "t.jsonl").write_text("".join((DEMO / "tickets.jsonl").read_text().splitlines(True)[:400]))
-    checked = gate_folder(landing, cfg, root / "run")
-    heldout = read_heldout(cfg.evaluate.holdout, cfg.mapping, cfg.evaluate.max_examples)
-    exported = export_chat_jsonl(write_snapshot(checked, root / "datasets"), cfg.export, heldout, root / "exports")
+    cfg, exported, heldout = demo_export(root, 400, 40)
     return root, cfg, exported, heldout
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import signal
 import socket
@@ -100,22 +99,11 @@ def disk_full_in(exc: BaseException) -> str | None:
     return None
 
 
-class _DiskFullFilter(logging.Filter):
-    """Prefect logs a failed task and flow with its stack; for a full disk the stack only hides the one line
-    that says where to free space (the command prints it last)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None and disk_full_in(record.exc_info[1]):
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
 def quiet_disk_full_logs() -> None:
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DiskFullFilter) for f in logger.filters):
-            logger.addFilter(_DiskFullFilter())
+    """For a full disk the stack only hides the one line that says where to free space (printed last)."""
+    from tuneloop.core.state import quiet_tracebacks
+
+    quiet_tracebacks("disk-full", lambda exc: disk_full_in(exc) is not None)
 
 
 class LocalServer:

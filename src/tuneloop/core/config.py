@@ -242,8 +242,9 @@ class ExportConfig(Strict):
         "quarantine sets it aside (too_long.jsonl in the export, reason too_many_tokens). An example whose system "
         "message and answer alone are over the limit is always set aside")
     max_heldout_overlap: float = Field(
-        0.2, ge=0, le=1, description="the held-out set may remove at most this share of the dataset (examples asking "
-        "a held-out question); more means it is (a copy of) the training data, an error before training")
+        0.5, ge=0, le=1, description="the held-out set may remove at most this share of the dataset (examples asking "
+        "a held-out question); more means it is (a copy of) the training data, an error before training. Half, as "
+        "`tuneloop init --holdout` allows: its held-out records may all land in the landing folder too")
 
 
 class LoraSettings(Strict):

@@ -155,27 +155,38 @@ def tuneloop_home() -> Path:
     return Path(os.environ.get("TUNELOOP_HOME") or Path.cwd() / ".tuneloop").expanduser().resolve()
 
 
-class _UserErrorFilter(logging.Filter):
-    """A TuneloopError is a message for the user (bad config, failed gate): log it without a traceback.
+class _NoTracebackFilter(logging.Filter):
+    """Prefect's engines log every failure with its stack; for an expected error (a message for the user: bad
+    config, failed gate, a full disk) the stack only hides the one line that says what to fix. Any other
+    exception is a bug and keeps its traceback."""
 
-    Prefect's engines log every failure with its stack; for these errors the stack only hides the
-    one line that says what to fix. Any other exception is a bug and keeps its traceback.
-    """
+    def __init__(self, name: str, expected) -> None:
+        super().__init__()
+        self.kind, self.expected = name, expected
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from tuneloop.core.records import TuneloopError
-
-        if record.exc_info and isinstance(record.exc_info[1], TuneloopError):
+        if record.exc_info and record.exc_info[1] is not None and self.expected(record.exc_info[1]):
             record.exc_info = None
             record.exc_text = None
         return True
 
 
-def quiet_user_errors() -> None:
+def quiet_tracebacks(kind: str, expected) -> None:
+    """Log failures for which ``expected(exc)`` is true without their traceback (once per ``kind``)."""
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _UserErrorFilter) for f in logger.filters):
-            logger.addFilter(_UserErrorFilter())
+        if not any(isinstance(f, _NoTracebackFilter) and f.kind == kind for f in logger.filters):
+            logger.addFilter(_NoTracebackFilter(kind, expected))
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    from tuneloop.core.records import TuneloopError
+
+    return isinstance(exc, TuneloopError)
+
+
+def quiet_user_errors() -> None:
+    quiet_tracebacks("user-error", _is_user_error)
 
 
 def prepare_state(home: Path | None = None) -> StateLayout:
