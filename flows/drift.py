@@ -2,7 +2,9 @@
 data, log both to MLflow, show them as a Prefect artifact, and ask for a retrain when either has drifted.
 
 The retrain is asked for, not called: the flow emits ``tuneloop.drift.detected`` and the retrain
-deployment's trigger starts it, under the same one-at-a-time limit as every other retrain.
+deployment's trigger starts it, under the same one-at-a-time limit as every other retrain. Likewise, a
+champion served by an API fine-tune within ``retirement.migrate_days`` of its provider's shutdown emits
+``tuneloop.migration.due``, which starts a migrating retrain (``migrate=True``), drift or not.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tuneloop.core.config import PipelineConfig, load_config
+from tuneloop.core.retirement import migration_due, relative_days
 from tuneloop.core.state import prepare_state
 from tuneloop.tasks.drift import DriftReport, check_drift, drift_markdown, log_drift
 
 DRIFT_EVENT = "tuneloop.drift.detected"
+MIGRATION_EVENT = "tuneloop.migration.due"
 
 
 def model_resource(config: PipelineConfig) -> dict[str, str]:
@@ -32,7 +36,8 @@ def check_drift_task(config: PipelineConfig, home, tracking_uri: str, work_dir) 
 
 @flow(name="drift-monitor")
 def drift_monitor(config: PipelineConfig | str, overrides: list[str] | None = None) -> DriftReport:
-    """Check the champion for performance and input drift; emit tuneloop.drift.detected when it has."""
+    """Check the champion for performance and input drift; emit tuneloop.drift.detected when it has, and
+    tuneloop.migration.due when its provider retires it within retirement.migrate_days."""
     from prefect.events import emit_event
 
     state = prepare_state()
@@ -54,4 +59,13 @@ def drift_monitor(config: PipelineConfig | str, overrides: list[str] | None = No
                             "summary": "; ".join(report.reasons)})
     else:
         log.info(f"no drift: {report.note or 'every signal under its threshold'}")
+    if report.retirement_warning:
+        log.warning(report.retirement_warning)
+    if migration_due(report.retirement_days_left, config.retirement):
+        summary = (f"champion v{report.champion_version} ({report.champion_model} at {report.champion_provider}) "
+                   f"stops answering {report.retires_on.isoformat()} ({relative_days(report.retirement_days_left)})")
+        emit_event(MIGRATION_EVENT, resource=model_resource(config),
+                   payload={"summary": summary, "date": report.retires_on.isoformat(),
+                            "days_left": report.retirement_days_left, "champion_version": report.champion_version,
+                            "model": report.champion_model, "provider": report.champion_provider})
     return report

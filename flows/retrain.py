@@ -19,6 +19,7 @@ from tuneloop.core.mapping import required_fields
 from tuneloop.core.records import RetrainResult
 from tuneloop.core.state import prepare_state, run_lock
 from tuneloop.tasks.collect import collect_task
+from tuneloop.tasks.distill import distill_task, migration_config
 from tuneloop.tasks.evaluate import evaluate_task
 from tuneloop.tasks.export import export_task, token_plan_task
 from tuneloop.tasks.heldout import read_evaluation_set
@@ -31,7 +32,7 @@ from tuneloop.tasks.ledger import (
     plan_training_task,
 )
 from tuneloop.tasks.preflight import ensure_ready
-from tuneloop.tasks.quality import enforce_min_examples, quality_task
+from tuneloop.tasks.quality import enforce_min_examples, enforce_quarantine_limit, quality_task
 from tuneloop.tasks.register import complete_registration_task, find_champion_task, register_task
 from tuneloop.tasks.snapshot import snapshot_task
 from tuneloop.tasks.tokens import enforce_budget
@@ -56,13 +57,15 @@ def cancel_openai_jobs(flow, flow_run, state) -> None:
 
 @flow(name="retrain", on_cancellation=[cancel_openai_jobs])
 def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, reason: str | None = None,
-            force: bool = False) -> RetrainResult:
+            force: bool = False, migrate: bool = False) -> RetrainResult:
     """Retrain on everything new in the source, or when the settings that shape the model changed; promote
     the result only if it is better.
 
     ``config`` is the configuration or, for deployments, the path of its YAML file (with ``overrides``);
     ``reason`` says what started the run (a schedule, data landing, drift) and is only logged; ``force``
-    trains on the newest dataset version even when it was trained on with these settings.
+    trains on the newest dataset version even when it was trained on with these settings; ``migrate`` trains a
+    local model with the champion as the teacher of unlabelled records and promotes it when at least as good
+    (moving off an API fine-tune before it retires).
     """
 
     state = prepare_state()
@@ -71,6 +74,9 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
         log = get_run_logger()
         if isinstance(config, str):
             config = load_config(config, overrides or [])
+        if migrate:
+            config = migration_config(config)
+            log.info("migration: a local candidate, the champion as teacher, promoted when at least as good")
         ensure_ready(config)  # before any work: a config problem is one line, not a failure after training
         if reason:
             log.info(f"started by: {reason}")
@@ -83,10 +89,14 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
         heldout = read_evaluation_set(config.evaluate, config.mapping, config.quality)
         ledger = load_ledger(state.ledger)
         landing = getattr(config.source, "landing", None) or state.landing
-        raw = collect_task(config.source, landing, required_fields(config.mapping), ledger)
+        raw = collect_task(config.source, landing, required_fields(config.mapping, config.distill.teacher != "none"), ledger)
         checked, new = None, None
         if not raw.nothing_new:
-            checked = quality_task(raw, config.source, config.mapping, config.quality, run_dir)
+            checked = quality_task(raw, config.source, config.mapping, config.quality, run_dir, config.distill)
+            if checked.n_unlabelled:  # records without an answer: the champion answers them
+                teacher = find_champion_task(config.registry, tracking_uri, run_dir / "teacher")
+                checked = distill_task(checked, teacher, config, state.home, run_dir)
+                enforce_quarantine_limit(checked, config.quality)
             new = snapshot_task(checked, state.datasets, ledger.dataset_version)
             enforce_min_examples(new.n_examples, config.quality, "examples in the dataset")
             ledger = consume(ledger, raw, new, checked.unread_sources)
@@ -131,9 +141,10 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
         # Looked up after training: a champion promoted meanwhile (tuneloop promote) is the one to beat.
         champion = find_champion_task(config.registry, tracking_uri, run_dir / "champion")
         report = evaluate_task(trained, champion, heldout, config.evaluate, run_dir, config.train.openai,
-                               state.home / "generations" if config.evaluate.cache_generations else None)
+                               state.home / "generations" if config.evaluate.cache_generations else None,
+                               retirement=config.retirement)
         version = register_task(config, checked, exported, trained, report, tracking_uri, artifacts_dir, run_id)
         commit_ledger(mark_trained(ledger, dataset.version, settings.hash, settings.values), state.ledger)
         counts = checked.model_dump(include={"n_read", "n_accepted", "n_quarantined", "n_duplicates"}) if checked else {}
         return RetrainResult(status="trained", dataset_version=dataset.version, report=report, model_version=version,
-                             run_dir=run_dir, **counts)
+                             run_dir=run_dir, distilled=checked.distilled if checked else None, **counts)

@@ -21,6 +21,12 @@ from tuneloop.core.generation import generate
 from tuneloop.core.models import adapter_identity, load_causal_lm, load_tokenizer, quiet_libraries
 from tuneloop.core.openai_client import chat_completions
 from tuneloop.core.records import Champion, TrainedModel, TuneloopError
+from tuneloop.tasks.azure_deploy import (
+    answering_deployment,
+    candidate_deployment,
+    clear_earlier_candidates,
+    deployments_of,
+)
 from tuneloop.tasks.heldout import HeldOutExample
 from tuneloop.tasks.runlog import stage_logger
 
@@ -52,6 +58,13 @@ class GenerationCache:
 
     def key(self, e: HeldOutExample) -> str:
         return hashlib.sha256(orjson.dumps([e.prompt, self.max_new_tokens])).hexdigest()[:24]
+
+    def missing(self, identity: str, examples: list) -> list:
+        """The examples this model has no cached answer for: what asking it would cost (distillation's budget)."""
+        if self.folder is None:
+            return list(examples)
+        known, _ = _read_cache(self.folder / f"{hashlib.sha256(identity.encode()).hexdigest()[:24]}.jsonl", self.warn)
+        return [e for e in examples if self.key(e) not in known]
 
     def answers(self, identity: str, examples: list[HeldOutExample],
                 produce: Callable[[list[HeldOutExample]], list[str]]) -> list[str]:
@@ -188,14 +201,21 @@ def heldout_answers(trained: TrainedModel, champion: Champion | None, heldout: l
                     evaluate: EvaluateConfig, openai: OpenAITrainConfig | None, cache: GenerationCache,
                     warn: Callable[[str], None] | None = None) -> dict[str, list[str]]:
     """Base, candidate and (when there is one) champion answers, each where that model runs: an API model
-    through the API, a local adapter on its base model."""
+    through the API (on Azure with managed deployments, through its deployment: see tasks.azure_deploy), a
+    local adapter on its base model."""
 
-    def api(model: str) -> list[str]:
-        return cache.answers(f"openai:{model}", heldout,
-                             lambda exs: chat_answers(openai, model, exs, evaluate.max_new_tokens, warn))
+    def api(model: str, role: str | None = None, job_id: str | None = None) -> list[str]:
+        def produce(exs: list[HeldOutExample]) -> list[str]:  # a deployment is made only when answers are missing
+            target = answering_deployment(openai, role, model, job_id, warn) if role else model
+            return chat_answers(openai, target, exs, evaluate.max_new_tokens, warn)
+        return cache.answers(f"openai:{model}", heldout, produce)
 
     if trained.backend == "openai":
-        texts = {"base": api(trained.base_model), "candidate": api(trained.fine_tuned_model)}
+        azure = deployments_of(openai)
+        if azure is not None:  # what earlier runs left goes before this candidate is deployed
+            clear_earlier_candidates(azure, keep=candidate_deployment(trained.fine_tuned_model, trained.job_id))
+        texts = {"base": api(answering_deployment(openai, "base", trained.base_model)),
+                 "candidate": api(trained.fine_tuned_model, "candidate", trained.job_id)}
         if champion is not None and champion.adapter_path is not None and champion.fine_tuned_model is None:
             local = TrainedModel(backend="local", base_model=champion.base_model, adapter_path=champion.adapter_path,
                                  dataset_version="", steps=0, train_loss=None, train_seconds=0)
@@ -207,7 +227,7 @@ def heldout_answers(trained: TrainedModel, champion: Champion | None, heldout: l
         if openai is None:
             raise TuneloopError(f"evaluate: champion v{champion.version} is {champion.fine_tuned_model}: "
                                 "set train.openai to reach it")
-        texts["champion"] = api(champion.fine_tuned_model)
+        texts["champion"] = api(champion.fine_tuned_model, "champion")
     return texts
 
 

@@ -15,6 +15,7 @@ import math
 import os
 import re
 from collections import Counter
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,6 +47,12 @@ class DriftReport(BaseModel):
     drifted: bool = False
     reasons: list[str] = Field(default_factory=list)
     note: str = ""
+    # an API-backed champion stops answering when its provider retires it (config retirement)
+    champion_model: str | None = None
+    champion_provider: str | None = None
+    retires_on: date | None = None
+    retirement_days_left: int | None = None
+    retirement_warning: str = ""  # within retirement.warn_days: who stops answering when, and what to do
 
 
 def psi(expected: Counter, actual: Counter) -> float:
@@ -175,7 +182,21 @@ def champion_score(model_uri: str, examples: list[ChatExample], config: Pipeline
     return pyfunc_score(model_uri, held, config, tracking_uri).metric(config.evaluate.primary_metric)
 
 
-def check_drift(config: PipelineConfig, home: Path, tracking_uri: str, work_dir: Path) -> DriftReport:
+def note_retirement(report: DriftReport, tags: dict[str, str], config: PipelineConfig, today: date | None = None) -> None:
+    """When the champion, an API fine-tune, stops answering: put on the report, a warning within warn_days."""
+    from tuneloop.core.retirement import champion_warning, version_retirement, within_warning
+
+    found = version_retirement(tags, config.retirement, config.train.openai.provider)
+    if found is None:
+        return
+    report.champion_model, report.champion_provider = found.model, found.provider
+    report.retires_on, report.retirement_days_left = found.on, found.days_left(today)
+    if within_warning(found, config.retirement, today):
+        report.retirement_warning = champion_warning(report.champion_version, found, config.retirement, today)
+
+
+def check_drift(config: PipelineConfig, home: Path, tracking_uri: str, work_dir: Path,
+                today: date | None = None) -> DriftReport:
     from mlflow.exceptions import MlflowException
 
     from tuneloop.tasks.register import CHAMPION, client_for
@@ -190,6 +211,7 @@ def check_drift(config: PipelineConfig, home: Path, tracking_uri: str, work_dir:
     champion_dataset = version.tags.get("dataset_version")
     report = DriftReport(champion_version=str(version.version), champion_dataset_version=champion_dataset,
                          metric=metric)
+    note_retirement(report, version.tags, config, today)  # before any early return: it matters with no new data
     run = client.get_run(version.run_id)
     report.at_promotion = run.data.metrics.get(f"candidate_{metric}")
     recent, origin = recent_examples(config, home, champion_dataset, work_dir)
@@ -236,6 +258,7 @@ def drift_markdown(report: DriftReport) -> str:
 
     lines = [f"## Drift check of champion v{report.champion_version or '-'}", "",
              f"**{'DRIFT' if report.drifted else 'no drift'}**" + (f": {report.note}" if report.note else ""), "",
+             *([f"**Retirement**: {report.retirement_warning}", ""] if report.retirement_warning else []),
              "| signal | value |", "|---|---|",
              f"| recent examples | {report.n_recent} ({report.recent_from or 'none'}) |",
              f"| {report.metric} at promotion | {f(report.at_promotion)} |",
@@ -244,6 +267,12 @@ def drift_markdown(report: DriftReport) -> str:
              f"| PSI ticket length | {f(report.psi_length)} |",
              f"| PSI labels | {f(report.psi_label)} |",
              f"| new vocabulary share | {f(report.new_vocabulary_share)} |"]
+    if report.retires_on is not None:
+        from tuneloop.core.retirement import relative_days
+
+        lines.append(f"| champion stops answering | {report.retires_on.isoformat()} "
+                     f"({relative_days(report.retirement_days_left)}; {report.champion_model} at "
+                     f"{report.champion_provider}) |")
     lines += ["", *[f"- {r}" for r in report.reasons]]
     return "\n".join(lines)
 
@@ -252,7 +281,7 @@ def log_drift(report: DriftReport, config: PipelineConfig, tracking_uri: str, ar
     """One MLflow run per champion version, a step per check: the UI charts drift over time."""
     import time
 
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
     from tuneloop.tasks.register import client_for, experiment_id
 
@@ -269,6 +298,9 @@ def log_drift(report: DriftReport, config: PipelineConfig, tracking_uri: str, ar
     now = int(time.time() * 1000)
     values = {"n_recent": report.n_recent, "recent_metric": report.recent_value, "metric_drop": report.metric_drop,
               "psi_length": report.psi_length, "psi_label": report.psi_label,
-              "new_vocabulary_share": report.new_vocabulary_share, "drifted": float(report.drifted)}
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items() if v is not None])
+              "new_vocabulary_share": report.new_vocabulary_share, "drifted": float(report.drifted),
+              "retirement_days_left": report.retirement_days_left}
+    tags = [RunTag("champion_retires_on", report.retires_on.isoformat())] if report.retires_on else []
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items() if v is not None],
+                     tags=tags)
     return run_id

@@ -8,7 +8,8 @@ table written, each in the task's own metrics.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from datetime import date
 from pathlib import Path
 
 import orjson
@@ -16,8 +17,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tuneloop.core.config import EvaluateConfig, OpenAITrainConfig
+from tuneloop.core.config import EvaluateConfig, OpenAITrainConfig, RetirementConfig
 from tuneloop.core.records import METRIC_TITLES, Champion, EvalReport, TrainedModel, TuneloopError
+from tuneloop.core.retirement import Retirement, retirement_of, training_closes_note, within_warning
 from tuneloop.tasks.answerers import GenerationCache, heldout_answers, judge_grade, token_counters
 from tuneloop.tasks.heldout import GOLDEN_PREFIX, HeldOutExample
 from tuneloop.tasks.metrics import answer_budget, confusion_png, parse_label, rouge_l, score, worst_examples
@@ -80,9 +82,33 @@ def _cell(text: str, width: int = 80) -> str:
     return text[:width].replace("|", "/").replace("\n", " ")
 
 
-def comparison_markdown(report: EvalReport) -> str:
-    """The Prefect artifact: the task's metrics for the three models, the candidate's worst answers, and
-    (classification) its per-class table."""
+def api_retirements(trained: TrainedModel, champion: Champion | None, provider: str | None,
+                    retirement: RetirementConfig) -> dict[str, Retirement]:
+    """The champion and candidate that are API fine-tunes with a retirement date, by role (``provider``: the
+    configured API's, train.openai.provider)."""
+    found = {}
+    for role, model in (("champion", champion), ("candidate", trained)):
+        if model is not None and model.backend == "openai":
+            when = retirement_of(model.fine_tuned_model or model.base_model, provider, retirement)
+            if when is not None:
+                found[role] = when
+    return found
+
+
+def retirement_lines(retirements: Mapping[str, Retirement], retirement: RetirementConfig | None = None,
+                     today: date | None = None) -> list[str]:
+    """A line per API-backed champion or candidate: a model that wins here still stops answering then."""
+    lines = []
+    for role, when in retirements.items():
+        note = training_closes_note(when.provider, retirement, today) if retirement and role == "candidate" else ""
+        lines.append(f"- {role} `{when.model}` ({when.provider}) {when.describe(today)}" + (f"; {note}" if note else ""))
+    return ["", "Retirement:", "", *lines] if lines else []
+
+
+def comparison_markdown(report: EvalReport, retirements: Mapping[str, Retirement] | None = None,
+                        retirement: RetirementConfig | None = None, today: date | None = None) -> str:
+    """The Prefect artifact: the task's metrics for the three models, the candidate's worst answers,
+    (classification) its per-class table, and when an API-backed champion or candidate stops answering."""
     names = list(report.candidate.metrics)
     classification = report.task == "classification"
     columns = [METRIC_TITLES[m] for m in names] + (["unparsed answers"] if classification else [])
@@ -111,16 +137,23 @@ def comparison_markdown(report: EvalReport) -> str:
                   "|---|---:|---:|---:|---:|"]
         lines += [f"| {lab} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
                   for lab, m in report.candidate.per_class.items()]
+    lines += retirement_lines(retirements or {}, retirement, today)
     return "\n".join(lines)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(trained: TrainedModel, champion: Champion | None, heldout: list[HeldOutExample],
                   evaluate: EvaluateConfig, run_dir: Path, openai: OpenAITrainConfig | None = None,
-                  cache_dir: Path | None = None) -> EvalReport:
+                  cache_dir: Path | None = None, retirement: RetirementConfig | None = None) -> EvalReport:
     report = evaluate_models(trained, champion, heldout, evaluate, run_dir, openai, cache_dir,
                              warn=get_run_logger().warning)
-    create_markdown_artifact(comparison_markdown(report), key="evaluation", description="base vs champion vs candidate")
+    retirements = (api_retirements(trained, champion, (openai or OpenAITrainConfig()).provider, retirement)
+                   if retirement else {})
+    create_markdown_artifact(comparison_markdown(report, retirements, retirement), key="evaluation",
+                             description="base vs champion vs candidate")
+    for role, when in retirements.items():
+        if within_warning(when, retirement):
+            get_run_logger().warning(f"evaluate: the {role} {when.model} ({when.provider}) {when.describe()}")
     m = evaluate.primary_metric
     champ = f", champion {report.champion.metric(m):.3f}" if report.champion else ""
     get_run_logger().info(f"evaluate: {m} of base {report.base.metric(m):.3f}{champ}, candidate "

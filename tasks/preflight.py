@@ -106,10 +106,31 @@ def label_pattern_problems(cfg: PipelineConfig, labels: list[str]) -> list[str]:
             + (", ..." if len(wrong) > 3 else "") + "): change the pattern and the template together"]
 
 
+def azure_sdk_problem(cfg: PipelineConfig) -> str | None:
+    """Managed Azure deployments need Microsoft's SDK (an optional extra): missing, that is found now, not after
+    a paid training job, when the candidate is to be deployed."""
+    azure = cfg.train.openai.azure_deployments
+    if azure is None:  # (the config allows it with provider azure only)
+        return None
+    modules = ["azure.mgmt.cognitiveservices"] + ([] if azure.token_env else ["azure.identity"])
+    missing = []
+    for module in modules:
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if not missing:
+        return None
+    return (f"train.openai.azure_deployments is set, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not installed: pip install 'tuneloop[azure]'")
+
+
 def preflight(cfg: PipelineConfig) -> list[str]:
     """Every problem of the configuration that can be found before collecting, one line each."""
     problems = _regex_problems(cfg)
     if cfg.source.kind == "sql" and (problem := cfg.source.driver_problem()):  # before a connection is tried
+        problems.append(problem)
+    if problem := azure_sdk_problem(cfg):
         problems.append(problem)
     m, ev = cfg.mapping, cfg.evaluate
     if ev.task == "classification" and not m.label and not m.messages:

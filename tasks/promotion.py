@@ -15,8 +15,8 @@ COMPARED = ("accuracy", "macro_f1", "exact_match", "rouge_l", "bleu", "judge")  
 def decide_promotion(report: EvalReport, evaluate: EvaluateConfig, register: RegisterConfig,
                      has_champion: bool) -> PromotionDecision:
     """Strictly better than the champion (the base model, before there is one) on ``evaluate.primary_metric``
-    by at least ``register.min_improvement`` (a tie never replaces the champion), and no ``evaluate.guards``
-    metric down by more than its tolerance."""
+    by at least ``register.min_improvement`` (a tie never replaces the champion, unless ``register.promote_when``
+    is ``at_least_as_good``, as in a migration), and no ``evaluate.guards`` metric down by more than its tolerance."""
     if has_champion and report.champion is None:
         raise TuneloopError("register: there is a champion but the evaluation did not score it, so the candidate "
                             "cannot be compared with it: evaluate again with the champion")
@@ -26,10 +26,13 @@ def decide_promotion(report: EvalReport, evaluate: EvaluateConfig, register: Reg
     deltas = {m: round(report.candidate.metric(m) - reference.metric(m), 4) for m in names}
     delta = deltas[primary]
     failures = [f"{m} {deltas[m]:+.3f} (allowed -{tol:.3f})" for m, tol in sorted(guards.items()) if deltas[m] < -tol]
-    promoted = delta > 0 and delta >= register.min_improvement and not failures
-    verdict = "beats" if promoted else "does not beat"
+    tie_wins = register.promote_when == "at_least_as_good"
+    promoted = (delta >= 0 if tie_wins else delta > 0) and delta >= register.min_improvement and not failures
+    verdict = ("matches or beats" if tie_wins else "beats") if promoted else \
+        ("does not match" if tie_wins else "does not beat")
+    required = f">= {register.min_improvement:.3f}" if tie_wins else f"> 0 and >= {register.min_improvement:.3f}"
     reason = (f"candidate {primary} {report.candidate.metric(primary):.3f} {verdict} {baseline}"
-              f" {reference.metric(primary):.3f} (delta {delta:+.3f}, required > 0 and >= {register.min_improvement:.3f})")
+              f" {reference.metric(primary):.3f} (delta {delta:+.3f}, required {required})")
     if failures:
         reason += "; guard regressed: " + ", ".join(failures)
     return PromotionDecision(promoted=promoted, reason=reason, baseline=baseline, delta=delta,

@@ -26,8 +26,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tuneloop.core.config import MappingConfig, QualityConfig, SourceConfig
-from tuneloop.core.mapping import PreparedChunk, RecordMapper, all_fields
+from tuneloop.core.config import DistillConfig, MappingConfig, QualityConfig, SourceConfig
+from tuneloop.core.mapping import PreparedChunk, RecordMapper, all_fields, answer_fields
 from tuneloop.core.records import CheckedBatch, ExpectationOutcome, QuarantineEntry, RawBatch, TuneloopError
 from tuneloop.tasks.gx import UNIQUE, SuiteRunner, lineage_columns, load_suite
 
@@ -43,7 +43,8 @@ class QualityGate:
     Data Docs show the run as one result per suite), the counts and the output files.
     """
 
-    def __init__(self, mapping: MappingConfig, quality: QualityConfig, run_dir: Path):
+    def __init__(self, mapping: MappingConfig, quality: QualityConfig, run_dir: Path,
+                 distill: DistillConfig | None = None):
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -78,7 +79,12 @@ class QualityGate:
         self.raw = SuiteRunner(context, raw_suite, self.lineage, run_wide=unique)
         self.chat = SuiteRunner(context, chat_suite, self.lineage)
 
-        self.paths = {name: run_dir / f"{name}.jsonl" for name in ("accepted", "quarantine", "duplicates")}
+        # a record without its answer: the teacher's to answer (distill.teacher), else quarantined as such
+        self.teacher = distill is not None and distill.teacher != "none"
+        self.answer_all = self.teacher and distill.answer == "all"
+        self.answer_fields = answer_fields(mapping)
+        self.n_unlabelled = 0
+        self.paths = {name: run_dir / f"{name}.jsonl" for name in ("accepted", "quarantine", "duplicates", "unlabelled")}
         self.out = {name: path.open("wb") for name, path in self.paths.items()}
         self.seen: dict[bytes, tuple[str, int]] = {}
         self.ids: dict[str, dict[str, tuple[str, int]]] = {c: {} for c in self.unique_columns}
@@ -139,8 +145,9 @@ class QualityGate:
         for j, i in enumerate(keep):
             if i in chunk.pii_reasons:
                 reasons.setdefault(j, []).extend(chunk.pii_reasons[i])
+        to_answer = self._to_answer(chunk, keep, reasons)
 
-        passing = [j for j in range(len(keep)) if j not in reasons]
+        passing = [j for j in range(len(keep)) if j not in reasons and j not in to_answer]
         if passing:
             flat = chunk.flat.iloc[[keep[j] for j in passing]].reset_index(drop=True)
             flat[file] = [chunk.sources[keep[j]] for j in passing]
@@ -152,9 +159,49 @@ class QualityGate:
         for j, i in enumerate(keep):
             if j in reasons:
                 self._quarantine(chunk.sources[i], chunk.lines[i], reasons[j], orjson.loads(chunk.records[i]))
+            elif j in to_answer:
+                example = orjson.loads(chunk.examples[i])
+                example["prompt"] = to_answer[j]
+                example["record"] = orjson.loads(chunk.records[i])
+                del example["messages"], example["content_hash"]
+                self.out["unlabelled"].write(orjson.dumps(example) + b"\n")
+                self.n_unlabelled += 1
             else:
                 write(chunk.examples[i])
                 self.n_accepted += 1
+
+    def _to_answer(self, chunk: PreparedChunk, keep: list[int], reasons: dict[int, list[str]]) -> dict[int, list]:
+        """Rows (by position in ``keep``) the teacher is to answer, with the prompt it gets: those lacking an
+        answer field (template mapping) or ending with a user turn (messages column); every row with
+        ``distill.answer: all``. Failed checks of the answer fields no longer count against them (the answer is
+        replaced); without a teacher such a row is quarantined ``missing_answer(field)``, whatever the suite
+        checks: an empty answer must never be trained on as the text "None"."""
+        m, out = self.mapping, {}
+        for j, i in enumerate(keep):
+            example = orjson.loads(chunk.examples[i])
+            messages = example["messages"]
+            if m.messages is not None:
+                ends_with_user = bool(messages) and isinstance(messages[-1], dict) and messages[-1].get("role") == "user"
+                missing = ["messages"] if ends_with_user else []
+            else:
+                missing = [f for f in self.answer_fields if chunk.columns[f][i] in (None, "")]
+            if not missing and not self.answer_all:
+                continue
+            if not self.teacher:
+                already = {r.rsplit("(", 1)[-1].rstrip(")") for r in reasons.get(j, [])}
+                new = [f"missing_answer({f})" for f in missing if f not in already and f != "messages"]
+                if new:
+                    reasons.setdefault(j, []).extend(new)
+                continue
+            kept = [r for r in reasons.get(j, []) if r.rsplit("(", 1)[-1].rstrip(")") not in self.answer_fields]
+            if kept:
+                reasons[j] = kept
+                continue
+            reasons.pop(j, None)
+            prompt = messages[:-1] if messages and isinstance(messages[-1], dict) and \
+                messages[-1].get("role") == "assistant" else messages
+            out[j] = prompt
+        return out
 
     def outcomes(self) -> list[ExpectationOutcome]:
         """One per expectation type and column, as quarantine reasons name them (Data Docs list each expectation:
@@ -171,6 +218,8 @@ class QualityGate:
     def finish(self) -> CheckedBatch:
         for fh in self.out.values():
             fh.close()
+        if not self.n_unlabelled:
+            self.paths["unlabelled"].unlink(missing_ok=True)
         if self.docs_dir:
             where = f"{self.paths['quarantine']}: every rejected record, with its file, line and reasons"
             results = {runner.name: runner.store_result(self.run_dir.name, where) for runner in (self.raw, self.chat)}
@@ -185,11 +234,12 @@ class QualityGate:
             data_docs=(self.docs_dir / "index.html") if self.docs_dir and (self.docs_dir / "index.html").exists() else None,
             n_read=self.n_read, n_accepted=self.n_accepted, n_quarantined=self.n_quarantined,
             n_duplicates=self.n_duplicates, n_redacted=self.n_redacted, expectations=self.outcomes(),
-            unread_sources=self.unread_sources,
+            unread_sources=self.unread_sources, n_unlabelled=self.n_unlabelled,
+            unlabelled_path=self.paths["unlabelled"] if self.n_unlabelled else None,
         )
-        if checked.n_read != checked.n_accepted + checked.n_quarantined + checked.n_duplicates:
-            raise RuntimeError(f"records lost: {checked.n_read} read, {checked.n_accepted} + "
-                               f"{checked.n_quarantined} + {checked.n_duplicates} accounted for")
+        if not checked.reconciles:
+            raise RuntimeError(f"records lost: {checked.n_read} read, {checked.n_accepted} + {checked.n_quarantined}"
+                               f" + {checked.n_duplicates} + {checked.n_unlabelled} unlabelled accounted for")
         summary_path.write_bytes(orjson.dumps(
             checked.model_dump(mode="json", exclude={"summary_path"}), option=orjson.OPT_INDENT_2))
         return checked
@@ -247,8 +297,8 @@ def use_subprocess(raw: RawBatch, quality: QualityConfig) -> bool:
 
 
 def check_batch(raw: RawBatch, source: SourceConfig, mapping: MappingConfig, quality: QualityConfig,
-                run_dir: Path) -> CheckedBatch:
-    gate = QualityGate(mapping, quality, run_dir)
+                run_dir: Path, distill: DistillConfig | None = None) -> CheckedBatch:
+    gate = QualityGate(mapping, quality, run_dir, distill)
     for chunk in prepared_chunks(raw, source, mapping, quality, use_subprocess(raw, quality)):
         gate.add(chunk)
     return gate.finish()
@@ -287,10 +337,10 @@ def summary_markdown(checked: CheckedBatch) -> str:
     lines = [
         "## Quality gate",
         "",
-        "| read | accepted | quarantined | duplicates | PII redacted |",
-        "|---:|---:|---:|---:|---:|",
+        "| read | accepted | quarantined | duplicates | without an answer (for the teacher) | PII redacted |",
+        "|---:|---:|---:|---:|---:|---:|",
         f"| {checked.n_read} | {checked.n_accepted} | {checked.n_quarantined} | {checked.n_duplicates}"
-        f" | {checked.n_redacted} |",
+        f" | {checked.n_unlabelled} | {checked.n_redacted} |",
         "",
         "| suite | expectation | column | result | unexpected |",
         "|---|---|---|---|---:|",
@@ -305,12 +355,15 @@ def summary_markdown(checked: CheckedBatch) -> str:
 
 
 @task(name="quality", cache_policy=NO_CACHE)
-def quality_task(raw, source, mapping: MappingConfig, quality: QualityConfig, run_dir: Path) -> CheckedBatch:
-    checked = check_batch(raw, source, mapping, quality, run_dir)
+def quality_task(raw, source, mapping: MappingConfig, quality: QualityConfig, run_dir: Path,
+                 distill: DistillConfig | None = None) -> CheckedBatch:
+    checked = check_batch(raw, source, mapping, quality, run_dir, distill)
     create_markdown_artifact(summary_markdown(checked), key="quality-gate", description="quality gate outcome")
     get_run_logger().info(
         f"quality: read {checked.n_read} = accepted {checked.n_accepted} + quarantined {checked.n_quarantined}"
-        f" + duplicates {checked.n_duplicates}; {checked.n_redacted} PII matches redacted"
+        f" + duplicates {checked.n_duplicates}"
+        + (f" + {checked.n_unlabelled} without an answer, for the teacher" if checked.n_unlabelled else "")
+        + f"; {checked.n_redacted} PII matches redacted"
         + (f"; Data Docs: {checked.data_docs}" if checked.data_docs else ""))
     enforce_quarantine_limit(checked, quality)
     return checked

@@ -14,7 +14,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tuneloop.core.config import PipelineConfig, RegisterConfig
+from tuneloop.core.config import OpenAITrainConfig, PipelineConfig, RegisterConfig
 from tuneloop.core.records import (
     METRIC_TITLES,
     Champion,
@@ -217,6 +217,12 @@ def run_metrics(checked: CheckedBatch | None, exported: ExportedDataset, trained
                        n_duplicates=checked.n_duplicates, n_pii_redacted=checked.n_redacted)
         metrics.update({f"gx_unexpected.{o.suite}.{o.expectation}.{o.column or ''}".rstrip("."): o.unexpected_count
                         for o in checked.expectations})
+        if (d := checked.distilled) is not None:  # the champion as teacher: what it answered, and at what cost
+            metrics.update({"teacher.to_answer": d.n_to_answer, "teacher.answered": d.n_answered,
+                            "teacher.set_aside": d.n_quarantined, "teacher.asked": d.n_called,
+                            "teacher.cached": d.n_cached})
+            if d.estimated_cost_usd is not None:
+                metrics["teacher.estimated_cost_usd"] = d.estimated_cost_usd
     if trained.train_loss is not None:
         metrics["train_loss"] = trained.train_loss
     batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
@@ -267,6 +273,8 @@ def log_run_artifacts(client, run_id: str, checked: CheckedBatch | None, exporte
             client.log_artifact(run_id, str(path), "quality")
         if checked.data_docs is not None:
             client.log_artifacts(run_id, str(checked.data_docs.parent), "quality/data_docs")
+        if checked.distilled is not None:  # the teacher's golden outputs, kept past the API model's retirement
+            client.log_artifact(run_id, str(checked.distilled.answers_path), "teacher")
 
 
 def log_champion_model(client, run_id: str, config: PipelineConfig, trained: TrainedModel, report: EvalReport) -> None:
@@ -276,10 +284,12 @@ def log_champion_model(client, run_id: str, config: PipelineConfig, trained: Tra
     openai_settings = config.train.openai.model_dump(include={
         "provider", "base_url", "api_key_env", "azure_endpoint", "azure_api_version", "eval_concurrency",
         "request_retries"})
+    azure = config.train.openai.azure_deployments if config.train.openai.provider == "azure" else None
     pyfunc_dir = save_champion_model(
         report.predictions_path.parent / "pyfunc" / "model", trained.backend, trained.base_model,
         trained.adapter_path, trained.fine_tuned_model, openai_settings, config.mapping.system,
-        report.max_new_tokens)
+        report.max_new_tokens,
+        deployment=azure.champion_deployment if azure is not None and trained.backend == "openai" else None)
     client.log_artifacts(run_id, str(pyfunc_dir), "model")
 
 
@@ -419,6 +429,27 @@ def adopt_version(client, name: str, version, decision: PromotionDecision) -> No
             move_champion(client, name, str(version.version), "tuneloop retrain", decision.reason)
 
 
+def settle_deployments(config: PipelineConfig, trained: TrainedModel, decision: PromotionDecision,
+                       version: str) -> None:
+    """Azure with managed deployments, once the decision is recorded: a promoted candidate takes over the
+    champion's deployment, and the candidate's own deployment is deleted either way. A champion's deployment
+    left serving the old model is an error (apps would still get it); a leftover candidate deployment only a
+    warning (the next evaluation deletes it)."""
+    from tuneloop.tasks.azure_deploy import deployments_of, settle_candidate
+
+    azure = deployments_of(config.train.openai)
+    if azure is None or trained.backend != "openai" or not trained.fine_tuned_model:
+        return
+    try:
+        settle_candidate(azure, trained.fine_tuned_model, trained.job_id, decision.promoted)
+    except TuneloopError as exc:
+        if decision.promoted:
+            raise TuneloopError(f"register: {config.registry.model_name} version {version} is champion, but {exc}; "
+                                f"then run `tuneloop promote {version}` to re-point the deployment") from None
+        stage_logger().warning(f"register: the candidate's deployment is left ({exc}); the next evaluation "
+                               "deletes it")
+
+
 def register_candidate(
     config: PipelineConfig,
     checked: CheckedBatch | None,
@@ -449,6 +480,7 @@ def register_candidate(
         adopt_version(client, registry.model_name, version, decision)
         stage_logger().info(f"register: {registry.model_name} version {version.version} already holds this model "
                             f"(a run killed after registering it); completed it instead of registering it again")
+        settle_deployments(config, trained, decision, str(version.version))
         aliases = [CHAMPION, CHALLENGER] if decision.promoted else [CHALLENGER]
         return ModelVersion(name=registry.model_name, version=str(version.version), run_id=version.run_id or "",
                             aliases=aliases, decision=decision, tracking_uri=tracking_uri)
@@ -464,6 +496,7 @@ def register_candidate(
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
+    settle_deployments(config, trained, decision, str(version.version))
     aliases = [CHAMPION, CHALLENGER] if decision.promoted else [CHALLENGER]
     return ModelVersion(name=registry.model_name, version=str(version.version), run_id=run_id, aliases=aliases,
                         decision=decision, tracking_uri=tracking_uri)
@@ -480,15 +513,32 @@ def _version(client, name: str, version: str):
                             + (f" (versions: {', '.join(sorted(known, key=int))})" if known else " (no versions yet)")) from None
 
 
-def promote_version(tracking_uri: str, name: str, version: str, who: str, why: str) -> str | None:
-    """``tuneloop promote``: make ``version`` champion by hand; returns the version it replaced."""
+def repoint_to_version(openai: OpenAITrainConfig | None, mv) -> str | None:
+    """When ``mv`` is an Azure fine-tune and tuneloop manages the deployments: the champion's deployment
+    serves it (before the alias moves, so a failure changes nothing). Returns the deployment, or None."""
+    from tuneloop.tasks.azure_deploy import deployments_of, repoint_champion
+
+    azure = deployments_of(openai)
+    model = mv.tags.get("fine_tuned_model")
+    if azure is None or mv.tags.get("backend") != "openai" or not model:
+        return None
+    repoint_champion(azure, model)
+    return azure.champion_deployment
+
+
+def promote_version(tracking_uri: str, name: str, version: str, who: str, why: str,
+                    openai: OpenAITrainConfig | None = None) -> str | None:
+    """``tuneloop promote``: make ``version`` champion by hand; returns the version it replaced. With
+    ``openai`` (the config's train.openai) on Azure, the champion's deployment is re-pointed to it first."""
     client = client_for(tracking_uri)
-    _version(client, name, version)
+    repoint_to_version(openai, _version(client, name, version))
     return move_champion(client, name, version, who, why)
 
 
-def rollback_champion(tracking_uri: str, name: str, who: str, why: str) -> tuple[str, str]:
-    """``tuneloop rollback``: champion back to the version that was champion before; returns (from, to)."""
+def rollback_champion(tracking_uri: str, name: str, who: str, why: str,
+                      openai: OpenAITrainConfig | None = None) -> tuple[str, str]:
+    """``tuneloop rollback``: champion back to the version that was champion before; returns (from, to). With
+    ``openai`` on Azure, the champion's deployment is re-pointed to it first."""
     import json
     from datetime import UTC, datetime
 
@@ -498,6 +548,7 @@ def rollback_champion(tracking_uri: str, name: str, who: str, why: str) -> tuple
         raise TuneloopError(f"model {name!r} has no earlier champion to roll back to "
                             f"(champion history: {', '.join(history) or 'empty'})")
     current, previous = history[-1], history[-2]
+    repoint_to_version(openai, _version(client, name, previous))
     client.set_registered_model_alias(name, CHAMPION, previous)
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[:-1]))
     when = datetime.now(UTC).isoformat(timespec="seconds")
@@ -528,6 +579,8 @@ def list_versions(tracking_uri: str, name: str) -> list[dict[str, Any]]:
         rows.append({"version": str(v.version), "aliases": sorted(by_version.get(str(v.version), [])),
                      "task": t.get("task"), **{m: t[f"candidate_{m}"] for m in METRIC_TITLES if f"candidate_{m}" in t},
                      "dataset_version": t.get("dataset_version"), "backend": t.get("backend"),
+                     "base_model": t.get("base_model"), "fine_tuned_model": t.get("fine_tuned_model"),
+                     "openai_provider": t.get("openai_provider"),
                      "promoted": t.get("promoted"), "set_by": t.get("champion_set_by"),
                      "created": v.creation_timestamp, "reason": t.get("promotion_reason")})
     return rows

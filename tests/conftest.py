@@ -67,15 +67,16 @@ def prefect_harness():
         yield
 
 
-def gate_folder(folder: Path, cfg, run_dir: Path):
-    """Collect everything in a folder (empty ledger) and run the quality gate over it."""
+def gate_folder(folder: Path, cfg, run_dir: Path, distill=None):
+    """Collect everything in a folder (empty ledger) and run the quality gate over it (with ``distill``: records
+    without an answer set aside for the teacher)."""
     from tuneloop.core.mapping import required_fields
     from tuneloop.tasks.collect import make_source
     from tuneloop.tasks.ledger import Ledger
     from tuneloop.tasks.quality import check_batch
 
-    raw = make_source(cfg.source, folder, required_fields(cfg.mapping)).collect(Ledger())
-    return check_batch(raw, cfg.source, cfg.mapping, cfg.quality, run_dir)
+    raw = make_source(cfg.source, folder, required_fields(cfg.mapping, distill is not None and distill.teacher != "none")).collect(Ledger())
+    return check_batch(raw, cfg.source, cfg.mapping, cfg.quality, run_dir, distill)
 
 
 def demo_export(root: Path, n_lines: int, max_examples: int):

@@ -60,6 +60,9 @@ class FakeOpenAI:
         self._server: ThreadingHTTPServer | None = None
         self.n_files = self.n_jobs = 0  # ids are never reused, as on the real service
         self.valid_key: str | None = None  # when set, any other key gets a 401 that echoes it back
+        # Azure OpenAI's chat goes to /openai/deployments/NAME/...: the model NAME serves, None where there is no
+        # such deployment (a 404 DeploymentNotFound, as Azure answers). Unset: NAME is the model.
+        self.deployed: Callable[[str], str | None] | None = None
 
     # ---- server ----------------------------------------------------------------------------------
     def __enter__(self) -> FakeOpenAI:
@@ -161,8 +164,15 @@ class FakeOpenAI:
                      "fine_tuning_job_id": m[1], "step_number": s, "metrics": {"step": s}}
                     for s in (2, 4)] if job["status"] == "succeeded" else []
             return 200, {"object": "list", "data": data, "has_more": False}, {}
-        if method == "POST" and path == "/v1/chat/completions":
+        deployment = re.fullmatch(r"/v1/deployments/([^/]+)/chat/completions", path)
+        if method == "POST" and (path == "/v1/chat/completions" or deployment):
             req = json.loads(body)
+            if deployment:
+                req["model"] = self.deployed(deployment[1]) if self.deployed else deployment[1]
+                if req["model"] is None:
+                    return 404, {"error": {"code": "DeploymentNotFound", "message": "The API deployment for this "
+                                           "resource does not exist. If you created the deployment within the last "
+                                           "5 minutes, please wait a moment and try again."}}, {}
             text = self.answer(req["model"], req["messages"])
             return 200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": req["model"],
                          "choices": [{"index": 0, "finish_reason": "stop",

@@ -54,6 +54,9 @@ def run(
     set_: SetOption = None,
     force: Annotated[bool, typer.Option(
         "--retrain", help="train on the newest dataset version even if it was trained on with these settings")] = False,
+    migrate: Annotated[bool, typer.Option(
+        "--migrate", help="move off an API champion: train a local model (train.base_model), the champion answering "
+        "records that come without an answer, and promote it when at least as good")] = False,
 ) -> None:
     """Run the retrain flow once on what is in the landing folder.
 
@@ -69,7 +72,7 @@ def run(
 
     try:  # before Prefect starts: a second run must not even create the state's databases
         with run_lock(state.home, "tuneloop run"):
-            result = _run_flow(retrain, cfg, None, None, force)
+            result = _run_flow(retrain, cfg, None, None, force, migrate)
     except TuneloopError as exc:
         fail(str(exc), 1)
     from tuneloop.app.report import print_retrain_summary
@@ -181,7 +184,7 @@ def check(
     if fmt is None:
         fail(f"{path}: unknown format {path.suffix!r} (known: {', '.join(sorted(FORMATS))})", 2)
     try:
-        check_columns(path, fmt, required_fields(cfg.mapping))
+        check_columns(path, fmt, required_fields(cfg.mapping, cfg.distill.teacher != "none"))
     except TuneloopError as exc:
         fail(str(exc), 2)
     except Exception as exc:  # e.g. a corrupt Parquet footer
@@ -191,7 +194,7 @@ def check(
         run_dir = out or Path(tmp)
         quality = cfg.quality.model_copy(update={"data_docs": cfg.quality.data_docs and out is not None})
         try:
-            checked = check_batch(raw, cfg.source, cfg.mapping, quality, run_dir)
+            checked = check_batch(raw, cfg.source, cfg.mapping, quality, run_dir, cfg.distill)
         except TuneloopError as exc:
             fail(str(exc), 2)
         try:
@@ -338,7 +341,8 @@ def estimate(
     raise typer.Exit(0 if report.ok and refusal is None else 1)
 
 
-def _registry(config: Path | None, set_: list[str] | None):
+def _registry_config(config: Path | None, set_: list[str] | None):
+    """The config and its registry's tracking URI (exit 2 on a bad config)."""
     from tuneloop.core.state import prepare_state
 
     state = prepare_state()
@@ -348,7 +352,12 @@ def _registry(config: Path | None, set_: list[str] | None):
         cfg = load_config(config, set_ or [])
     except TuneloopError as exc:
         fail(str(exc), 2)
-    return cfg.registry.model_name, state.resolve_tracking_uri(cfg.registry.tracking_uri)
+    return cfg, state.resolve_tracking_uri(cfg.registry.tracking_uri)
+
+
+def _registry(config: Path | None, set_: list[str] | None):
+    cfg, uri = _registry_config(config, set_)
+    return cfg.registry.model_name, uri
 
 
 def _who() -> str:
@@ -371,18 +380,27 @@ def _score_cell(value: str | None) -> str:
 @app.command()
 def models(config: ConfigOption = None, set_: SetOption = None,
            as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False) -> None:
-    """List the registered versions with their aliases, scores and dataset versions."""
-    name, uri = _registry(config, set_)
+    """List the registered versions with their aliases, scores and dataset versions, and when API-backed ones
+    stop answering (a warning line when the champion does within retirement.warn_days)."""
+    cfg, uri = _registry_config(config, set_)
+    name = cfg.registry.model_name
+    from tuneloop.core.retirement import champion_warning, today_utc, version_retirement, within_warning
     from tuneloop.tasks.register import list_versions
 
     try:
         rows = list_versions(uri, name)
     except TuneloopError as exc:
         fail(str(exc), 1)
+    today, warning = today_utc(), None
+    for r in rows:
+        found = version_retirement(r, cfg.retirement, cfg.train.openai.provider)
+        r["retirement"] = found.as_dict(today) if found else None
+        if "champion" in r["aliases"] and within_warning(found, cfg.retirement, today):
+            warning = champion_warning(r["version"], found, cfg.retirement, today)
     if as_json:
         import orjson
 
-        print(orjson.dumps({"model": name, "versions": rows}).decode())
+        print(orjson.dumps({"model": name, "versions": rows, "retirement_warning": warning}).decode())
         return
     from rich.console import Console
     from rich.table import Table
@@ -391,25 +409,34 @@ def models(config: ConfigOption = None, set_: SetOption = None,
 
     # the metrics the versions were registered with: a generation model has no accuracy to show as 0
     metrics = [m for m in METRIC_TITLES if any(m in r for r in rows)]
+    retiring = any(r["retirement"] for r in rows)  # the column only when an API-backed version has a date
     table = Table(title=f"{name} at {uri}", title_justify="left")
-    for col in ("version", "aliases", *(METRIC_TITLES[m] for m in metrics), "dataset", "backend", "promoted"):
+    for col in ("version", "aliases", *(METRIC_TITLES[m] for m in metrics), "dataset", "backend", "promoted",
+                *(["retires"] if retiring else [])):
         table.add_column(col)
     for r in rows:
+        when = r["retirement"]
         table.add_row(r["version"], ", ".join(r["aliases"]), *(_score_cell(r.get(m)) for m in metrics),
-                      r["dataset_version"] or "", r["backend"] or "", r["promoted"] or "")
-    Console(width=max(100, int(os.environ.get("COLUMNS", "100"))), markup=False).print(table)  # tags, as they are
+                      r["dataset_version"] or "", r["backend"] or "", r["promoted"] or "",
+                      *([f"{when['date']} ({when['relative']})" if when else ""] if retiring else []))
+    console = Console(width=max(100, int(os.environ.get("COLUMNS", "100"))), markup=False)  # tags, as they are
+    console.print(table)
+    if warning:
+        console.print(f"warning: {warning}", style="bold yellow", highlight=False)
 
 
 @app.command()
 def promote(version: Annotated[str, typer.Argument(help="the model version to make champion")],
             reason: Annotated[str, typer.Option(help="why, recorded on the version")] = "manual promotion",
             config: ConfigOption = None, set_: SetOption = None) -> None:
-    """Make VERSION the champion by hand; who and why are recorded as version tags."""
-    name, uri = _registry(config, set_)
+    """Make VERSION the champion by hand; who and why are recorded as version tags. An Azure fine-tune with
+    train.openai.azure_deployments: the champion's deployment is re-pointed to it first."""
+    cfg, uri = _registry_config(config, set_)
+    name = cfg.registry.model_name
     from tuneloop.tasks.register import promote_version
 
     try:
-        previous = promote_version(uri, name, version, _who(), reason)
+        previous = promote_version(uri, name, version, _who(), reason, cfg.train.openai)
     except TuneloopError as exc:
         fail(str(exc), 1)
     print(f"{name}: champion is now version {version}" + (f" (was {previous})" if previous else ""))
@@ -418,15 +445,47 @@ def promote(version: Annotated[str, typer.Argument(help="the model version to ma
 @app.command()
 def rollback(reason: Annotated[str, typer.Option(help="why, recorded on both versions")] = "manual rollback",
              config: ConfigOption = None, set_: SetOption = None) -> None:
-    """Move the champion back to the version that was champion before it."""
-    name, uri = _registry(config, set_)
+    """Move the champion back to the version that was champion before it (an Azure fine-tune with
+    train.openai.azure_deployments: the champion's deployment is re-pointed to it first)."""
+    cfg, uri = _registry_config(config, set_)
+    name = cfg.registry.model_name
     from tuneloop.tasks.register import rollback_champion
 
     try:
-        current, previous = rollback_champion(uri, name, _who(), reason)
+        current, previous = rollback_champion(uri, name, _who(), reason, cfg.train.openai)
     except TuneloopError as exc:
         fail(str(exc), 1)
     print(f"{name}: champion rolled back from version {current} to version {previous}")
+
+
+@app.command("serve-model")
+def serve_model(config: ConfigOption = None, set_: SetOption = None,
+                host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+                port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+                alias: Annotated[str, typer.Option(help="the registered model's alias to serve")] = "champion",
+                poll_seconds: Annotated[float, typer.Option(min=0.1, help="how often the alias is checked for a "
+                                                            "new version")] = 5.0) -> None:
+    """Serve the registered model at ALIAS behind an OpenAI-compatible API (POST /v1/chat/completions,
+    GET /v1/models, GET /health): an app using the OpenAI SDK switches by changing its base URL. A promotion or
+    rollback is picked up without a restart; each answer names its version. Decoding is greedy."""
+    import logging
+
+    name, uri = _registry(config, set_)
+    from tuneloop.app.endpoint import serve_champion
+
+    out = logging.getLogger("tuneloop.endpoint")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    out.addHandler(handler)
+    out.setLevel(logging.INFO)
+    out.propagate = False
+    try:
+        serve_champion(uri, name, alias=alias, host=host, port=port, poll_seconds=poll_seconds)
+    except TuneloopError as exc:
+        fail(str(exc), 1)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the server stopped cleanly first
+        pass
+    print("endpoint stopped", file=sys.stderr)
 
 
 def _config_path(config: Path | None) -> Path:

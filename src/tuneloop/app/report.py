@@ -70,6 +70,12 @@ def print_retrain_summary(result: RetrainResult, state: StateLayout) -> None:
         f"Data: read {result.n_read} = accepted {result.n_accepted} + quarantined {result.n_quarantined}"
         f" + duplicates {result.n_duplicates}; dataset version {result.dataset_version}"
     )
+    if result.distilled is not None:
+        d = result.distilled
+        cost = "" if d.estimated_cost_usd is None else f", estimated at most ${d.estimated_cost_usd:,.4f}"
+        console.print(f"Teacher: {d.teacher} answered {d.n_answered} of {d.n_to_answer} records without an answer "
+                      f"({d.n_called} asked now, {d.n_cached} from the cache{cost}); {d.n_quarantined} set aside",
+                      highlight=False, markup=False)
     console.print(table)
     mv = result.model_version
     alias = (("alias ", ("champion", "bold"), " (and challenger)") if "champion" in mv.aliases
@@ -94,7 +100,7 @@ def print_check_report(path, checked, verdict: str | None, as_json: bool) -> Non
         report = {
             "file": str(path), "passed": verdict is None, "reason": verdict,
             "read": checked.n_read, "accepted": checked.n_accepted, "quarantined": checked.n_quarantined,
-            "duplicates": checked.n_duplicates, "pii_redacted": checked.n_redacted,
+            "duplicates": checked.n_duplicates, "without_answer": checked.n_unlabelled, "pii_redacted": checked.n_redacted,
             "expectations": [o.model_dump() for o in checked.expectations],
             "rejected": rejected, "duplicate_records": duplicates,
         }
@@ -103,9 +109,11 @@ def print_check_report(path, checked, verdict: str | None, as_json: bool) -> Non
     from rich.table import Table
 
     console = _console()
+    teacher = (f" + without an answer {checked.n_unlabelled} (the champion answers them in a run: distill.teacher)"
+               if checked.n_unlabelled else "")
     console.print(f"{path}: read {checked.n_read} = accepted {checked.n_accepted} + quarantined "
-                  f"{checked.n_quarantined} + duplicates {checked.n_duplicates}; {checked.n_redacted} PII matches "
-                  "would be redacted", highlight=False)
+                  f"{checked.n_quarantined} + duplicates {checked.n_duplicates}{teacher}; {checked.n_redacted} PII "
+                  "matches would be redacted", highlight=False)
     failed = [o for o in checked.expectations if not o.success]
     if failed:
         table = Table(title="Failed expectations", title_justify="left")

@@ -1,8 +1,10 @@
 """``tuneloop serve``: everything the loop needs, on one machine, against a Prefect server.
 
 Deployments (served by this process, which runs their flow runs as subprocesses):
-- ``retrain/retrain``: on the config's schedule, on ``tuneloop.data.landed`` for this dataset and on
-  ``tuneloop.drift.detected`` for this model; at most one at a time, later ones queued (ENQUEUE).
+- ``retrain/retrain``: on the config's schedule, on ``tuneloop.data.landed`` for this dataset, on
+  ``tuneloop.drift.detected`` for this model, and with ``migrate=True`` on ``tuneloop.migration.due`` for this
+  model (its API-backed champion nears its provider's shutdown); at most one at a time, later ones queued
+  (ENQUEUE).
 - ``drift-monitor/drift-monitor``: on its own schedule (daily by default).
 With ``train.local.placement: pool`` it also deploys ``train-local`` to the ``gpu`` work pool and starts a
 process worker for it. The landing watcher runs in a thread unless ``watch`` is off.
@@ -52,6 +54,10 @@ def retrain_triggers(config: PipelineConfig, params: dict) -> list:
             name="retrain on drift", expect={"tuneloop.drift.detected"},
             match={"prefect.resource.id": f"tuneloop.model.{config.registry.model_name}"},
             parameters=started_by("drift detected")),
+        DeploymentEventTrigger(
+            name="migrate before the champion retires", expect={"tuneloop.migration.due"},
+            match={"prefect.resource.id": f"tuneloop.model.{config.registry.model_name}"},
+            parameters={**started_by("migration due"), "migrate": True}),
     ]
 
 

@@ -50,7 +50,7 @@ class Watcher:
         """What landed since the last poll (complete, not consumed, not announced), or None."""
         state = StateLayout(self.home)
         landing = getattr(self.config.source, "landing", None) or state.landing
-        raw = make_source(self.config.source, landing, required_fields(self.config.mapping)).collect(
+        raw = make_source(self.config.source, landing, required_fields(self.config.mapping, self.config.distill.teacher != "none")).collect(
             load_ledger(state.ledger))
         files = [f for f in raw.files if f.sha256 not in self.seen]
         sql, sql_key = None, None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -325,20 +326,74 @@ class OpenAIModelSpec(Strict):
 
     context_tokens: int = Field(ge=1, description="longest training example; longer ones are truncated")
     usd_per_1m_training_tokens: float = Field(ge=0)
+    usd_per_1m_input_tokens: float | None = Field(
+        None, ge=0, description="what a fine-tune of this model costs to ask (prompt tokens): prices the teacher's "
+        "answers when it distills into a local model (distill.teacher: champion)")
+    usd_per_1m_output_tokens: float | None = Field(None, ge=0, description="... and to answer (completion tokens)")
 
 
 def _default_openai_models() -> dict[str, OpenAIModelSpec]:
     # OpenAI's published fine-tuning prices (USD per 1M training tokens) and training context lengths.
     # Check https://openai.com/api/pricing before relying on them; override or add models in your config.
+    # The last two: what a fine-tuned model of that base costs to use, per 1M input and output tokens.
     table = {
-        "gpt-4.1-2025-04-14": (65_536, 25.00),
-        "gpt-4.1-mini-2025-04-14": (65_536, 5.00),
-        "gpt-4.1-nano-2025-04-14": (65_536, 1.50),
-        "gpt-4o-2024-08-06": (65_536, 25.00),
-        "gpt-4o-mini-2024-07-18": (65_536, 3.00),
-        "gpt-3.5-turbo-0125": (16_385, 8.00),
+        "gpt-4.1-2025-04-14": (65_536, 25.00, 3.00, 12.00),
+        "gpt-4.1-mini-2025-04-14": (65_536, 5.00, 0.80, 3.20),
+        "gpt-4.1-nano-2025-04-14": (65_536, 1.50, 0.20, 0.80),
+        "gpt-4o-2024-08-06": (65_536, 25.00, 3.75, 15.00),
+        "gpt-4o-mini-2024-07-18": (65_536, 3.00, 0.30, 1.20),
+        "gpt-3.5-turbo-0125": (16_385, 8.00, 3.00, 6.00),
     }
-    return {name: OpenAIModelSpec(context_tokens=c, usd_per_1m_training_tokens=p) for name, (c, p) in table.items()}
+    return {name: OpenAIModelSpec(context_tokens=c, usd_per_1m_training_tokens=p, usd_per_1m_input_tokens=i,
+                                  usd_per_1m_output_tokens=o) for name, (c, p, i, o) in table.items()}
+
+
+def azure_deployment_name(text: str) -> str:
+    """``text`` as an Azure deployment name: letters, digits, ``-``, ``_`` and ``.`` only, starting and ending
+    with a letter or digit, at most 64 characters (a longer one keeps a hash of the rest, so it stays unique)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-_.")
+    if len(name) > 64:
+        name = name[:55].rstrip("-_.") + "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return name or "tuneloop"
+
+
+def _deployment_name(value: str | None) -> str | None:
+    if value is not None and (azure_deployment_name(value) != value or len(value) < 2):
+        raise ValueError(f"{value!r} is not an Azure deployment name (2-64 letters, digits, '-', '_' or '.', "
+                         f"starting and ending with a letter or digit): e.g. {azure_deployment_name(value)!r}")
+    return value
+
+
+DeploymentName = Annotated[str, AfterValidator(_deployment_name)]
+
+
+class AzureDeploymentsConfig(Strict):
+    """Deployments on an Azure OpenAI (AI Services) account, made through Azure Resource Manager: there a
+    fine-tuned model answers only once deployed. Each candidate is deployed to be evaluated (then deleted);
+    the champion answers through one stable deployment that apps call and promotions re-point."""
+
+    subscription_id: str = Field(min_length=1)
+    resource_group: str = Field(min_length=1)
+    account: str = Field(min_length=1, description="the Azure OpenAI / AI Services resource name")
+    management_endpoint: SecretUrl = Field(
+        "https://management.azure.com", description="Azure Resource Manager (another cloud's, or a test's); "
+        "a private CA is trusted through $REQUESTS_CA_BUNDLE")
+    management_api_version: str = Field("2025-09-01", description="the Microsoft.CognitiveServices API version")
+    token_env: EnvVarName | None = Field(
+        None, description="environment variable holding an ARM bearer token (az account get-access-token); "
+        "unset: azure-identity's DefaultAzureCredential (environment, managed identity, az login)")
+    candidate_sku: str = Field(
+        "DeveloperTier", description="how a candidate is deployed for evaluation: the Developer tier is billed per "
+        "token, not by the hour; where the service refuses it for the model, Standard, with a warning")
+    champion_sku: str = Field("Standard", description="how the champion's deployment is deployed")
+    capacity: int = Field(1, ge=1, description="deployment capacity (Standard: thousands of tokens per minute)")
+    champion_deployment: DeploymentName | None = Field(
+        None, description="the stable deployment apps call, re-pointed at each promotion, rollback or promote "
+        "(never deleted); unset: '<register.model_name>-champion'")
+    base_deployment: DeploymentName | None = Field(
+        None, description="the deployment that answers as the base model; unset: train.openai.model")
+    poll_seconds: float = Field(10.0, gt=0, description="how often a deployment's provisioning state is polled")
+    max_wait_seconds: float = Field(1800.0, gt=0, description="how long a deployment may take to provision")
 
 
 class OpenAITrainConfig(Strict):
@@ -368,6 +423,15 @@ class OpenAITrainConfig(Strict):
         None, description="where tiktoken's encoding files are cached; unset: $TIKTOKEN_CACHE_DIR or $TUNELOOP_HOME/tiktoken")
     tiktoken_file: ConfigPath | None = Field(
         None, description="a .tiktoken BPE file (as OpenAI publishes it) to use instead of the cache or a download")
+    azure_deployments: AzureDeploymentsConfig | None = Field(
+        None, description="provider azure: deploy candidates to evaluate them and keep the champion's deployment "
+        "(Azure Resource Manager; pip install 'tuneloop[azure]'); unset: deployments are made by hand")
+
+    @model_validator(mode="after")
+    def _deployments_on_azure(self):
+        if self.azure_deployments is not None and self.provider != "azure":
+            raise ValueError("train.openai.azure_deployments needs train.openai.provider: azure")
+        return self
 
     @staticmethod
     def base_of(model: str) -> str:
@@ -464,11 +528,32 @@ class EvaluateConfig(Strict):
         return self
 
 
+class DistillConfig(Strict):
+    """The champion as teacher: it answers the collected records that come without an answer (or all of them),
+    and its answers become training targets, marked ``answered_by`` in the snapshot. How a team moves off an
+    API fine-tune: the API model writes the targets a local model then learns (``tuneloop run --migrate``)."""
+
+    teacher: Literal["none", "champion"] = Field(
+        "none", description="none: a record without its answer fields is quarantined (missing answer); champion: "
+        "the current champion (any backend) answers it")
+    answer: Literal["missing", "all"] = Field(
+        "missing", description="missing: only records that lack an answer field (or whose messages end with the "
+        "user); all: the teacher's answer replaces every record's own")
+    max_new_tokens: int = Field(
+        256, ge=1, description="the longest answer the teacher may write (also the output tokens the cost check "
+        "counts for each record: an upper bound)")
+    batch_size: int = Field(32, ge=1, description="answers kept (cached) after each batch: a stopped run resumes "
+                            "from there without paying twice")
+
+
 class RegisterConfig(Strict):
     model_name: str = "tuneloop-model"
     experiment: str = "tuneloop"
     tracking_uri: SecretUrl | None = Field(None, description="unset: sqlite under $TUNELOOP_HOME")
     min_improvement: float = Field(0.0, ge=0)
+    promote_when: Literal["better", "at_least_as_good"] = Field(
+        "better", description="better: a tie keeps the champion; at_least_as_good: a tie promotes the candidate "
+        "(what a migration off an API champion asks: as good, and local). `tuneloop run --migrate` sets it")
 
 
 class ScheduleConfig(Strict):
@@ -496,6 +581,31 @@ class DriftConfig(Strict):
         0.25, gt=0, le=1, description="input drift: share of recent words never seen in the training data")
 
 
+# When fine-tuned models stop answering, by the base model they were tuned from, as each provider announced it
+# (OpenAI: https://platform.openai.com/docs/deprecations; Azure OpenAI's model retirement page:
+# https://learn.microsoft.com/azure/ai-foundry/openai/concepts/model-retirements). Dates change: check them
+# before relying on them, and override them in your config (a table given there replaces the default one).
+_FINE_TUNABLE_BASES = ("gpt-4o-2024-08-06", "gpt-4o-mini-2024-07-18", "gpt-4.1-2025-04-14", "gpt-4.1-mini-2025-04-14")
+
+
+class RetirementConfig(Strict):
+    """Retirement dates as data: when an API-backed champion stops answering, so the loop warns, then migrates."""
+
+    openai: dict[str, date] = Field(
+        default_factory=lambda: dict.fromkeys(_FINE_TUNABLE_BASES, date(2027, 1, 14)),
+        description="base model (or a prefix of model ids) -> the day OpenAI's fine-tunes of it stop answering")
+    azure: dict[str, date] = Field(
+        default_factory=lambda: dict.fromkeys(_FINE_TUNABLE_BASES, date(2027, 10, 14)),
+        description="base model (or a prefix of model ids) -> the last day Azure OpenAI serves deployments of "
+        "fine-tunes of it")
+    openai_training_closes: date | None = Field(
+        date(2027, 1, 6), description="OpenAI takes no new fine-tuning jobs from this day")
+    warn_days: int = Field(90, ge=0, description="from this many days before a champion's retirement, warnings")
+    migrate_days: int = Field(
+        30, ge=0, description="from this many days before, the drift monitor emits tuneloop.migration.due (a "
+        "migrating retrain); 0: never")
+
+
 class PipelineConfig(Strict):
     name: str = "tuneloop"
     source: SourceConfig = Field(default_factory=FolderSource)
@@ -506,8 +616,10 @@ class PipelineConfig(Strict):
     evaluate: EvaluateConfig
     # "register" would shadow pydantic's ABCMeta.register; the YAML key stays "register".
     registry: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
+    retirement: RetirementConfig = Field(default_factory=RetirementConfig)
 
     # Where and how a run goes, not what it makes: changing these does not call for a retrain.
     _NOT_MODEL_SETTINGS = {
@@ -515,11 +627,20 @@ class PipelineConfig(Strict):
                   "local": {"placement": True, "deployment": True, "progress_every": True},
                   "openai": {"api_key_env": True, "api_key_secret_block": True, "poll_seconds": True,
                              "max_paused_seconds": True, "request_retries": True, "eval_concurrency": True,
-                             "tiktoken_cache_dir": True, "tiktoken_file": True, "models": True}},
+                             "tiktoken_cache_dir": True, "tiktoken_file": True, "models": True,
+                             "azure_deployments": True}},
         "export": {"max_heldout_overlap": True},  # a guard: it stops a run, it does not shape the model
         "evaluate": {"cache_generations": True, "batch_size": True, "n_worst": True,
                      "judge": {"api_key_env": True, "concurrency": True}},
     }
+
+    @model_validator(mode="after")
+    def _champion_deployment_named(self):
+        """Unset, the champion's Azure deployment is named after the registered model: one per model."""
+        azure = self.train.openai.azure_deployments
+        if azure is not None and azure.champion_deployment is None:
+            azure.champion_deployment = azure_deployment_name(f"{self.registry.model_name}-champion")
+        return self
 
     def model_settings(self) -> dict[str, str]:
         """The settings that shape the model and its verdict (training, export, evaluation), as dotted keys."""
@@ -554,7 +675,8 @@ class PipelineConfig(Strict):
         """The passwords and tokens the config's URLs carry, as written and as read from the environment."""
         judge = self.evaluate.judge
         urls = [getattr(self.source, "url", None), self.registry.tracking_uri, self.train.openai.base_url,
-                self.train.openai.azure_endpoint, judge.base_url if judge else None]
+                self.train.openai.azure_endpoint, judge.base_url if judge else None,
+                getattr(self.train.openai.azure_deployments, "management_endpoint", None)]
         return [s for u in urls if u for s in {*url_secrets(u), *url_secrets(os.path.expandvars(u))}]
 
     def settings_hash(self, settings: dict[str, str] | None = None) -> str:
@@ -563,8 +685,9 @@ class PipelineConfig(Strict):
         return hashlib.sha256(data.encode()).hexdigest()[:16]
 
     def config_hash(self) -> str:
-        """What the trained model depends on (when and how drift is checked does not change it)."""
-        data = self.model_dump_json(by_alias=True, exclude={"schedule", "drift"})
+        """What the trained model depends on (when and how drift is checked, or when a provider retires a
+        model, does not change it)."""
+        data = self.model_dump_json(by_alias=True, exclude={"schedule", "drift", "retirement"})
         return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 

@@ -17,8 +17,12 @@ class Prompted(Protocol):
     prompt: list[dict]
 
 
-def generate(model, tokenizer, examples: Sequence[Prompted], max_new_tokens: int, batch_size: int) -> list[str]:
-    """The model's answers to each example's ``prompt``, in order, left-padded in batches of ``batch_size``."""
+def generate(model, tokenizer, examples: Sequence[Prompted], max_new_tokens: int, batch_size: int,
+             lengths: list[int] | None = None) -> list[str]:
+    """The model's answers to each example's ``prompt``, in order, left-padded in batches of ``batch_size``.
+
+    ``lengths``, when given, receives each answer's generated token count up to its stop token (not counted):
+    the served endpoint's usage, exact where re-tokenizing the text is not; ``max_new_tokens`` means cut short."""
     import torch
 
     from tuneloop.core.chat_templates import stop_token_ids
@@ -36,4 +40,6 @@ def generate(model, tokenizer, examples: Sequence[Prompted], max_new_tokens: int
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
         new = out[:, enc["input_ids"].shape[1]:]
         outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+        if lengths is not None:
+            lengths.extend(next((i for i, t in enumerate(row) if t in stop), len(row)) for row in new.tolist())
     return outputs

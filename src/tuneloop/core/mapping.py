@@ -40,12 +40,28 @@ def template_fields(mapping: MappingConfig) -> list[str]:
     return names
 
 
-def required_fields(mapping: MappingConfig) -> list[str]:
-    """Columns a source must have for the mapping to make sense (checked before any work)."""
+def required_fields(mapping: MappingConfig, teacher: bool = False) -> list[str]:
+    """Columns a source must have for the mapping to make sense (checked before any work). With a teacher
+    (distill.teacher), the answer's own fields may be absent: a file of questions only is the teacher's to answer."""
     names = template_fields(mapping)
     for extra in (mapping.messages, mapping.label):
         if extra and extra not in names:
             names.append(extra)
+    if teacher:
+        unasked = set(answer_fields(mapping))
+        names = [n for n in names if n not in unasked]
+    return names
+
+
+def answer_fields(mapping: MappingConfig) -> list[str]:
+    """The fields only the answer reads (the assistant template's and the label): what a record can lack and
+    still be a question a teacher answers (distill.teacher)."""
+    if mapping.messages is not None:
+        return []
+    asked = set(fields_of(mapping.system)) | set(fields_of(mapping.user))
+    names = [f for f in fields_of(mapping.assistant) if f not in asked]
+    if mapping.label and mapping.label not in asked and mapping.label not in names:
+        names.append(mapping.label)
     return names
 
 

@@ -98,6 +98,24 @@ class ChatExample(BaseModel):
     line: int
     content_hash: str
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # who wrote the assistant's answer when it was not the record: the teacher, e.g. "champion v3
+    # (ft:gpt-4o-mini-2024-07-18:acme::abc)". Unset: the record's own (human-labelled) answer.
+    answered_by: str | None = None
+
+
+class DistillSummary(BaseModel):
+    """What the teacher did for one batch: how many records it answered, how many of those answers were paid
+    for in this run (the rest came from the cache), and what they were estimated to cost."""
+
+    teacher: str  # "champion v3 (ft:...)"
+    teacher_model: str  # the API model id, or the adapter's identity
+    n_to_answer: int
+    n_answered: int  # became training examples
+    n_quarantined: int  # no usable answer (empty, or no label in it)
+    n_called: int  # answers generated (API calls) in this run
+    n_cached: int  # answers found in the cache, not paid for again
+    estimated_cost_usd: float | None = None  # an upper bound (every answer at distill.max_new_tokens); None: local
+    answers_path: Path  # the golden outputs: every prompt and the teacher's answer, kept with the run
 
 
 class ExpectationOutcome(BaseModel):
@@ -124,10 +142,20 @@ class CheckedBatch(BaseModel):
     expectations: list[ExpectationOutcome]
     # files the gate could not read to the end (vanished, locked): not consumed, so read again once readable
     unread_sources: list[str] = Field(default_factory=list)
+    # records that passed the gate but lack their answer, waiting for the teacher (distill.teacher); the
+    # distill stage turns each into an accepted example or a quarantine entry
+    unlabelled_path: Path | None = None
+    n_unlabelled: int = 0
+    distilled: DistillSummary | None = None
 
     @property
     def quarantined_fraction(self) -> float:
         return self.n_quarantined / self.n_read if self.n_read else 0.0
+
+    @property
+    def reconciles(self) -> bool:
+        """read = accepted + quarantined + duplicates (+ waiting for the teacher): no record lost."""
+        return self.n_read == self.n_accepted + self.n_quarantined + self.n_duplicates + self.n_unlabelled
 
 
 class DatasetVersion(BaseModel):
@@ -319,4 +347,5 @@ class RetrainResult(BaseModel):
     dataset_version: str | None = None
     report: EvalReport | None = None
     model_version: ModelVersion | None = None
+    distilled: DistillSummary | None = None  # what the teacher answered for this run's records
     run_dir: Path

@@ -4,13 +4,16 @@ in one call, whichever backend trained it, so a downstream service never needs t
 A local model is its LoRA adapter on its base model (the base is packed in when it is a small local
 folder, such as the demo's tiny model, and referenced by hub id or path otherwise); an OpenAI model is
 its model id, called through the API with the provider settings it was trained with and the key from
-the environment at load time (never stored).
+the environment at load time (never stored). On Azure OpenAI with managed deployments, it is called through
+the champion's deployment (``train.openai.azure_deployments.champion_deployment``): whichever fine-tune that
+deployment serves, which tuneloop keeps the champion's.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,6 +21,20 @@ from typing import Any
 import mlflow.pyfunc
 
 PACK_BASE_BELOW_BYTES = 200 * 2**20
+
+
+@dataclass(frozen=True)
+class ChatAnswer:
+    """One answer to a whole chat, with what an OpenAI-compatible caller expects besides the text."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop": the model ended its turn; "length": max_tokens cut it
+
+
+class ChatRefused(ValueError):
+    """A chat this model cannot answer as asked (too long for its context): the caller's to fix."""
 
 
 class ChampionModel(mlflow.pyfunc.PythonModel):
@@ -50,18 +67,66 @@ class ChampionModel(mlflow.pyfunc.PythonModel):
         from tuneloop.core.config import OpenAITrainConfig
         from tuneloop.core.openai_client import chat_completions
 
-        return chat_completions(OpenAITrainConfig(**self.spec["openai"]), self.spec["fine_tuned_model"], prompts,
-                                max_new_tokens)
+        return chat_completions(OpenAITrainConfig(**self.spec["openai"]), self.api_model, prompts, max_new_tokens)
+
+    @property
+    def api_model(self) -> str:
+        """What the API is asked for: the Azure deployment the champion answers through, else the model id."""
+        return self.spec.get("deployment") or self.spec["fine_tuned_model"]
+
+    def answer_chat(self, messages: list[dict], max_tokens: int | None = None) -> ChatAnswer:
+        """Answer a whole chat as an app sends it to an OpenAI model (``{"role", "content": str}`` messages):
+        the chat's own system message if it has one, else the model's; greedy, with the code evaluation
+        scored. ``max_tokens`` None: the budget the version was evaluated with. A local model's token counts
+        are its tokenizer's (the end-of-turn token not counted); an API model's, the service's."""
+        max_tokens = int(max_tokens or self.spec["max_new_tokens"])
+        if self.spec.get("system") and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": self.spec["system"]}, *messages]
+        if self.spec["backend"] != "local":
+            return self._answer_chat_by_api(messages, max_tokens)
+        from tuneloop.core.generation import generate
+
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt_tokens = len(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if context and prompt_tokens + max_tokens > context:
+            raise ChatRefused(f"this model's maximum context length is {context} tokens; the messages take "
+                              f"{prompt_tokens} and max_tokens asks for {max_tokens}: shorten the messages or "
+                              "lower max_tokens")
+        lengths: list[int] = []
+        text = generate(self.model, self.tokenizer, [SimpleNamespace(prompt=messages)], max_tokens, batch_size=1,
+                        lengths=lengths)[0]
+        return ChatAnswer(text, prompt_tokens, lengths[0], "length" if lengths[0] >= max_tokens else "stop")
+
+    def _answer_chat_by_api(self, messages: list[dict], max_tokens: int) -> ChatAnswer:
+        """The fine-tuned API model, called with the provider settings it was trained with; retries and
+        key scrubbing as everywhere (core.openai_client.call)."""
+        from tuneloop.core.config import OpenAITrainConfig
+        from tuneloop.core.openai_client import Secrets, call, env_api_key, make_client
+
+        cfg = OpenAITrainConfig(**self.spec["openai"])
+        key = env_api_key(cfg)
+        model = self.api_model
+        client = make_client(cfg, key)
+        reply = call(lambda: client.chat.completions.create(model=model, messages=messages, temperature=0,
+                                                            max_tokens=max_tokens),
+                     f"chat.completions ({model})", cfg, Secrets(key))
+        choice, usage = reply.choices[0], reply.usage
+        return ChatAnswer(choice.message.content or "", usage.prompt_tokens if usage else 0,
+                          usage.completion_tokens if usage else 0,
+                          "length" if choice.finish_reason == "length" else "stop")
 
 
 def save_champion_model(out: Path, backend: str, base_model: str, adapter_path: Path | None,
                         fine_tuned_model: str | None, openai: dict[str, Any], system: str | None,
-                        max_new_tokens: int) -> Path:
-    """Write the pyfunc model folder that a registered version points at."""
+                        max_new_tokens: int, deployment: str | None = None) -> Path:
+    """Write the pyfunc model folder that a registered version points at (``deployment``: the Azure deployment
+    an API model answers through)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     spec_path = out.parent / "champion_spec.json"
     spec_path.write_text(json.dumps({"backend": backend, "base_model": base_model, "fine_tuned_model": fine_tuned_model,
-                                     "openai": openai, "system": system, "max_new_tokens": max_new_tokens}, indent=2))
+                                     "openai": openai, "system": system, "max_new_tokens": max_new_tokens,
+                                     "deployment": deployment}, indent=2))
     artifacts = {"spec": str(spec_path)}
     if adapter_path is not None:
         artifacts["adapter"] = str(adapter_path)
