@@ -161,3 +161,34 @@ def test_migrate_means_local_backend_champion_teacher_and_a_tie_promotes():
     assert not decide_promotion(tie, cfg.evaluate, cfg.registry, has_champion=True).promoted
     decision = decide_promotion(tie, moved.evaluate, moved.registry, has_champion=True)
     assert decision.promoted and "matches or beats champion" in decision.reason
+
+
+def test_a_strangers_chats_ending_with_the_user_are_answered_for_a_generation_task(tmp_path, key, tiktoken_file):
+    """Not the demo: a messages column, free-text answers (no labels), other ids. A chat that ends with the
+    user is the teacher's; one that ends with an answer is kept as written."""
+    suite = tmp_path / "suite.json"
+    suite.write_text(json.dumps({"name": "chats", "expectations": [
+        {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "chat_id"}}]}))
+    cfg_file = tmp_path / "chats.yaml"
+    cfg_file.write_text(f"mapping: {{id: chat_id, messages: conversation}}\nquality: {{suite: {suite}}}\n"
+                        f"evaluate: {{holdout: {DEMO / 'holdout.jsonl'}, task: generation}}\n")
+    asked = [{"role": "system", "content": "You answer questions about the Mondragon garden."},
+             {"role": "user", "content": "When do the roses flower?"}]
+    with FakeOpenAI(answer=lambda model, messages: "From late May to July.") as fake:
+        cfg = load_config(cfg_file, [
+            "distill.teacher=champion", f"train.openai.base_url={fake.base_url}", "train.openai.provider=compatible",
+            f"train.openai.tiktoken_file={tiktoken_file}"])
+        write_lines(tmp_path / "in" / "chats.jsonl", [
+            json.dumps({"chat_id": "a", "conversation": asked}),
+            json.dumps({"chat_id": "b", "conversation": [{"role": "user", "content": "Is the cafe open on Mondays?"},
+                                                         {"role": "assistant", "content": "No, Tuesday to Sunday."}]}),
+            json.dumps({"chat_id": "c", "conversation": json.dumps([{"role": "user", "content": "Dogs allowed?"}])})])
+        checked = gate_folder(tmp_path / "in", cfg, tmp_path / "run", cfg.distill)
+        assert (checked.n_accepted, checked.n_unlabelled, checked.n_quarantined) == (1, 2, 0)
+        done = distill(checked, champion_api(), cfg, tmp_path / "home", tmp_path / "run")
+        assert asked in [json.loads(r[3])["messages"] for r in completions(fake)] and len(completions(fake)) == 2
+    rows = {r.record_id: r for r in map(ChatExample.model_validate_json, done.accepted_path.read_bytes().splitlines())}
+    assert rows["a"].messages == [*asked, {"role": "assistant", "content": "From late May to July."}]
+    assert rows["a"].label is None and rows["a"].answered_by == f"champion v3 ({FT})"
+    assert rows["b"].answered_by is None and rows["c"].messages[-1]["content"] == "From late May to July."
+    assert done.reconciles and done.n_accepted == 3

