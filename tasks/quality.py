@@ -177,16 +177,25 @@ class QualityGate:
         replaced); without a teacher such a row is quarantined ``missing_answer(field)``, whatever the suite
         checks: an empty answer must never be trained on as the text "None"."""
         m, out = self.mapping, {}
+        if m.messages is not None and not self.teacher:
+            return out  # the chat suite quarantines a chat that does not end with an answer
+        if m.messages is None and not self.answer_fields and not self.answer_all:
+            return out
+        last_roles = chunk.flat["last_role"].tolist() if m.messages is not None else None
         for j, i in enumerate(keep):
-            example = orjson.loads(chunk.examples[i])
-            messages = example["messages"]
-            if m.messages is not None:
-                ends_with_user = bool(messages) and isinstance(messages[-1], dict) and messages[-1].get("role") == "user"
-                missing = ["messages"] if ends_with_user else []
+            if last_roles is not None:
+                missing = ["messages"] if last_roles[i] == "user" else []
+                # a question for the teacher skips the chat suite (it has no answer yet): its turns are checked here
+                row = chunk.flat.iloc[i]
+                bad = [f"prompt:{name}" for name in ("n_malformed", "n_unknown_roles", "n_empty_content") if row[name]]
+                if missing and bad:
+                    reasons.setdefault(j, []).extend(bad)
+                    continue
             else:
                 missing = [f for f in self.answer_fields if chunk.columns[f][i] in (None, "")]
             if not missing and not self.answer_all:
                 continue
+            messages = orjson.loads(chunk.examples[i])["messages"]
             if not self.teacher:
                 already = {r.rsplit("(", 1)[-1].rstrip(")") for r in reasons.get(j, [])}
                 new = [f"missing_answer({f})" for f in missing if f not in already and f != "messages"]

@@ -182,13 +182,16 @@ def test_a_strangers_chats_ending_with_the_user_are_answered_for_a_generation_ta
             json.dumps({"chat_id": "a", "conversation": asked}),
             json.dumps({"chat_id": "b", "conversation": [{"role": "user", "content": "Is the cafe open on Mondays?"},
                                                          {"role": "assistant", "content": "No, Tuesday to Sunday."}]}),
-            json.dumps({"chat_id": "c", "conversation": json.dumps([{"role": "user", "content": "Dogs allowed?"}])})])
+            json.dumps({"chat_id": "c", "conversation": json.dumps([{"role": "user", "content": "Dogs allowed?"}])}),
+            json.dumps({"chat_id": "d", "conversation": [{"role": "wizard", "content": "x"}, {"role": "user", "content": ""}]})])
         checked = gate_folder(tmp_path / "in", cfg, tmp_path / "run", cfg.distill)
-        assert (checked.n_accepted, checked.n_unlabelled, checked.n_quarantined) == (1, 2, 0)
+        assert (checked.n_accepted, checked.n_unlabelled, checked.n_quarantined) == (1, 2, 1)
+        assert orjson.loads(checked.quarantine_path.read_bytes())["reasons"] == ["prompt:n_unknown_roles",
+                                                                                 "prompt:n_empty_content"]
         done = distill(checked, champion_api(), cfg, tmp_path / "home", tmp_path / "run")
         assert asked in [json.loads(r[3])["messages"] for r in completions(fake)] and len(completions(fake)) == 2
     rows = {r.record_id: r for r in map(ChatExample.model_validate_json, done.accepted_path.read_bytes().splitlines())}
     assert rows["a"].messages == [*asked, {"role": "assistant", "content": "From late May to July."}]
     assert rows["a"].label is None and rows["a"].answered_by == f"champion v3 ({FT})"
     assert rows["b"].answered_by is None and rows["c"].messages[-1]["content"] == "From late May to July."
-    assert done.reconciles and done.n_accepted == 3
+    assert done.reconciles and done.n_accepted == 3 and done.n_read == 4
