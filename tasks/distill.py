@@ -35,6 +35,9 @@ from tuneloop.core.records import (
 from tuneloop.core.state import unique_temporary
 from tuneloop.tasks.runlog import stage_logger
 
+# what the demo suite refuses in a body, plus the replacement character a broken decoder leaves
+UNPRINTABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
+
 
 def migration_config(config: PipelineConfig) -> PipelineConfig:
     """What ``--migrate`` means: train a local model, with the champion as the teacher of records that lack an
@@ -156,8 +159,12 @@ def distill(checked: CheckedBatch, champion: Champion | None, config: PipelineCo
                            "(distill.teacher: champion); label it, or land it again after the first promotion")
         _append(checked.quarantine_path, quarantine)
         warn(f"distill: {len(rows)} records without an answer quarantined: there is no champion to answer them")
-        return checked.model_copy(update={"n_quarantined": checked.n_quarantined + len(rows), "n_unlabelled": 0,
+        done = checked.model_copy(update={"n_quarantined": checked.n_quarantined + len(rows), "n_unlabelled": 0,
                                           "unlabelled_path": None})
+        # quality_summary.json agrees with quarantine.jsonl: these records are quarantined, not left for a teacher
+        done.summary_path.write_bytes(orjson.dumps(done.model_dump(mode="json", exclude={"summary_path"}),
+                                                   option=orjson.OPT_INDENT_2))
+        return done
 
     d = config.distill
     teacher = describe_teacher(champion)
@@ -192,6 +199,10 @@ def distill(checked: CheckedBatch, champion: Champion | None, config: PipelineCo
         label = parse_label(text, pattern) if labelled else None
         if not text:
             set_aside(row, f"teacher_answer_empty: {teacher} answered with nothing")
+            continue
+        if UNPRINTABLE.search(text):  # a garbled reply (control characters, undecodable bytes) is no target
+            set_aside(row, f"teacher_answer_garbled: {teacher}'s answer holds control characters or U+FFFD: "
+                           f"{text[:80]!r}")
             continue
         if labelled and label is None:
             set_aside(row, f"teacher_answer_unlabelled: {teacher}'s answer has no label matching "

@@ -27,7 +27,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tuneloop.core.config import DistillConfig, MappingConfig, QualityConfig, SourceConfig
-from tuneloop.core.mapping import PreparedChunk, RecordMapper, all_fields, answer_fields
+from tuneloop.core.mapping import PreparedChunk, RecordMapper, all_fields, answer_fields, flatten_chat
 from tuneloop.core.records import CheckedBatch, ExpectationOutcome, QuarantineEntry, RawBatch, TuneloopError
 from tuneloop.tasks.gx import UNIQUE, SuiteRunner, lineage_columns, load_suite
 
@@ -154,6 +154,15 @@ class QualityGate:
             flat[line] = pd.Series([chunk.lines[keep[j]] for j in passing], dtype="int64")
             for k, why in self.chat.run(flat).items():
                 reasons.setdefault(passing[k], []).extend(why)
+        # the teacher's rows meet the same chat suite: their prompt with a stand-in answer, so that only the checks
+        # of the missing answer are waived (a chat opening with the assistant, or too long, is refused as usual)
+        asked = list(to_answer)
+        if asked:
+            flat = pd.DataFrame([flatten_chat([*to_answer[j], {"role": "assistant", "content": "-"}]) for j in asked])
+            flat[file] = [chunk.sources[keep[j]] for j in asked]
+            flat[line] = pd.Series([chunk.lines[keep[j]] for j in asked], dtype="int64")
+            for k, why in self.chat.run(flat).items():
+                reasons.setdefault(asked[k], []).extend(why)
 
         write = self.out["accepted"].write
         for j, i in enumerate(keep):
@@ -185,7 +194,7 @@ class QualityGate:
         for j, i in enumerate(keep):
             if last_roles is not None:
                 missing = ["messages"] if last_roles[i] == "user" else []
-                # a question for the teacher skips the chat suite (it has no answer yet): its turns are checked here
+                # a question for the teacher: its turns named as the prompt's (add() then runs the chat suite on it)
                 row = chunk.flat.iloc[i]
                 bad = [f"prompt:{name}" for name in ("n_malformed", "n_unknown_roles", "n_empty_content") if row[name]]
                 if missing and bad:

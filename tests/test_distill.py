@@ -131,15 +131,16 @@ def test_over_budget_nothing_is_sent_and_a_stopped_run_resumes_without_paying_tw
 
 def test_a_teacher_answer_without_a_label_is_quarantined_with_the_reason_and_no_champion_quarantines_all(
         tmp_path, key, tiktoken_file):
-    replies = iter(["queue: login\nReset it here.", "I am not sure."] * 5)
+    replies = iter(["queue: login\nReset it here.", "I am not sure."] * 4 + ["queue: login\x03\x1d", "\ufffd"])
     with FakeOpenAI(answer=lambda model, messages: next(replies)) as fake:
         cfg = api_config(fake, tiktoken_file)
         checked = gate_folder(landing(tmp_path), cfg, tmp_path / "run", cfg.distill)
         done = distill(checked, champion_api(), cfg, tmp_path / "home", tmp_path / "run")
-        assert (done.distilled.n_answered, done.distilled.n_quarantined) == (5, 5)
+        assert (done.distilled.n_answered, done.distilled.n_quarantined) == (4, 6)
         assert done.n_accepted + done.n_quarantined + done.n_duplicates == done.n_read
         reasons = [orjson.loads(line)["reasons"][0] for line in done.quarantine_path.read_bytes().splitlines()]
-        assert sum(r.startswith("teacher_answer_unlabelled:") and "'I am not sure.'" in r for r in reasons) == 5
+        assert sum(r.startswith("teacher_answer_unlabelled:") and "'I am not sure.'" in r for r in reasons) == 4
+        assert sum(r.startswith("teacher_answer_garbled:") for r in reasons) == 2
 
     nobody = gate_folder(landing(tmp_path / "b"), cfg, tmp_path / "run-b", cfg.distill)
     done = distill(nobody, None, cfg, tmp_path / "home", tmp_path / "run-b")

@@ -410,16 +410,19 @@ def models(config: ConfigOption = None, set_: SetOption = None,
     # the metrics the versions were registered with: a generation model has no accuracy to show as 0
     metrics = [m for m in METRIC_TITLES if any(m in r for r in rows)]
     retiring = any(r["retirement"] for r in rows)  # the column only when an API-backed version has a date
+    width = max(100, int(os.environ.get("COLUMNS", "100")))
     table = Table(title=f"{name} at {uri}", title_justify="left")
     for col in ("version", "aliases", *(METRIC_TITLES[m] for m in metrics), "dataset", "backend", "promoted",
                 *(["retires"] if retiring else [])):
-        table.add_column(col)
+        # the retirement date whole (never "2027-01-…"); on a narrow console, room made from the dataset hash
+        table.add_column(col, min_width=10 if col == "retires" else None,
+                         max_width=8 if col == "dataset" and retiring and width < 120 else None)
     for r in rows:
         when = r["retirement"]
         table.add_row(r["version"], ", ".join(r["aliases"]), *(_score_cell(r.get(m)) for m in metrics),
                       r["dataset_version"] or "", r["backend"] or "", r["promoted"] or "",
                       *([f"{when['date']} ({when['relative']})" if when else ""] if retiring else []))
-    console = Console(width=max(100, int(os.environ.get("COLUMNS", "100"))), markup=False)  # tags, as they are
+    console = Console(width=width, markup=False)  # tags, as they are
     console.print(table)
     if warning:
         console.print(f"warning: {warning}", style="bold yellow", highlight=False)

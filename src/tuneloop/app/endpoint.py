@@ -8,7 +8,8 @@ is answered by one version from start to end; a version that fails to load leave
 answer names its version (``system_fingerprint`` ``NAME@ALIAS:vN``, header ``x-tuneloop-model-version``).
 
 Decoding is greedy, as in evaluation, so an answer is what the version was scored on: ``temperature`` and
-``top_p`` are accepted and ignored; one choice per request (``n`` 1), no streaming. Errors use OpenAI's JSON
+``top_p`` are accepted and ignored; ``stop`` is honoured (the answer ends before it); one choice per request
+(``n`` 1), no streaming, no tools or logprobs. Errors use OpenAI's JSON
 shape, so the SDK raises its usual exceptions (400 ``BadRequestError``, 404 ``NotFoundError``, 503 when no
 version is loaded).
 """
@@ -23,7 +24,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +37,7 @@ log = logging.getLogger("tuneloop.endpoint")
 
 VERSION_HEADER = "x-tuneloop-model-version"
 UNSUPPORTED = {"tools": "tool calls", "functions": "function calls", "tool_choice": "tool calls",
-               "function_call": "function calls", "audio": "audio output"}
+               "function_call": "function calls", "audio": "audio output", "logprobs": "log probabilities"}
 
 
 @dataclass
@@ -195,6 +196,7 @@ class ChatRequest(BaseModel):
     stream: bool | None = None
     temperature: float | None = Field(None, ge=0, le=2)  # accepted; decoding is greedy
     top_p: float | None = Field(None, ge=0, le=1)  # accepted; decoding is greedy
+    stop: str | list[str] | None = None  # honoured: the answer ends before the first of them, as OpenAI's does
 
 
 class RequestRefused(Exception):
@@ -297,6 +299,10 @@ def create_app(follower: AliasFollower):
         except Exception as exc:
             log.exception(f"{served.fingerprint} failed to answer")
             return error(500, f"{served.fingerprint} failed to answer: {type(exc).__name__}: {scrub(str(exc))}")
+        stops = [chat.stop] if isinstance(chat.stop, str) else (chat.stop or [])
+        cut = min((answer.text.find(s) for s in stops if s and s in answer.text), default=-1)
+        if cut >= 0:  # an app that sends stop sequences must not get text past them
+            answer = replace(answer, text=answer.text[:cut], finish_reason="stop")
         return JSONResponse({
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": follower.name, "system_fingerprint": served.fingerprint,

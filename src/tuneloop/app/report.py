@@ -109,8 +109,8 @@ def print_check_report(path, checked, verdict: str | None, as_json: bool) -> Non
     from rich.table import Table
 
     console = _console()
-    teacher = (f" + without an answer {checked.n_unlabelled} (the champion answers them in a run: distill.teacher)"
-               if checked.n_unlabelled else "")
+    teacher = (f" + without an answer {checked.n_unlabelled} (the champion answers them in a run: distill.teacher;"
+               " while there is no champion, a run quarantines them)" if checked.n_unlabelled else "")
     console.print(f"{path}: read {checked.n_read} = accepted {checked.n_accepted} + quarantined "
                   f"{checked.n_quarantined} + duplicates {checked.n_duplicates}{teacher}; {checked.n_redacted} PII "
                   "matches would be redacted", highlight=False)

@@ -704,6 +704,21 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that an impossible date (2027-02-30, a retirement day) is a YAML error with its
+    line, not a ValueError traceback from deep inside PyYAML."""
+
+    def construct_yaml_timestamp(self, node):
+        try:
+            return super().construct_yaml_timestamp(node)
+        except ValueError as exc:
+            raise yaml.constructor.ConstructorError(None, None, f"{node.value!r} is not a date ({exc})",
+                                                    node.start_mark) from None
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:timestamp", _ConfigLoader.construct_yaml_timestamp)
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """``a.b.c=value`` with the value read as YAML, so numbers, booleans and lists keep their types."""
     key, sep, raw = item.partition("=")
@@ -711,7 +726,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key or any(not p for p in key.split(".")):
         raise TuneloopError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. train.local.max_steps=20")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_ConfigLoader) if raw.strip() else ""
+    except yaml.constructor.ConstructorError as exc:
+        raise TuneloopError(f"--set {key}: {exc.problem}") from None
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -726,7 +743,9 @@ def _describe(err: ValidationError, origin: str, overrides: dict[str, Any]) -> s
     lines = []
     for e in err.errors():
         dotted = ".".join(str(p) for p in e["loc"])
-        where = f"--set {dotted}" if dotted in overrides else origin
+        # a key inside a --set value (--set 'retirement.openai={gpt-4o: soon}') is that --set's, not the file's
+        key = next((k for k in overrides if dotted == k or dotted.startswith(f"{k}.")), None)
+        where = f"--set {key}" if key else origin
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         if dotted in RENAMED:
             msg = f"renamed: use {RENAMED[dotted]}"
@@ -740,7 +759,7 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
     if not path.is_file():
         raise TuneloopError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_ConfigLoader) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
