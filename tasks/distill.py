@@ -67,8 +67,10 @@ def estimate_teacher_cost(prompts: list[list[dict]], champion: Champion, config:
                           home: Path) -> float | None:
     """An upper bound in USD for an API teacher to answer ``prompts``: their tokens at the input price plus
     ``distill.max_new_tokens`` each at the output price. None for a local teacher (it costs no money)."""
-    if not champion.fine_tuned_model or not prompts:
-        return None if not champion.fine_tuned_model else 0.0
+    if not champion.fine_tuned_model:
+        return None
+    if not prompts:
+        return 0.0
     from tuneloop.tasks.tokens import TiktokenCounter, encoding_for_model
 
     openai = config.train.openai

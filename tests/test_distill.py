@@ -29,6 +29,17 @@ def landing(root, n_labelled=20, n_unlabelled=10):
     return folder
 
 
+def stranger_config(folder, checked_column: str, mapping: str):
+    """A generation task on someone else's fields: its own one-expectation suite and mapping (YAML flow map)."""
+    suite = folder / "suite.json"
+    suite.write_text(json.dumps({"name": "theirs", "expectations": [
+        {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": checked_column}}]}))
+    cfg_file = folder / "theirs.yaml"
+    cfg_file.write_text(f"mapping: {mapping}\nquality: {{suite: {suite}}}\n"
+                        f"evaluate: {{holdout: {DEMO / 'holdout.jsonl'}, task: generation}}\n")
+    return cfg_file
+
+
 def api_config(fake, tiktoken_file, *more):
     return load_config(DEMO_CONFIG, [
         "distill.teacher=champion", "distill.batch_size=4", f"train.openai.base_url={fake.base_url}",
@@ -52,13 +63,7 @@ def key(monkeypatch):
 def test_without_a_teacher_a_record_lacking_its_answer_is_quarantined_never_trained_on_as_none(tmp_path):
     """A stranger's data, whose suite checks nothing about the answer: an empty answer field would otherwise be
     rendered as the text "None" and trained on."""
-    suite = tmp_path / "suite.json"
-    suite.write_text(json.dumps({"name": "faq", "expectations": [
-        {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "question"}}]}))
-    cfg_file = tmp_path / "faq.yaml"
-    cfg_file.write_text(f"mapping: {{id: qid, user: '{{question}}', assistant: '{{reply}}'}}\n"
-                        f"quality: {{suite: {suite}}}\nevaluate: {{holdout: {DEMO / 'holdout.jsonl'}, task: generation}}\n")
-    cfg = load_config(cfg_file)
+    cfg = load_config(stranger_config(tmp_path, "question", "{id: qid, user: '{question}', assistant: '{reply}'}"))
     write_lines(tmp_path / "in" / "faq.jsonl", [
         json.dumps({"qid": 1, "question": "How do I reset my password?", "reply": "Use the link on the sign-in page."}),
         json.dumps({"qid": 2, "question": "Can I pay by invoice?", "reply": None}),
@@ -167,12 +172,7 @@ def test_migrate_means_local_backend_champion_teacher_and_a_tie_promotes():
 def test_a_strangers_chats_ending_with_the_user_are_answered_for_a_generation_task(tmp_path, key, tiktoken_file):
     """Not the demo: a messages column, free-text answers (no labels), other ids. A chat that ends with the
     user is the teacher's; one that ends with an answer is kept as written."""
-    suite = tmp_path / "suite.json"
-    suite.write_text(json.dumps({"name": "chats", "expectations": [
-        {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "chat_id"}}]}))
-    cfg_file = tmp_path / "chats.yaml"
-    cfg_file.write_text(f"mapping: {{id: chat_id, messages: conversation}}\nquality: {{suite: {suite}}}\n"
-                        f"evaluate: {{holdout: {DEMO / 'holdout.jsonl'}, task: generation}}\n")
+    cfg_file = stranger_config(tmp_path, "chat_id", "{id: chat_id, messages: conversation}")
     asked = [{"role": "system", "content": "You answer questions about the Mondragon garden."},
              {"role": "user", "content": "When do the roses flower?"}]
     with FakeOpenAI(answer=lambda model, messages: "From late May to July.") as fake:

@@ -471,17 +471,11 @@ def serve_model(config: ConfigOption = None, set_: SetOption = None,
     """Serve the registered model at ALIAS behind an OpenAI-compatible API (POST /v1/chat/completions,
     GET /v1/models, GET /health): an app using the OpenAI SDK switches by changing its base URL. A promotion or
     rollback is picked up without a restart; each answer names its version. Decoding is greedy."""
-    import logging
 
     name, uri = _registry(config, set_)
     from tuneloop.app.endpoint import serve_champion
 
-    out = logging.getLogger("tuneloop.endpoint")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    out.addHandler(handler)
-    out.setLevel(logging.INFO)
-    out.propagate = False
+    _log_to("tuneloop.endpoint", sys.stderr)
     try:
         serve_champion(uri, name, alias=alias, host=host, port=port, poll_seconds=poll_seconds)
     except TuneloopError as exc:
@@ -489,6 +483,19 @@ def serve_model(config: ConfigOption = None, set_: SetOption = None,
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the server stopped cleanly first
         pass
     print("endpoint stopped", file=sys.stderr)
+
+
+def _log_to(name: str, stream):
+    """A long-running command's own log lines, timestamped, on ``stream`` only (not Prefect's handlers)."""
+    import logging
+
+    out = logging.getLogger(name)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    out.addHandler(handler)
+    out.setLevel(logging.INFO)
+    out.propagate = False
+    return out
 
 
 def _config_path(config: Path | None) -> Path:
@@ -516,7 +523,6 @@ def serve(config: ConfigOption = None, set_: SetOption = None,
 def watch(config: ConfigOption = None, set_: SetOption = None,
           once: Annotated[bool, typer.Option(help="check once and exit")] = False) -> None:
     """Watch the landing folder (or SQL table) and emit tuneloop.data.landed for each complete new landing."""
-    import logging
 
     from tuneloop.app.serve import require_api
     from tuneloop.app.watch import watch as watch_landing
@@ -529,12 +535,7 @@ def watch(config: ConfigOption = None, set_: SetOption = None,
         require_api()
     except TuneloopError as exc:
         fail(str(exc), 2)
-    out = logging.getLogger("tuneloop.watch")
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    out.addHandler(handler)
-    out.setLevel(logging.INFO)
-    out.propagate = False
+    out = _log_to("tuneloop.watch", sys.stdout)
     landing = getattr(cfg.source, "landing", None) or state.landing
     out.info(f"watching {landing} every {cfg.schedule.poll_seconds:g}s")
     try:
