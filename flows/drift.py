@@ -19,6 +19,7 @@ from tuneloop.core.config import PipelineConfig, load_config
 from tuneloop.core.retirement import migration_due, relative_days
 from tuneloop.core.state import prepare_state
 from tuneloop.tasks.drift import DriftReport, check_drift, drift_markdown, log_drift
+from tuneloop.tasks.runlog import name_flow_run
 
 DRIFT_EVENT = "tuneloop.drift.detected"
 MIGRATION_EVENT = "tuneloop.migration.due"
@@ -34,7 +35,11 @@ def check_drift_task(config: PipelineConfig, home, tracking_uri: str, work_dir) 
     return check_drift(config, home, tracking_uri, work_dir)
 
 
-@flow(name="drift-monitor")
+def started_name() -> str:
+    return f"drift-check-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+
+
+@flow(name="drift-monitor", flow_run_name=started_name)
 def drift_monitor(config: PipelineConfig | str, overrides: list[str] | None = None) -> DriftReport:
     """Check the champion for performance and input drift; emit tuneloop.drift.detected when it has, and
     tuneloop.migration.due when its provider retires it within retirement.migrate_days."""
@@ -50,6 +55,8 @@ def drift_monitor(config: PipelineConfig | str, overrides: list[str] | None = No
     work_dir.mkdir(parents=True, exist_ok=True)
 
     report = check_drift_task(config, state.home, tracking_uri, work_dir)
+    champion = f"-v{report.champion_version}" if report.champion_version else ""
+    name_flow_run(f"drift-{'detected' if report.drifted else 'none'}{champion}")
     log_drift(report, config, tracking_uri, artifacts_dir)
     create_markdown_artifact(drift_markdown(report), key="drift-report", description="drift monitor")
     if report.drifted:

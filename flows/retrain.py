@@ -34,9 +34,19 @@ from tuneloop.tasks.ledger import (
 from tuneloop.tasks.preflight import ensure_ready
 from tuneloop.tasks.quality import enforce_min_examples, enforce_quarantine_limit, quality_task
 from tuneloop.tasks.register import complete_registration_task, find_champion_task, register_task
+from tuneloop.tasks.runlog import name_flow_run
 from tuneloop.tasks.snapshot import snapshot_task
 from tuneloop.tasks.tokens import enforce_budget
 from tuneloop.tasks.train_local import warm_start_task
+
+
+def subflow_result(state) -> tuple:
+    """A subflow's result, and its run as the upstream edge of the tasks that take it.
+
+    Handed to a task as it is, the result is recorded as a ``flow_run`` input, which Prefect's UI (3.8) cannot
+    read: the run's Task runs tab then shows none. The subflow's run in this flow is a task run, an edge it reads.
+    """
+    return state.result(), [state]
 
 
 def cancel_openai_jobs(flow, flow_run, state) -> None:
@@ -55,7 +65,12 @@ def cancel_openai_jobs(flow, flow_run, state) -> None:
         else "flow run cancelled: no unfinished OpenAI fine-tuning job to cancel")
 
 
-@flow(name="retrain", on_cancellation=[cancel_openai_jobs])
+def started_name() -> str:
+    """The run's name until it knows its dataset version (a run that fails early keeps this one)."""
+    return f"retrain-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+
+
+@flow(name="retrain", flow_run_name=started_name, on_cancellation=[cancel_openai_jobs])
 def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, reason: str | None = None,
             force: bool = False, migrate: bool = False) -> RetrainResult:
     """Retrain on everything new in the source, or when the settings that shape the model changed; promote
@@ -68,6 +83,7 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
     (moving off an API fine-tune before it retires).
     """
 
+    started = datetime.now(UTC)  # the MLflow run of the candidate spans the whole pipeline, from here
     state = prepare_state()
     run_id = flow_run.get_id() or "local"
     with run_lock(state.home, f"retrain flow run {run_id}"):  # one run per state folder at a time
@@ -105,21 +121,26 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
         settings = Settings(hash=config.settings_hash(values), values=values)
         decision = plan_training_task(ledger, new, state.datasets, config.registry, tracking_uri, settings, force)
         log.info(decision.reason)
+        newest = decision.dataset.version if decision.dataset else ledger.dataset_version
+        name_flow_run(f"{'migrate' if migrate else 'retrain'}-{newest[:8]}" if decision.train
+                      else f"up-to-date-{newest[:8]}" if newest else "nothing-to-train")
         if not decision.train:
             completed = None
             if decision.complete_version is not None:  # a run killed after registering: finish, don't train again
                 completed = complete_registration_task(config.registry, tracking_uri, decision.complete_version)
             if decision.mark_trained:
                 commit_ledger(mark_trained(ledger, decision.dataset.version, settings.hash, settings.values), state.ledger)
-            return RetrainResult(status="nothing_new", message=decision.reason, run_dir=run_dir, model_version=completed,
-                                 dataset_version=decision.dataset.version if decision.dataset else ledger.dataset_version)
+            if not any(run_dir.iterdir()):  # nothing was checked or trained: no folder to keep
+                run_dir.rmdir()
+            return RetrainResult(status="nothing_new", message=decision.reason, model_version=completed,
+                                 run_dir=run_dir if run_dir.exists() else None, dataset_version=newest)
         dataset = decision.dataset
 
         plan = token_plan_task(config.train, state.models, state.home)
         exported = export_task(dataset, config.export, heldout, state.home / "exports", plan, config.config_hash(),
                                config.quality.min_examples)
         enforce_budget(exported.estimate, config.train.max_cost_usd)
-        init_adapter, warm_from = None, None
+        init_adapter, warm_from, upstream = None, None, []
         if config.train.backend == "local" and config.train.local.init_from == "champion":
             warm_from = find_champion_task(config.registry, tracking_uri, run_dir / "warm-start")
             init_adapter = warm_start_task(warm_from, config.train, state.models)
@@ -135,15 +156,19 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
         else:
             from tuneloop.flows.train_local import train_local
 
-            trained = train_local(exported, config.train, run_dir, init_adapter=init_adapter)
+            # in-process, its result needs no persisting (a pool's run persists it: the caller reads it from afar)
+            inline = train_local.with_options(persist_result=False)
+            trained, upstream = subflow_result(inline(exported, config.train, run_dir, init_adapter=init_adapter,
+                                                      return_state=True))
         if init_adapter is not None:
             trained = trained.model_copy(update={"warm_start_from": warm_from.version})
         # Looked up after training: a champion promoted meanwhile (tuneloop promote) is the one to beat.
         champion = find_champion_task(config.registry, tracking_uri, run_dir / "champion")
         report = evaluate_task(trained, champion, heldout, config.evaluate, run_dir, config.train.openai,
                                state.home / "generations" if config.evaluate.cache_generations else None,
-                               retirement=config.retirement)
-        version = register_task(config, checked, exported, trained, report, tracking_uri, artifacts_dir, run_id)
+                               retirement=config.retirement, wait_for=upstream)
+        version = register_task(config, checked, exported, trained, report, tracking_uri, artifacts_dir, run_id,
+                                started, wait_for=upstream)
         commit_ledger(mark_trained(ledger, dataset.version, settings.hash, settings.values), state.ledger)
         counts = checked.model_dump(include={"n_read", "n_accepted", "n_quarantined", "n_duplicates"}) if checked else {}
         return RetrainResult(status="trained", dataset_version=dataset.version, report=report, model_version=version,

@@ -19,7 +19,17 @@ from tuneloop.tasks.train_local import train_task
 from tuneloop.tasks.train_pool import fetch_export_task, fetch_init_adapter_task, publish_training_task
 
 
-@flow(name="train-local", persist_result=True)
+def run_name() -> str:
+    """``train-local-<dataset version>``: which data this training run is on, readable in the UI's run list."""
+    from prefect.runtime import flow_run
+
+    exported = flow_run.parameters.get("exported")
+    version = exported.get("dataset_version") if isinstance(exported, dict) else getattr(exported, "dataset_version", "")
+    return f"train-local-{str(version or '')[:8]}".rstrip("-")
+
+
+# persisted as JSON (a typed record), not a pickle: readable in storage, and nothing to unpickle on the caller's side
+@flow(name="train-local", flow_run_name=run_name, persist_result=True, result_serializer="json")
 def train_local(exported: ExportedDataset, train: TrainConfig, out_dir: Path | None = None,
                 tracking_uri: str | None = None, training_run_id: str | None = None,
                 init_adapter: Path | None = None, warm_start: bool = False) -> TrainedModel:

@@ -135,7 +135,7 @@ def comparison_markdown(report: EvalReport, retirements: Mapping[str, Retirement
     if classification and report.candidate.per_class:
         lines += ["", "Candidate per class:", "", "| label | precision | recall | F1 | support |",
                   "|---|---:|---:|---:|---:|"]
-        lines += [f"| {lab} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
+        lines += [f"| {lab} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {int(m['support'])} |"
                   for lab, m in report.candidate.per_class.items()]
     lines += retirement_lines(retirements or {}, retirement, today)
     return "\n".join(lines)

@@ -98,19 +98,29 @@ def score(predicted: list[str | None], examples: list[HeldOutExample], texts: li
 
 
 def confusion_png(predicted: list[str | None], examples: list[HeldOutExample], title: str, path: Path) -> Path:
-    """Rows: expected label; columns: predicted (unparsed answers in their own column)."""
+    """Rows: expected label; columns: predicted (unparsed answers, and labels no example has, in their own
+    columns). No row for what is never expected: an always-zero ``<unparsed>`` row says nothing."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
+    import numpy as np
+    from sklearn.metrics import confusion_matrix
 
     expected = [e.label for e in examples]
     got = [p if p is not None else "<unparsed>" for p in predicted]
-    labels = sorted(set(expected)) + sorted(set(got) - set(expected))
-    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.0 * len(labels) + 1.5))
-    ConfusionMatrixDisplay.from_predictions(expected, got, labels=labels, ax=ax, colorbar=False,
-                                            xticks_rotation=45)
+    rows = sorted(set(expected))
+    labels = rows + sorted(set(got) - set(expected))
+    counts = confusion_matrix(expected, got, labels=labels)[:len(rows)]
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.0 * len(rows) + 1.5))
+    ax.imshow(counts, cmap="Blues", aspect="auto")
+    high = counts.max() / 2 if counts.size else 0
+    for (i, j), n in np.ndenumerate(counts):
+        ax.text(j, i, str(n), ha="center", va="center", color="white" if n > high else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("Predicted label")
+    ax.set_ylabel("True label")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -67,13 +68,11 @@ class QualityGate:
 
         context = gx.get_context(mode="ephemeral")
         context.variables.progress_bars = ProgressBarsConfig(globally=False)
-        self.docs_dir = run_dir / "data_docs" if quality.data_docs else None
+        self.docs_dir = run_dir.resolve() / "data_docs" if quality.data_docs else None
         if self.docs_dir:
-            context.add_data_docs_site(site_name="run", site_config={
-                "class_name": "SiteBuilder",
-                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(self.docs_dir)},
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            })
+            from tuneloop.tasks.data_docs import site_config
+
+            context.add_data_docs_site(site_name="run", site_config=site_config(self.docs_dir))
         self.context = context
         self.lineage = lineage_columns(self.fields)
         self.raw = SuiteRunner(context, raw_suite, self.lineage, run_wide=unique)
@@ -140,7 +139,7 @@ class QualityGate:
                 first = self.ids[col].setdefault(str(value), (chunk.sources[i], chunk.lines[i]))
                 if first != (chunk.sources[i], chunk.lines[i]):
                     repeated.append((value, chunk.sources[i], chunk.lines[i]))
-                    reasons.setdefault(j, []).append(f"{UNIQUE}({col})")
+                    reasons.setdefault(j, []).append(self.raw.run_wide_reason(UNIQUE, col))
             self.raw.add_run_wide(UNIQUE, col, len(keep), missing, repeated)
         for j, i in enumerate(keep):
             if i in chunk.pii_reasons:
@@ -206,12 +205,12 @@ class QualityGate:
                 continue
             messages = orjson.loads(chunk.examples[i])["messages"]
             if not self.teacher:
-                already = {r.rsplit("(", 1)[-1].rstrip(")") for r in reasons.get(j, [])}
+                already = {reason_field(r) for r in reasons.get(j, [])}
                 new = [f"missing_answer({f})" for f in missing if f not in already and f != "messages"]
                 if new:
                     reasons.setdefault(j, []).extend(new)
                 continue
-            kept = [r for r in reasons.get(j, []) if r.rsplit("(", 1)[-1].rstrip(")") not in self.answer_fields]
+            kept = [r for r in reasons.get(j, []) if reason_field(r) not in self.answer_fields]
             if kept:
                 reasons[j] = kept
                 continue
@@ -222,16 +221,9 @@ class QualityGate:
         return out
 
     def outcomes(self) -> list[ExpectationOutcome]:
-        """One per expectation type and column, as quarantine reasons name them (Data Docs list each expectation:
-        two regexes on one column are one row here, their counts summed)."""
-        merged: dict[tuple[str, str, str | None], list] = {}
-        for runner in (self.raw, self.chat):
-            for type_, column, success, n in runner.outcomes():
-                outcome = merged.setdefault((runner.name, type_, column), [True, 0])
-                outcome[0] &= success
-                outcome[1] += n
-        return [ExpectationOutcome(suite=suite, expectation=type_, column=column, success=ok, unexpected_count=n)
-                for (suite, type_, column), (ok, n) in merged.items()]
+        """One per expectation of the suites, as Data Docs list them (two regexes on one column are two, each
+        with its own key and count); run-wide checks after their suite's others."""
+        return [*self.raw.outcomes(), *self.chat.outcomes()]
 
     def finish(self) -> CheckedBatch:
         for fh in self.out.values():
@@ -240,8 +232,12 @@ class QualityGate:
             self.paths["unlabelled"].unlink(missing_ok=True)
         if self.docs_dir:
             where = f"{self.paths['quarantine']}: every rejected record, with its file, line and reasons"
-            results = {runner.name: runner.store_result(self.run_dir.name, where) for runner in (self.raw, self.chat)}
+            from tuneloop.tasks.data_docs import make_offline
+
+            run_name = self.run_dir.resolve().name  # `--out .` has no name of its own
+            results = {runner.name: runner.store_result(run_name, where) for runner in (self.raw, self.chat)}
             self.context.build_data_docs(site_names=["run"])
+            make_offline(self.docs_dir)
             for name, result in results.items():  # what the pages show, for machines
                 if result is not None:
                     (self.docs_dir / f"{name}.validation.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
@@ -261,6 +257,12 @@ class QualityGate:
         summary_path.write_bytes(orjson.dumps(
             checked.model_dump(mode="json", exclude={"summary_path"}), option=orjson.OPT_INDENT_2))
         return checked
+
+
+def reason_field(reason: str) -> str:
+    """The field a quarantine reason names: ``type(field)``, ``type(field) [check]``, ``pii:KIND(field)``."""
+    match = re.search(r"\(([^()]*)\)(?: \[[^\]]*\])?$", reason)
+    return match[1] if match else reason
 
 
 def _prepare_in_subprocess(raw: RawBatch, source: SourceConfig, mapping: MappingConfig, quality: QualityConfig,
@@ -360,11 +362,12 @@ def summary_markdown(checked: CheckedBatch) -> str:
         f"| {checked.n_read} | {checked.n_accepted} | {checked.n_quarantined} | {checked.n_duplicates}"
         f" | {checked.n_unlabelled} | {checked.n_redacted} |",
         "",
-        "| suite | expectation | column | result | unexpected |",
-        "|---|---|---|---|---:|",
+        "| suite | expectation | column | check | result | unexpected |",
+        "|---|---|---|---|---|---:|",
     ]
     for o in checked.expectations:
-        lines.append(f"| {o.suite} | {o.expectation} | {o.column or ''} | {'pass' if o.success else 'FAIL'}"
+        check = (o.title or "").replace("|", "/")  # the suite's words: no column break
+        lines.append(f"| {o.suite} | {o.expectation} | {o.column or ''} | {check} | {'pass' if o.success else 'FAIL'}"
                      f" | {o.unexpected_count} |")
     lines += ["", f"Quarantine: `{checked.quarantine_path}`", f"Duplicates: `{checked.duplicates_path}`"]
     if checked.data_docs:

@@ -7,6 +7,7 @@ predictions as artifacts, and the dataset version as a tag, so any model leads b
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -98,13 +99,18 @@ def client_for(tracking_uri: str):
     return MlflowClient(tracking_uri)
 
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "finetuning")  # the UI opens it on runs, not on GenAI traces
+
+
 def experiment_id(client, name: str, artifacts_dir: Path | None) -> str:
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    # A local SQLite store would otherwise put artifacts under the current working directory.
-    location = artifacts_dir.resolve().as_uri() if artifacts_dir else None
-    return client.create_experiment(name, artifact_location=location)
+    if experiment is None:
+        # A local SQLite store would otherwise put artifacts under the current working directory.
+        location = artifacts_dir.resolve().as_uri() if artifacts_dir else None
+        return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
+    if EXPERIMENT_KIND[0] not in experiment.tags:  # made by an older tuneloop: the UI guessed GenAI
+        client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def champion_training(registry: RegisterConfig, tracking_uri: str) -> tuple[str | None, str | None]:
@@ -165,7 +171,13 @@ def run_tags(config: PipelineConfig, trained: TrainedModel, flow_run_id: str | N
         "tuneloop_version": tuneloop_version(),
         "model_digest": model_digest(trained),  # with the two above: one version per trained model, kills or not
         "tuneloop.state": state_id(),
+        # what the MLflow UI shows as the run's Source and code version
+        "mlflow.source.type": "JOB",
+        "mlflow.source.name": "tuneloop retrain flow",
+        "mlflow.source.git.commit": git_commit(),
     }
+    if flow_run_id and (url := prefect_run_url(flow_run_id)):
+        tags["prefect_flow_run_url"] = url
     if trained.backend == "openai":
         tags.update(fine_tuned_model=trained.fine_tuned_model or "", openai_job_id=trained.job_id or "",
                     openai_provider=config.train.openai.provider)
@@ -174,6 +186,14 @@ def run_tags(config: PipelineConfig, trained: TrainedModel, flow_run_id: str | N
     if trained.warm_start_from:
         tags["warm_start_from"] = trained.warm_start_from  # the champion version whose adapter it continued
     return tags
+
+
+def prefect_run_url(flow_run_id: str) -> str | None:
+    """The flow run's page in the Prefect UI, when a UI is configured (a server run; not the ephemeral one)."""
+    from prefect.settings import get_current_settings
+
+    ui = get_current_settings().ui_url
+    return f"{str(ui).rstrip('/')}/runs/flow-run/{flow_run_id}" if ui else None
 
 
 def run_params(config: PipelineConfig, report: EvalReport) -> dict[str, str]:
@@ -189,51 +209,53 @@ def run_params(config: PipelineConfig, report: EvalReport) -> dict[str, str]:
 
 def run_metrics(checked: CheckedBatch | None, exported: ExportedDataset, trained: TrainedModel, report: EvalReport,
                 decision: PromotionDecision) -> list:
-    """Scores, promotion deltas, data and token counts, quality results and training curves, as MLflow metrics."""
+    """Scores, promotion deltas, data and token counts, quality results and training curves, as MLflow metrics.
+
+    What a person opens the run for has no prefix (the UI's first chart section): each model's task scores,
+    the promotion delta and the loss curves. The rest is grouped by prefix (``data/``, ``train/``,
+    ``tokens/``, ``gx/``, ``per_class/``, ``promotion_delta/``, ``teacher/``), one chart section each."""
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    metrics = {
-        "n_train": exported.n_train,
-        "n_validation": exported.n_validation,
-        "train_seconds": trained.train_seconds,
-        "promotion_delta": decision.delta,
-        **{f"promotion_delta.{m}": d for m, d in decision.deltas.items()},
-    }
+    metrics: dict[str, float] = {"promotion_delta": decision.delta}
     for who in ("base", "candidate", "champion"):  # the task's metrics only (the drift monitor reads candidate_*)
         if (sc := getattr(report, who)) is not None:
             metrics.update({f"{who}_{m}": v for m, v in sc.metrics.items()})
+    metrics.update({f"promotion_delta/{m}": d for m, d in decision.deltas.items()})
     for label, m in report.candidate.per_class.items():
-        metrics.update({f"candidate_{k}.{label}": v for k, v in m.items() if k != "support"})
+        metrics.update({f"per_class/candidate_{k}.{label}": v for k, v in m.items() if k != "support"})
+    metrics.update({"data/n_train": exported.n_train, "data/n_validation": exported.n_validation})
     for split, stats in exported.token_stats.items():
-        metrics.update({f"tokens.{split}.{k}": v for k, v in stats.model_dump().items() if isinstance(v, int | float)})
+        metrics.update({f"tokens/{split}.{k}": v for k, v in stats.model_dump().items() if isinstance(v, int | float)})
     if exported.estimate:
-        metrics.update(estimated_billed_tokens=exported.estimate.billed_tokens,
-                       estimated_cost_usd=exported.estimate.estimated_cost_usd)
+        metrics.update({"tokens/estimated_billed_tokens": exported.estimate.billed_tokens,
+                        "tokens/estimated_cost_usd": exported.estimate.estimated_cost_usd})
     if checked is not None:
-        metrics.update(n_read=checked.n_read, n_accepted=checked.n_accepted, n_quarantined=checked.n_quarantined,
-                       n_duplicates=checked.n_duplicates, n_pii_redacted=checked.n_redacted)
-        metrics.update({f"gx_unexpected.{o.suite}.{o.expectation}.{o.column or ''}".rstrip("."): o.unexpected_count
-                        for o in checked.expectations})
+        metrics.update({"data/n_read": checked.n_read, "data/n_accepted": checked.n_accepted,
+                        "data/n_quarantined": checked.n_quarantined, "data/n_duplicates": checked.n_duplicates,
+                        "data/n_pii_redacted": checked.n_redacted})
+        metrics.update({f"gx/{o.suite}/{o.key}": o.unexpected_count for o in checked.expectations})
         if (d := checked.distilled) is not None:  # the champion as teacher: what it answered, and at what cost
-            metrics.update({"teacher.to_answer": d.n_to_answer, "teacher.answered": d.n_answered,
-                            "teacher.set_aside": d.n_quarantined, "teacher.asked": d.n_called,
-                            "teacher.cached": d.n_cached})
+            metrics.update({"teacher/to_answer": d.n_to_answer, "teacher/answered": d.n_answered,
+                            "teacher/set_aside": d.n_quarantined, "teacher/asked": d.n_called,
+                            "teacher/cached": d.n_cached})
             if d.estimated_cost_usd is not None:
-                metrics["teacher.estimated_cost_usd"] = d.estimated_cost_usd
-    if trained.train_loss is not None:
-        metrics["train_loss"] = trained.train_loss
+                metrics["teacher/estimated_cost_usd"] = d.estimated_cost_usd
+    for name, value in (("seconds", trained.train_seconds), ("mean_loss", trained.mean_train_loss),
+                        ("trained_tokens", trained.trained_tokens), ("tokens_per_second", trained.tokens_per_second),
+                        ("peak_memory_mb", trained.peak_memory_mb), ("resumed_from_step", trained.resumed_from_step)):
+        if value is not None:
+            metrics[f"train/{name}"] = value
     batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-    if trained.trained_tokens is not None:
-        batch.append(Metric("trained_tokens", float(trained.trained_tokens), now, 0))
-    for name in ("tokens_per_second", "peak_memory_mb", "resumed_from_step"):
-        if getattr(trained, name) is not None:
-            batch.append(Metric(f"train_{name}", float(getattr(trained, name)), now, 0))
-    batch += [Metric("loss", loss, now, step) for step, loss in trained.loss_history]
-    batch += [Metric(name, value, now, step) for name, points in trained.step_metrics.items()
-              if name != "train_loss" for step, value in points]
+    # the curves: the training loss by step (its last point is the loss the model ended with), the validation loss
+    batch += [Metric("train_loss", loss, now, step) for step, loss in trained.loss_history]
+    for name, points in trained.step_metrics.items():
+        if name == "train_loss":  # openai reports it among its step metrics: it is the curve above
+            continue
+        key = name if name in ("eval_loss", "valid_loss") else f"train/{name}"
+        batch += [Metric(key, value, now, step) for step, value in points]
     return batch
 
 
@@ -277,8 +299,12 @@ def log_run_artifacts(client, run_id: str, checked: CheckedBatch | None, exporte
             client.log_artifact(run_id, str(checked.distilled.answers_path), "teacher")
 
 
-def log_champion_model(client, run_id: str, config: PipelineConfig, trained: TrainedModel, report: EvalReport) -> None:
-    """The serving pyfunc (``models:/NAME@champion`` answers in one call), as the run's ``model`` artifact."""
+def log_champion_model(client, run_id: str, experiment: str, config: PipelineConfig, trained: TrainedModel,
+                       report: EvalReport) -> str:
+    """The serving pyfunc (``models:/NAME@champion`` answers in one call), logged as an MLflow model of the run
+    (the UI's run → model → registered version lineage); returns its model id."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
     from tuneloop.core.serving import save_champion_model
 
     openai_settings = config.train.openai.model_dump(include={
@@ -290,13 +316,25 @@ def log_champion_model(client, run_id: str, config: PipelineConfig, trained: Tra
         trained.adapter_path, trained.fine_tuned_model, openai_settings, config.mapping.system,
         report.max_new_tokens,
         deployment=azure.champion_deployment if azure is not None and trained.backend == "openai" else None)
-    client.log_artifacts(run_id, str(pyfunc_dir), "model")
+    model = client.create_logged_model(experiment, name="model", source_run_id=run_id, model_type="tuneloop-champion",
+                                       tags={"dataset_version": trained.dataset_version, "backend": trained.backend},
+                                       params={"base_model": trained.base_model})
+    try:
+        client.log_model_artifacts(model.model_id, str(pyfunc_dir))
+    except BaseException:
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    return model.model_id
 
 
-def create_version(client, name: str, run, tags: dict[str, str], trained: TrainedModel, report: EvalReport,
-                   decision: PromotionDecision):
+def create_version(client, name: str, run, model_id: str, tags: dict[str, str], trained: TrainedModel,
+                   report: EvalReport, decision: PromotionDecision):
     """A new version of the registered model (created on first use) from the run's pyfunc; ``challenger``
     moves to it, and ``champion`` too when the decision says so."""
+    import json
+
     from mlflow.exceptions import MlflowException
 
     try:
@@ -307,13 +345,17 @@ def create_version(client, name: str, run, tags: dict[str, str], trained: Traine
     run_id = run.info.run_id
     version = client.create_model_version(
         name,
-        source=f"{run.info.artifact_uri}/model",  # mlflow.pyfunc.load_model("models:/NAME@champion")
+        source=f"models:/{model_id}",  # mlflow.pyfunc.load_model("models:/NAME@champion")
         run_id=run_id,
+        model_id=model_id,
         tags={**tags, **({"adapter_artifact": f"runs:/{run_id}/adapter"} if trained.adapter_path is not None else {}),
               "task": report.task, **{f"candidate_{m}": str(v) for m, v in report.candidate.metrics.items()},
               "promoted": str(decision.promoted), "promotion_reason": decision.reason},
         description=decision.reason,
     )
+    # the logged model's page lists the versions made from it (what mlflow.register_model records)
+    client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(
+        [{"name": name, "version": version.version}])})
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     if decision.promoted:
         move_champion(client, name, str(version.version), "tuneloop retrain", decision.reason)
@@ -450,6 +492,50 @@ def settle_deployments(config: PipelineConfig, trained: TrainedModel, decision: 
                                "deletes it")
 
 
+def run_description(config: PipelineConfig, checked: CheckedBatch | None, exported: ExportedDataset,
+                    trained: TrainedModel, report: EvalReport, decision: PromotionDecision) -> str:
+    """One paragraph for the run's Description: what was trained on what, how it scored, what was decided."""
+    how = (f"LoRA on `{trained.base_model}`, {trained.steps} steps" if trained.backend == "local"
+           else f"the {config.train.openai.provider} fine-tuning API from `{trained.base_model}` "
+                f"(`{trained.fine_tuned_model}`)")
+    data = (f" (read {checked.n_read}: {checked.n_accepted} accepted, {checked.n_quarantined} quarantined, "
+            f"{checked.n_duplicates} duplicates)" if checked is not None else "")
+    metric = decision.primary_metric
+    scores = ", ".join(f"{who} {sc.metrics[metric]:.3f}" for who, sc in
+                       (("candidate", report.candidate), ("base", report.base),
+                        (f"champion v{report.champion_version}", report.champion)) if sc is not None and metric in sc.metrics)
+    verdict = "Promoted to `champion`" if decision.promoted else "Not promoted"
+    return (f"Trained {how} on dataset version `{trained.dataset_version}`: {exported.n_train} training and "
+            f"{exported.n_validation} validation examples{data}. On {report.n_examples} held-out examples, "
+            f"{metric}: {scores}. {verdict}: {decision.reason}")
+
+
+def log_datasets(client, run_id: str, exported: ExportedDataset, report: EvalReport, config: PipelineConfig) -> None:
+    """The data as MLflow dataset inputs (the UI's Datasets): the snapshot's training and validation splits
+    (digest: the dataset version / the file's hash) and the held-out set the candidate was scored on."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from tuneloop.core.state import sha256_file
+
+    def entry(name: str, digest: str, path: Path, context: str, **profile) -> DatasetInput:
+        dataset = Dataset(name=name, digest=digest[:36], source_type="local",
+                          source=json.dumps({"uri": str(Path(path).resolve())}), profile=json.dumps(profile))
+        return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
+
+    version = exported.dataset_version
+    inputs = [entry(f"dataset-{version[:8]}", version, exported.train_path, "training", num_rows=exported.n_train,
+                    dataset_version=version, sha256=exported.sha256.get("train.jsonl", "")),
+              entry(f"dataset-{version[:8]}", exported.sha256.get("validation.jsonl") or version,
+                    exported.validation_path, "validation", num_rows=exported.n_validation, dataset_version=version)]
+    holdout = Path(config.evaluate.holdout)
+    if holdout.is_file():
+        inputs.append(entry(f"heldout-{holdout.stem}", sha256_file(holdout)[:16], holdout, "evaluation",
+                            examples_scored=report.n_examples))
+    client.log_inputs(run_id, datasets=inputs)
+
+
 def register_candidate(
     config: PipelineConfig,
     checked: CheckedBatch | None,
@@ -459,6 +545,7 @@ def register_candidate(
     tracking_uri: str,
     artifacts_dir: Path | None,
     flow_run_id: str | None = None,
+    started: datetime | None = None,
 ) -> ModelVersion:
     """One MLflow run with everything that made the candidate, and a model version; the run is marked
     FAILED if any of it fails.
@@ -484,14 +571,19 @@ def register_candidate(
         aliases = [CHAMPION, CHALLENGER] if decision.promoted else [CHALLENGER]
         return ModelVersion(name=registry.model_name, version=str(version.version), run_id=version.run_id or "",
                             aliases=aliases, decision=decision, tracking_uri=tracking_uri)
-    run = client.create_run(exp, run_name=f"retrain-{trained.dataset_version[:8]}", tags=tags)
+    # the run stands for the whole pipeline run: it starts when the pipeline started (its duration is the run's)
+    run = client.create_run(exp, run_name=f"retrain-{trained.dataset_version[:8]}", tags=tags,
+                            start_time=int(started.timestamp() * 1000) if started else None)
     run_id = run.info.run_id
     try:
         log_run_data(client, run_id, run_params(config, report),
                      run_metrics(checked, exported, trained, report, decision), decision)
+        client.set_tag(run_id, "mlflow.note.content", run_description(config, checked, exported, trained, report,
+                                                                      decision))
+        log_datasets(client, run_id, exported, report, config)
         log_run_artifacts(client, run_id, checked, exported, trained, report, decision)
-        log_champion_model(client, run_id, config, trained, report)
-        version = create_version(client, registry.model_name, run, tags, trained, report, decision)
+        model_id = log_champion_model(client, run_id, exp, config, trained, report)
+        version = create_version(client, registry.model_name, run, model_id, tags, trained, report, decision)
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
@@ -586,10 +678,25 @@ def list_versions(tracking_uri: str, name: str) -> list[dict[str, Any]]:
     return rows
 
 
+LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves a local store
+
+
+def mlflow_version_url(mv: ModelVersion) -> tuple[str, str]:
+    """The model version's page in the MLflow UI (it links to the run), and how that UI is started."""
+    from urllib.parse import quote
+
+    remote = mv.tracking_uri.startswith(("http://", "https://"))
+    base = mv.tracking_uri.rstrip("/") if remote else LOCAL_MLFLOW_UI
+    how = "" if remote else " (with `make mlflow-ui` or `mlflow ui --backend-store-uri " + mv.tracking_uri + "`)"
+    return f"{base}/#/models/{quote(mv.name)}/versions/{mv.version}", how
+
+
 def decision_markdown(mv: ModelVersion) -> str:
     verdict = "promoted to `champion`" if mv.decision.promoted else "not promoted; `champion` unchanged"
-    return (f"## Registration\n\nModel `{mv.name}` version **{mv.version}**: {verdict}.\n\n"
-            f"Reason: {mv.decision.reason}\n\nMLflow run `{mv.run_id}` at `{mv.tracking_uri}`")
+    url, how = mlflow_version_url(mv)
+    return (f"## Promotion\n\nModel `{mv.name}` version **{mv.version}**: {verdict}.\n\n"
+            f"Reason: {mv.decision.reason}\n\nIn MLflow: [{mv.name} version {mv.version}]({url}){how}; "
+            f"run `{mv.run_id}`.")
 
 
 def announce_promotion(model_name: str, version: str, summary: str) -> None:
@@ -617,9 +724,10 @@ def complete_registration_task(registry: RegisterConfig, tracking_uri: str, vers
 @task(name="register", cache_policy=NO_CACHE)
 def register_task(config: PipelineConfig, checked: CheckedBatch | None, exported: ExportedDataset, trained: TrainedModel,
                   report: EvalReport, tracking_uri: str, artifacts_dir: Path | None,
-                  flow_run_id: str | None) -> ModelVersion:
-    mv = register_candidate(config, checked, exported, trained, report, tracking_uri, artifacts_dir, flow_run_id)
-    create_markdown_artifact(decision_markdown(mv), key="registration", description="promotion decision")
+                  flow_run_id: str | None, started: datetime | None = None) -> ModelVersion:
+    mv = register_candidate(config, checked, exported, trained, report, tracking_uri, artifacts_dir, flow_run_id,
+                            started)
+    create_markdown_artifact(decision_markdown(mv), key="promotion", description="promotion decision")
     get_run_logger().info(f"register: {mv.name} version {mv.version}; {mv.decision.reason}")
     if mv.decision.promoted:
         announce_promotion(mv.name, mv.version, f"{mv.name} version {mv.version} promoted: {mv.decision.reason}")

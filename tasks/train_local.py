@@ -501,7 +501,8 @@ def _train_here(exported: ExportedDataset, train: TrainConfig, models_dir: Path,
         step_metrics=step_metrics,
         best_step=selection.get("best_step"),
         stopped_early=selection.get("stopped_early", False),
-        train_loss=train_loss if trained_steps > 0 else (history[-1][1] if history else None),
+        train_loss=history[-1][1] if history else None,
+        mean_train_loss=train_loss if trained_steps > 0 else None,
         loss_history=history,
         train_seconds=round(seconds, 2),
         resumed_from_step=start_step,
@@ -620,6 +621,14 @@ def _worker_main(spec_path: str) -> None:
         Path(spec["result"]).write_text(trained.model_dump_json())
 
 
+def loss_summary(trained: TrainedModel) -> str:
+    """The last step's loss, and the mean over training beside it, named (one is not the other)."""
+    if trained.train_loss is None:
+        return "no loss logged"
+    mean = f" (mean over training {trained.mean_train_loss:.4f})" if trained.mean_train_loss is not None else ""
+    return f"loss at the last step {trained.train_loss:.4f}{mean}"
+
+
 @task(name="warm-start", cache_policy=NO_CACHE)
 def warm_start_task(champion: Champion | None, train: TrainConfig, models_dir: Path) -> Path | None:
     return warm_start_adapter(champion, train, models_dir)
@@ -630,8 +639,8 @@ def train_task(exported: ExportedDataset, train: TrainConfig, models_dir: Path, 
                checkpoints_dir: Path | None = None, init_adapter: Path | None = None) -> TrainedModel:
     trained = train_lora(exported, train, models_dir, out_dir, checkpoints_dir, init_adapter)
     resumed = f" (resumed from step {trained.resumed_from_step})" if trained.resumed_from_step else ""
-    get_run_logger().info(f"train: {trained.steps} steps in {trained.train_seconds:.1f}s{resumed}, final loss "
-                          f"{trained.train_loss}, {trained.tokens_per_second} tokens/s, peak {trained.peak_memory_mb} MB")
+    get_run_logger().info(f"train: {trained.steps} steps in {trained.train_seconds:.1f}s{resumed}; {loss_summary(trained)}; "
+                          f"{trained.tokens_per_second} tokens/s, peak {trained.peak_memory_mb} MB")
     return trained
 
 

@@ -274,5 +274,7 @@ def train_openai_task(exported: ExportedDataset, train: TrainConfig, state_home:
                       flow_run_id: str | None, config_hash: str) -> TrainedModel:
     trained = train_openai(exported, train, state_home, out_dir, flow_run_id, config_hash)
     get_run_logger().info(f"train: {trained.fine_tuned_model} from job {trained.job_id}, "
-                          f"{trained.trained_tokens} trained tokens, final loss {trained.train_loss}")
+                          f"{trained.trained_tokens} trained tokens, "
+                          + (f"loss at the last step {trained.train_loss:.4f}" if trained.train_loss is not None
+                             else "no loss reported"))
     return trained

@@ -71,10 +71,11 @@ def publish_training(trained: TrainedModel, tracking_uri: str, run_id: str) -> T
     if trained.artifacts_dir is not None:
         client.log_artifacts(run_id, str(trained.artifacts_dir), "training")
     now = int(time.time() * 1000)
-    metrics = [Metric("loss", loss, now, step) for step, loss in trained.loss_history]
-    for name in ("tokens_per_second", "peak_memory_mb", "train_seconds"):
-        if getattr(trained, name) is not None:
-            metrics.append(Metric(name, float(getattr(trained, name)), now, 0))
+    metrics = [Metric("train_loss", loss, now, step) for step, loss in trained.loss_history]
+    for name, value in (("train/tokens_per_second", trained.tokens_per_second),
+                        ("train/peak_memory_mb", trained.peak_memory_mb), ("train/seconds", trained.train_seconds)):
+        if value is not None:
+            metrics.append(Metric(name, float(value), now, 0))
     client.log_batch(run_id, metrics=metrics)
     client.set_terminated(run_id, "FINISHED")
     return trained.model_copy(update={"adapter_path": None, "artifacts_dir": None, "training_run_id": run_id})

@@ -29,7 +29,8 @@ MAX_NEW_TOKENS = 10
 
 
 def register_version(client, experiment: str, pyfunc_dir: Path) -> str:
-    """As tasks/register.py does: the pyfunc as a run's ``model`` artifact, a version pointing at it."""
+    """As tasks/register.py did before versions pointed at logged models: the pyfunc as a run's ``model``
+    artifact, a version pointing at it (registries hold such versions; they are served all the same)."""
     run = client.create_run(experiment)
     client.log_artifacts(run.info.run_id, str(pyfunc_dir), "model")
     client.set_terminated(run.info.run_id)

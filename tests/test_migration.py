@@ -87,8 +87,8 @@ def test_an_openai_champion_is_migrated_to_a_local_model_that_answers_without_a_
         client = MlflowClient(uri)
         assert client.get_model_version(mv.name, "2").tags["backend"] == "local"
         run = client.get_run(mv.run_id)
-        assert run.data.metrics["teacher.answered"] == 60 and run.data.metrics["teacher.asked"] == 60
-        assert run.data.metrics["teacher.estimated_cost_usd"] == taught.estimated_cost_usd
+        assert run.data.metrics["teacher/answered"] == 60 and run.data.metrics["teacher/asked"] == 60
+        assert run.data.metrics["teacher/estimated_cost_usd"] == taught.estimated_cost_usd
         assert [a.path for a in client.list_artifacts(mv.run_id, "teacher")] == ["teacher/teacher_answers.jsonl"]
         snapshot = home / "datasets" / f"{moved.dataset_version}.jsonl"
         sources = [json.loads(line).get("answered_by") for line in snapshot.read_text().splitlines()]

@@ -1,4 +1,5 @@
 import json
+import re
 
 import orjson
 import pytest
@@ -50,10 +51,79 @@ def test_pii_policy_quarantine_sends_pii_records_to_quarantine_with_the_pattern_
     cfg = load_config(DEMO_CONFIG, ["quality.pii=quarantine"])
     checked = gate_folder(demo_raw, cfg, tmp_path)
     q = quarantine_by_id(checked)
-    assert q["LF-900003"]["reasons"] == ["expect_column_values_to_not_match_regex(body)", "pii:EMAIL(body)"]
+    # two regexes on body (control characters, e-mail): the reason says which one
+    assert q["LF-900003"]["reasons"] == ["expect_column_values_to_not_match_regex(body) [pii-email]", "pii:EMAIL(body)"]
     assert q["LF-900004"]["reasons"] == ["pii:PHONE(body)"]  # libphonenumber, outside GX: no regex in the suite
     assert checked.n_redacted == 0
     assert checked.n_read == checked.n_accepted + checked.n_quarantined + checked.n_duplicates
+
+
+def test_every_expectation_of_the_suites_is_its_own_outcome_with_a_unique_metric_safe_key(tmp_path):
+    """Issue 19: outcomes were merged by (suite, type, column), so the control-character and e-mail regexes on
+    ``body`` were one row of the quality-gate table and one MLflow metric; nobody could tell which failed."""
+    from tuneloop.tasks.quality import summary_markdown
+
+    cfg = load_config(DEMO_CONFIG, ["quality.pii=quarantine", "quality.min_examples=1", "quality.data_docs=false"])
+    base = json.loads((DEMO / "tickets.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    records = [base, {**base, "ticket_id": "NUL", "body": "null byte \x00 here"},
+               {**base, "ticket_id": "MAIL-1", "body": "write to jo@corp.example.org"},
+               {**base, "ticket_id": "MAIL-2", "body": "or to ana@corp.example.org"}]
+    checked = gate_folder(write_lines(tmp_path / "l" / "t.jsonl", [json.dumps(r) for r in records]).parent, cfg,
+                          tmp_path / "run")
+
+    suites = {name: json.loads(path.read_text())["expectations"]  # the raw suite's includes run-wide uniqueness
+              for name, path in (("raw_records", cfg.quality.suite), ("chat_examples", cfg.quality.chat_suite))}
+    for name, expectations in suites.items():
+        outcomes = [o for o in checked.expectations if o.suite == name]
+        assert len(outcomes) == len(expectations)
+        assert len({o.key for o in outcomes}) == len(outcomes)
+        assert sorted((o.expectation, o.column) for o in outcomes) == sorted(
+            (e["type"], e["kwargs"]["column"]) for e in expectations)
+    assert len(checked.expectations) == 19
+    assert all(re.fullmatch(r"[A-Za-z0-9_./-]+", o.key) for o in checked.expectations)
+
+    by_key = {o.key: o for o in checked.expectations if o.suite == "raw_records"}
+    regex = "expect_column_values_to_not_match_regex"
+    control, email = by_key[f"{regex}.body.control-characters-and-nul-bytes"], by_key[f"{regex}.body.pii-email"]
+    assert (control.success, control.unexpected_count, control.title) == (False, 1, "control characters and NUL bytes")
+    assert (email.success, email.unexpected_count, email.title) == (False, 2, "PII: EMAIL")
+    # alone of its type and column: the plain key, and the reason tests everywhere match
+    assert by_key[f"{regex}.subject"].unexpected_count == 0
+    assert by_key["expect_column_value_lengths_to_be_between.body"].success
+
+    q = quarantine_by_id(checked)
+    assert q["NUL"]["reasons"] == [f"{regex}(body) [control-characters-and-nul-bytes]"]
+    assert q["MAIL-2"]["reasons"] == [f"{regex}(body) [pii-email]", "pii:EMAIL(body)"]
+    table = summary_markdown(checked)
+    assert "| raw_records | expect_column_values_to_not_match_regex | body | PII: EMAIL | FAIL | 2 |" in table
+    assert "| body | control characters and NUL bytes | FAIL | 1 |" in table
+
+
+def test_expectation_keys_name_repeats_from_the_meta_else_by_position_and_stay_put():
+    from types import SimpleNamespace as Config
+
+    from tuneloop.tasks.gx import expectation_keys
+
+    def config(type_, column=None, **meta):
+        return Config(type=type_, kwargs={"column": column} if column else {}, meta=meta or None)
+
+    suite = [config("expect_column_values_to_match_regex", "code", name="Upper case!"),
+             config("expect_column_values_to_match_regex", "code", why="digits, then a dash"),
+             config("expect_column_values_to_match_regex", "code"),
+             config("expect_column_values_to_match_regex", "code"),
+             config("expect_column_values_to_be_in_set", "my col"),  # not metric-safe as it is
+             config("expect_table_row_count_to_be_between")]
+    keys = expectation_keys(suite)
+    assert keys == [("expect_column_values_to_match_regex.code.upper-case", "upper-case"),
+                    ("expect_column_values_to_match_regex.code.digits-then-a-dash", "digits-then-a-dash"),
+                    ("expect_column_values_to_match_regex.code.3", "3"),  # its place among them: naming
+                    ("expect_column_values_to_match_regex.code.4", "4"),  # another one renumbers none
+                    ("expect_column_values_to_be_in_set.my_col", None),
+                    ("expect_table_row_count_to_be_between", None)]
+    assert expectation_keys(suite) == keys  # a function of the suite alone: the same every run
+    twins = expectation_keys([config("expect_column_values_to_match_regex", "code", why="same"),
+                              config("expect_column_values_to_match_regex", "code", why="same")])
+    assert len({key for key, _ in twins}) == 2
 
 
 def test_gate_fails_with_a_clear_message_when_too_much_is_quarantined(demo_raw, tmp_path):

@@ -20,6 +20,73 @@ def small_config(tracking_uri: str, *extra: str):
     ])
 
 
+UI_INPUT_TYPES = {"task_run", "parameter", "constant"}  # what Prefect's UI (3.8) can read; else "No task runs"
+UNPREFIXED = {"promotion_delta", "train_loss", "eval_loss"}  # besides each model's task scores: the first charts
+
+
+def what_the_uis_read(client, run, result) -> None:
+    """What the Prefect UI and the MLflow UI show of one retrain run, read through their APIs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentTaskRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+
+    flow_run_id = run.data.tags["prefect_flow_run_id"]
+    with get_client(sync_client=True) as prefect:
+        flow_run = prefect.read_flow_run(flow_run_id)
+        by_flow = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        task_runs = {t.id: t for t in prefect.read_task_runs(flow_run_filter=by_flow)}
+        artifacts = prefect.read_artifacts(flow_run_filter=by_flow)
+        by_name = {t.name.rsplit("-", 1)[0]: t for t in task_runs.values()}
+        (training,) = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[by_name["train-local"].id])))
+        logs = [entry.message for entry in prefect.read_logs(
+            LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id, training.id])), limit=200)]
+    # the run's Task runs tab lists them: every input is of a type the UI reads, and the tasks that take the
+    # trained model show train-local (its run in this flow) upstream
+    assert {i.input_type for t in task_runs.values() for inputs in t.task_inputs.values() for i in inputs} <= UI_INPUT_TYPES
+    for name in ("evaluate", "register"):
+        upstream = {i.id for inputs in by_name[name].task_inputs.values() for i in inputs if i.input_type == "task_run"}
+        assert by_name["train-local"].id in upstream, (name, by_name[name].task_inputs)
+    assert flow_run.name == f"retrain-{result.dataset_version[:8]}"  # named by what it did
+    assert training.name == f"train-local-{result.dataset_version[:8]}"
+    # artifacts link to their task runs; no keyless result records
+    assert {a.key for a in artifacts} == {"quality-gate", "evaluation", "promotion"}
+    assert all(a.task_run_id in task_runs for a in artifacts)
+    assert "/#/models/" in next(a.data for a in artifacts if a.key == "promotion")  # a link, not a SQLite path
+
+    # MLflow: opens on runs; the run spans the pipeline, shows its data, its logged model, a description
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "finetuning"
+    first_task = min(t.start_time for t in task_runs.values()).timestamp() * 1000
+    register = by_name["register"]
+    assert run.info.start_time <= first_task and run.info.end_time >= register.start_time.timestamp() * 1000
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation", "evaluation"}
+    assert inputs["training"].digest == result.dataset_version and json.loads(inputs["training"].profile)["num_rows"] > 0
+    assert json.loads(inputs["training"].source)["uri"].endswith("train.jsonl")
+    (output,) = run.outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert model.source_run_id == run.info.run_id and model.status == "READY"
+    version = client.get_model_version(result.model_version.name, result.model_version.version)
+    assert version.source == f"models:/{model.model_id}"  # version → logged model → run
+    assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": version.name, "version": version.version}]
+    assert result.dataset_version in run.data.tags["mlflow.note.content"]
+    assert run.data.tags["mlflow.source.name"] == "tuneloop retrain flow"
+
+    # the loss, named honestly: a curve whose last point is the loss the model ended with, the mean apart
+    curve = sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)
+    assert len(curve) >= 2 and run.data.metrics["train_loss"] == curve[-1].value
+    mean = run.data.metrics["train/mean_loss"]
+    assert f"loss at the last step {curve[-1].value:.4f} (mean over training {mean:.4f})" in "\n".join(logs)
+    scores = {f"{who}_{m}" for who in ("base", "candidate", "champion") for m in result.report.candidate.metrics}
+    assert not [k for k in run.data.metrics if "/" not in k and k not in UNPREFIXED | scores]
+    assert not any(("Writing model shards" in m or "Downloading artifacts" in m or "CloudPickle" in m) for m in logs)
+
+
 def test_retrain_registers_promotes_and_a_worse_run_leaves_the_champion(prefect_harness, home, tmp_path):
     from mlflow import MlflowClient
 
@@ -45,14 +112,14 @@ def test_retrain_registers_promotes_and_a_worse_run_leaves_the_champion(prefect_
     assert run.data.metrics["candidate_accuracy"] == first.report.candidate.accuracy
     assert run.data.metrics["base_accuracy"] == first.report.base.accuracy
     assert run.data.tags["dataset_version"] == first.dataset_version
-    assert len(client.get_metric_history(run.info.run_id, "loss")) >= 2
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"adapter", "dataset", "evaluation", "quality"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "dataset")} >= {
         "dataset/train.jsonl", "dataset/validation.jsonl", "dataset/manifest.json"}
     assert str(home) in run.info.artifact_uri  # artifacts live in the state folder, not the cwd
-    assert run.data.metrics["tokens.train.n_examples"] == run.data.metrics["n_train"]
-    assert 0 < run.data.metrics["tokens.train.p50"] <= run.data.metrics["tokens.train.max"]
+    assert run.data.metrics["tokens/train.n_examples"] == run.data.metrics["data/n_train"]
+    assert 0 < run.data.metrics["tokens/train.p50"] <= run.data.metrics["tokens/train.max"]
     import mlflow.pyfunc
 
     champion = mlflow.pyfunc.load_model(f"models:/{name}@champion")  # one call, no tuneloop code needed
@@ -67,14 +134,17 @@ def test_retrain_registers_promotes_and_a_worse_run_leaves_the_champion(prefect_
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "quality")}
     assert {"quality/quarantine.jsonl", "quality/duplicates.jsonl", "quality/quality_summary.json",
             "quality/data_docs"} <= artifacts
-    assert run.data.metrics["n_quarantined"] == 2
-    assert run.data.metrics["gx_unexpected.raw_records.expect_column_value_lengths_to_be_between.body"] == 2
+    assert run.data.metrics["data/n_quarantined"] == 2
+    assert run.data.metrics["gx/raw_records/expect_column_value_lengths_to_be_between.body"] == 2
+
+    what_the_uis_read(client, run, first)
 
     idle = retrain(small_config(uri))  # nothing new landed: ends early, trains nothing, registers nothing
     assert idle.status == "nothing_new" and idle.model_version is None
     assert idle.message == (f"nothing new since dataset version {first.dataset_version}, and it was trained on "
                             "with these settings; `tuneloop run --retrain` trains on it again")
     assert len(client.search_model_versions(f"name='{name}'")) == 1
+    assert idle.run_dir is None and len(list((home / "runs").iterdir())) == 1  # no empty folder for a no-op
 
     (landing / "tickets-2.jsonl").write_text("".join(lines[800:1000]))
     worse = retrain(small_config(uri, "train.local.max_steps=0"))
@@ -91,7 +161,7 @@ def test_retrain_registers_promotes_and_a_worse_run_leaves_the_champion(prefect_
     run2 = client.get_run(worse.model_version.run_id)
     assert {"evaluation/confusion_candidate.png", "evaluation/confusion_champion.png"} <= {
         a.path for a in client.list_artifacts(run2.info.run_id, "evaluation")}
-    assert "candidate_recall.billing" in run2.data.metrics and "champion_macro_f1" in run2.data.metrics
+    assert "per_class/candidate_recall.billing" in run2.data.metrics and "champion_macro_f1" in run2.data.metrics
     local = client.download_artifacts(run2.info.run_id, "evaluation/promotion_decision.json", str(tmp_path))
     decision = json.loads(open(local).read())
     assert decision["promoted"] is False and decision["deltas"]["accuracy"] == worse.model_version.decision.delta

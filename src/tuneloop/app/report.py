@@ -10,7 +10,7 @@ import os
 import shlex
 from typing import TYPE_CHECKING
 
-from tuneloop.core.records import METRIC_TITLES, EvalReport, RetrainResult
+from tuneloop.core.records import METRIC_TITLES, EvalReport, ModelVersion, RetrainResult
 from tuneloop.core.state import StateLayout
 
 if TYPE_CHECKING:
@@ -31,11 +31,17 @@ def _styled(*parts: str | tuple[str, str]):
     return Text.assemble(*parts)
 
 
-def ui_commands(state: StateLayout, tracking_uri: str) -> list[tuple[str, str]]:
+def ui_commands(state: StateLayout, mv: ModelVersion) -> list[tuple[str, str]]:
+    """How to look at the run: the MLflow page of the new version (it links to its run) and the Prefect UI."""
+    from tuneloop.tasks.register import mlflow_version_url
+
     home = shlex.quote(str(state.home))
+    url, _ = mlflow_version_url(mv)
+    remote = mv.tracking_uri.startswith(("http://", "https://"))
     return [
+        ("MLflow", url) if remote else
         ("MLflow UI", f"make mlflow-ui TUNELOOP_HOME={home}   (or: .venv/bin/mlflow ui --backend-store-uri "
-                      f"{shlex.quote(tracking_uri)} --port 5000), then open http://127.0.0.1:5000"),
+                      f"{shlex.quote(mv.tracking_uri)} --port 5000), then open {url}"),
         ("Prefect UI", f"make prefect-ui TUNELOOP_HOME={home}   (or: PREFECT_HOME={shlex.quote(str(state.prefect_home))}"
                        " .venv/bin/prefect server start), then open http://127.0.0.1:4200"),
     ]
@@ -83,7 +89,7 @@ def print_retrain_summary(result: RetrainResult, state: StateLayout) -> None:
     console.print(_styled("Registered ", (mv.name, "bold"), " version ", (mv.version, "bold"), " with ", *alias, "."))
     console.print(f"Decision: {mv.decision.reason}", highlight=False)
     console.print(f"Run folder: {result.run_dir}", highlight=False)
-    for name, command in ui_commands(state, mv.tracking_uri):
+    for name, command in ui_commands(state, mv):
         console.print(f"{name}: {command}", highlight=False, soft_wrap=True)
 
 
@@ -117,10 +123,10 @@ def print_check_report(path, checked, verdict: str | None, as_json: bool) -> Non
     failed = [o for o in checked.expectations if not o.success]
     if failed:
         table = Table(title="Failed expectations", title_justify="left")
-        for col in ("suite", "expectation", "column", "rows"):
+        for col in ("suite", "expectation", "column", "check", "rows"):
             table.add_column(col, justify="right" if col == "rows" else "left")
-        for o in failed:
-            table.add_row(o.suite, o.expectation, o.column or "", str(o.unexpected_count))
+        for o in failed:  # "check": which of two regexes on one column, say
+            table.add_row(o.suite, o.expectation, o.column or "", o.title or "", str(o.unexpected_count))
         console.print(table)
     for r in rejected[:20]:
         console.print(f"  line {r['line']}: {'; '.join(r['reasons'])}", highlight=False)

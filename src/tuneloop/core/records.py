@@ -119,9 +119,15 @@ class DistillSummary(BaseModel):
 
 
 class ExpectationOutcome(BaseModel):
+    """One expectation of a suite over the run. Two of one type on one column (regexes on ``body``) are two."""
+
     suite: str
+    # unique in its suite, stable across runs, metric-safe: ``expect_column_values_to_not_match_regex.body``, or
+    # with the check's name where type and column repeat (``...body.pii-email``); see tasks/gx.py expectation_keys
+    key: str
     expectation: str
     column: str | None
+    title: str | None = None  # what the suite says it checks (meta name, why or pii), for people
     success: bool
     unexpected_count: int
 
@@ -232,7 +238,8 @@ class TrainedModel(BaseModel):
     artifacts_dir: Path | None = None  # openai: job record, step metrics CSV, checkpoints list
     dataset_version: str
     steps: int
-    train_loss: float | None
+    train_loss: float | None  # at the last logged step: the loss the model ended with
+    mean_train_loss: float | None = None  # local: the mean over the steps this run trained (transformers' training_loss)
     loss_history: list[tuple[int, float]] = Field(default_factory=list)
     train_seconds: float
     step_metrics: dict[str, list[tuple[int, float]]] = Field(default_factory=dict)  # e.g. valid_loss per step
@@ -348,4 +355,4 @@ class RetrainResult(BaseModel):
     report: EvalReport | None = None
     model_version: ModelVersion | None = None
     distilled: DistillSummary | None = None  # what the teacher answered for this run's records
-    run_dir: Path
+    run_dir: Path | None = None  # None when the run had nothing to check or train (no folder is left)

@@ -136,7 +136,7 @@ def save_champion_model(out: Path, backend: str, base_model: str, adapter_path: 
     if out.exists():
         shutil.rmtree(out)
     mlflow.pyfunc.save_model(
-        path=str(out), python_model=ChampionModel(), artifacts=artifacts,
+        path=str(out), python_model=str(Path(__file__).with_name("champion_model.py")), artifacts=artifacts,
         # explicit, so MLflow does not infer (slowly) what the environment holds
         pip_requirements=[f"mlflow=={mlflow.__version__}", "torch", "transformers", "peft", "openai", "tuneloop"],
     )

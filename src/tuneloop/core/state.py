@@ -23,6 +23,9 @@ OFFLINE_AND_QUIET = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    # progress bars are for terminals: in a run's log they are a line of carriage returns per download or save
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "PREFECT_UI_ENABLED": "true",
     # A fresh Prefect home migrates its SQLite database on first start: on 2 busy cores that can pass
     # Prefect's default 20 s, and the run would die before its first task.
