@@ -54,7 +54,13 @@ test-fast: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src flows tasks tests bench data docs
 
+# The UI opens in GenAI mode unless the address asks for model training: print the address of the runs.
 mlflow-ui: $(VENV)/.installed
+	@$(PY) -c "import sqlite3, sys; db = sqlite3.connect('file:$(TUNELOOP_HOME)/mlflow.db?mode=ro', uri=True); \
+	row = db.execute(\"select e.experiment_id from experiments e join experiment_tags t on t.experiment_id = e.experiment_id \
+	where t.key = 'mlflow.experimentKind' order by e.last_update_time desc limit 1\").fetchone(); \
+	print('MLflow UI: open http://127.0.0.1:5000/#/experiments' + (f'/{row[0]}' if row else '') + '?workflowType=machine_learning')" \
+	2>/dev/null || echo "MLflow UI: open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(TUNELOOP_HOME)/mlflow.db --host 127.0.0.1 --port 5000
 
 prefect-ui: $(VENV)/.installed

@@ -61,9 +61,9 @@ def candidate_metrics(home: Path) -> dict:
                               max_results=1)
     run = runs[0]
     m, tags = run.data.metrics, run.data.tags
-    return {"accuracy": m.get("candidate_accuracy"), "promoted": tags.get("promoted") == "true",
-            "train_seconds": m.get("train_seconds"), "best_eval_loss": m.get("best_eval_loss"),
-            "n_train": int(m.get("n_train", 0))}
+    return {"accuracy": m.get("eval/candidate_accuracy"), "promoted": tags.get("promoted") == "true",
+            "train_seconds": m.get("train/seconds"), "best_eval_loss": m.get("loss/best_eval"),
+            "n_train": int(m.get("records/n_train", 0))}
 
 
 def run_setting(work: Path, config: Path, batches: list[Path], overrides: list[str], seed: int) -> list[dict]:

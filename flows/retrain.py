@@ -40,12 +40,12 @@ from tuneloop.tasks.tokens import enforce_budget
 from tuneloop.tasks.train_local import warm_start_task
 
 
-def subflow_result(state) -> tuple:
-    """A subflow's result, and its run as the upstream edge of the tasks that take it.
+def handed_on(state) -> tuple:
+    """The training's result, and its run as the upstream edge of the tasks that take it.
 
-    Handed to a task as it is, the result is recorded as a ``flow_run`` input, which Prefect's UI (3.8) cannot
-    read: the run's Task runs tab then shows none. The subflow's run in this flow is a task run, an edge it reads.
-    """
+    A subflow's result handed to a task as it is is recorded as a ``flow_run`` input, which Prefect's UI (3.8)
+    cannot read: the run's Task runs tab then shows none. Its run in this flow is a task run, an edge the UI
+    reads; and the edge stays when the result is copied (a warm start notes the champion it continued)."""
     return state.result(), [state]
 
 
@@ -140,26 +140,27 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
         exported = export_task(dataset, config.export, heldout, state.home / "exports", plan, config.config_hash(),
                                config.quality.min_examples)
         enforce_budget(exported.estimate, config.train.max_cost_usd)
-        init_adapter, warm_from, upstream = None, None, []
+        init_adapter, warm_from = None, None
         if config.train.backend == "local" and config.train.local.init_from == "champion":
             warm_from = find_champion_task(config.registry, tracking_uri, run_dir / "warm-start")
             init_adapter = warm_start_task(warm_from, config.train, state.models)
         if config.train.backend == "openai":
             from tuneloop.tasks.train_openai import train_openai_task
 
-            trained = train_openai_task(exported, config.train, state.home, run_dir / "openai", run_id, config.config_hash())
+            training = train_openai_task(exported, config.train, state.home, run_dir / "openai", run_id,
+                                         config.config_hash(), return_state=True)
         elif config.train.local.placement == "pool":
             from tuneloop.tasks.train_pool import train_on_pool_task
 
-            trained = train_on_pool_task(exported, config.train, tracking_uri, config.registry.experiment, artifacts_dir,
-                                         state.models, run_dir, init_adapter)
+            training = train_on_pool_task(exported, config.train, tracking_uri, config.registry.experiment,
+                                          artifacts_dir, state.models, run_dir, init_adapter, return_state=True)
         else:
             from tuneloop.flows.train_local import train_local
 
             # in-process, its result needs no persisting (a pool's run persists it: the caller reads it from afar)
-            inline = train_local.with_options(persist_result=False)
-            trained, upstream = subflow_result(inline(exported, config.train, run_dir, init_adapter=init_adapter,
-                                                      return_state=True))
+            training = train_local.with_options(persist_result=False)(
+                exported, config.train, run_dir, init_adapter=init_adapter, return_state=True)
+        trained, upstream = handed_on(training)
         if init_adapter is not None:
             trained = trained.model_copy(update={"warm_start_from": warm_from.version})
         # Looked up after training: a champion promoted meanwhile (tuneloop promote) is the one to beat.

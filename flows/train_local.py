@@ -23,8 +23,11 @@ def run_name() -> str:
     """``train-local-<dataset version>``: which data this training run is on, readable in the UI's run list."""
     from prefect.runtime import flow_run
 
-    exported = flow_run.parameters.get("exported")
-    version = exported.get("dataset_version") if isinstance(exported, dict) else getattr(exported, "dataset_version", "")
+    try:  # Prefect calls this before the run starts: a name must never fail it
+        exported = (flow_run.parameters or {}).get("exported")
+        version = exported.get("dataset_version") if isinstance(exported, dict) else getattr(exported, "dataset_version", "")
+    except Exception:  # noqa: BLE001
+        version = ""
     return f"train-local-{str(version or '')[:8]}".rstrip("-")
 
 

@@ -199,7 +199,7 @@ def check_drift(config: PipelineConfig, home: Path, tracking_uri: str, work_dir:
                 today: date | None = None) -> DriftReport:
     from mlflow.exceptions import MlflowException
 
-    from tuneloop.tasks.register import CHAMPION, client_for
+    from tuneloop.tasks.register import CHAMPION, client_for, score_metric
     from tuneloop.tasks.snapshot import read_examples
 
     client = client_for(tracking_uri)
@@ -213,7 +213,8 @@ def check_drift(config: PipelineConfig, home: Path, tracking_uri: str, work_dir:
                          metric=metric)
     note_retirement(report, version.tags, config, today)  # before any early return: it matters with no new data
     run = client.get_run(version.run_id)
-    report.at_promotion = run.data.metrics.get(f"candidate_{metric}")
+    # eval/candidate_<metric>; a run logged before metrics were grouped: candidate_<metric>
+    report.at_promotion = run.data.metrics.get(score_metric("candidate", metric), run.data.metrics.get(f"candidate_{metric}"))
     recent, origin = recent_examples(config, home, champion_dataset, work_dir)
     report.n_recent, report.recent_from = len(recent), origin
     if len(recent) < config.drift.min_examples:

@@ -147,7 +147,7 @@ class Tally:
         """GX's result dict. ``for_html``: text values escaped, because GX 1.24 writes unexpected values into its
         pages as they are (a ticket quoting HTML would become markup, a ``<script>`` in the data would run)."""
         if not self.per_row:
-            return self.aggregate
+            return escaped(self.aggregate) if for_html else self.aggregate  # observed values can quote the data
         nonmissing = self.element_count - self.missing_count
 
         def percent(n: int, of: int) -> float:
@@ -172,8 +172,19 @@ class Tally:
             "unexpected_list": values,
             "unexpected_index_list": rows,
             "unexpected_index_column_names": index_columns,
-            **({"unexpected_index_query": where_all} if self.unexpected_count else {}),
+            **({"unexpected_index_query": text(where_all)} if self.unexpected_count else {}),
         }
+
+
+def escaped(value: Any) -> Any:
+    """Every text leaf HTML-escaped: what GX writes into a page unescaped (values, file names) is text."""
+    if isinstance(value, str):
+        return html.escape(value)
+    if isinstance(value, dict):
+        return {k: escaped(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [escaped(v) for v in value]
+    return value
 
 
 class SuiteRunner:
@@ -289,7 +300,8 @@ class SuiteRunner:
         index_columns = [self.file, self.line]
         names = [Path(s).name for s in self.sources]
         asset = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        run_name = run_name or asset  # never GX's "__none__"
+        # never GX's "__none__"; it names a folder and shows in pages: letters, digits and ._- only
+        run_name = re.sub(r"[^A-Za-z0-9._-]+", "-", run_name or asset).strip("-") or "run"
         run_id = RunIdentifier(run_name=run_name, run_time=self.started)
         suite_id = ExpectationSuiteIdentifier(name=self.name)
 
@@ -307,7 +319,8 @@ class SuiteRunner:
                 meta={"great_expectations_version": gx.__version__, "run_id": run_id,
                       "validation_time": self.started.isoformat(),
                       "batch_markers": {"rows": self.n_rows, "chunks": self.n_chunks},
-                      "batch_parameters": None, "batch_spec": {"data_asset_name": asset},
+                      "batch_parameters": None,
+                      "batch_spec": {"data_asset_name": html.escape(asset) if for_html else asset},
                       "active_batch_definition": {
                           "datasource_name": f"{self.name}-source", "data_asset_name": self.name,
                           "data_connector_name": "fluent", "batch_identifiers": {}}})

@@ -207,54 +207,66 @@ def run_params(config: PipelineConfig, report: EvalReport) -> dict[str, str]:
     return params
 
 
+def score_metric(who: str, metric: str) -> str:
+    """The MLflow metric of one model's held-out score (``eval/candidate_accuracy``); the drift monitor reads it."""
+    return f"eval/{who}_{metric}"
+
+
+# How the training loss and its kin are named in MLflow: the curve's last point is the loss the model ended with.
+LOSS_CURVES = {"train_loss": "loss/train", "eval_loss": "loss/eval", "valid_loss": "loss/valid",
+               "best_eval_loss": "loss/best_eval"}
+
+
 def run_metrics(checked: CheckedBatch | None, exported: ExportedDataset, trained: TrainedModel, report: EvalReport,
                 decision: PromotionDecision) -> list:
     """Scores, promotion deltas, data and token counts, quality results and training curves, as MLflow metrics.
 
-    What a person opens the run for has no prefix (the UI's first chart section): each model's task scores,
-    the promotion delta and the loss curves. The rest is grouped by prefix (``data/``, ``train/``,
-    ``tokens/``, ``gx/``, ``per_class/``, ``promotion_delta/``, ``teacher/``), one chart section each."""
+    Grouped by prefix, one chart section each, in the order the MLflow UI sorts them (by name; unprefixed ones
+    last): ``eval/`` (each model's task scores and the promotion delta) and ``loss/`` (the curves) first, then
+    ``per_class/``, ``promotion_delta/``, ``quality/<suite>/`` (one per expectation), ``records/``, ``teacher/``,
+    ``tokens/`` and ``train/``."""
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    metrics: dict[str, float] = {"promotion_delta": decision.delta}
-    for who in ("base", "candidate", "champion"):  # the task's metrics only (the drift monitor reads candidate_*)
+    metrics: dict[str, float] = {"eval/promotion_delta": decision.delta}
+    for who in ("base", "candidate", "champion"):  # the task's metrics only
         if (sc := getattr(report, who)) is not None:
-            metrics.update({f"{who}_{m}": v for m, v in sc.metrics.items()})
+            metrics.update({score_metric(who, m): v for m, v in sc.metrics.items()})
     metrics.update({f"promotion_delta/{m}": d for m, d in decision.deltas.items()})
     for label, m in report.candidate.per_class.items():
         metrics.update({f"per_class/candidate_{k}.{label}": v for k, v in m.items() if k != "support"})
-    metrics.update({"data/n_train": exported.n_train, "data/n_validation": exported.n_validation})
+    metrics.update({"records/n_train": exported.n_train, "records/n_validation": exported.n_validation})
     for split, stats in exported.token_stats.items():
         metrics.update({f"tokens/{split}.{k}": v for k, v in stats.model_dump().items() if isinstance(v, int | float)})
     if exported.estimate:
         metrics.update({"tokens/estimated_billed_tokens": exported.estimate.billed_tokens,
                         "tokens/estimated_cost_usd": exported.estimate.estimated_cost_usd})
     if checked is not None:
-        metrics.update({"data/n_read": checked.n_read, "data/n_accepted": checked.n_accepted,
-                        "data/n_quarantined": checked.n_quarantined, "data/n_duplicates": checked.n_duplicates,
-                        "data/n_pii_redacted": checked.n_redacted})
-        metrics.update({f"gx/{o.suite}/{o.key}": o.unexpected_count for o in checked.expectations})
+        metrics.update({"records/n_read": checked.n_read, "records/n_accepted": checked.n_accepted,
+                        "records/n_quarantined": checked.n_quarantined, "records/n_duplicates": checked.n_duplicates,
+                        "records/n_pii_redacted": checked.n_redacted})
+        metrics.update({f"quality/{o.suite}/{o.key}": o.unexpected_count for o in checked.expectations})
         if (d := checked.distilled) is not None:  # the champion as teacher: what it answered, and at what cost
             metrics.update({"teacher/to_answer": d.n_to_answer, "teacher/answered": d.n_answered,
                             "teacher/set_aside": d.n_quarantined, "teacher/asked": d.n_called,
                             "teacher/cached": d.n_cached})
             if d.estimated_cost_usd is not None:
                 metrics["teacher/estimated_cost_usd"] = d.estimated_cost_usd
-    for name, value in (("seconds", trained.train_seconds), ("mean_loss", trained.mean_train_loss),
-                        ("trained_tokens", trained.trained_tokens), ("tokens_per_second", trained.tokens_per_second),
-                        ("peak_memory_mb", trained.peak_memory_mb), ("resumed_from_step", trained.resumed_from_step)):
+    if trained.mean_train_loss is not None:
+        metrics["loss/train_mean"] = trained.mean_train_loss  # the mean over training, not where it ended
+    for name, value in (("seconds", trained.train_seconds), ("trained_tokens", trained.trained_tokens),
+                        ("tokens_per_second", trained.tokens_per_second), ("peak_memory_mb", trained.peak_memory_mb),
+                        ("resumed_from_step", trained.resumed_from_step)):
         if value is not None:
             metrics[f"train/{name}"] = value
     batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-    # the curves: the training loss by step (its last point is the loss the model ended with), the validation loss
-    batch += [Metric("train_loss", loss, now, step) for step, loss in trained.loss_history]
+    batch += [Metric(LOSS_CURVES["train_loss"], loss, now, step) for step, loss in trained.loss_history]
     for name, points in trained.step_metrics.items():
         if name == "train_loss":  # openai reports it among its step metrics: it is the curve above
             continue
-        key = name if name in ("eval_loss", "valid_loss") else f"train/{name}"
+        key = LOSS_CURVES.get(name, f"train/{name}")
         batch += [Metric(key, value, now, step) for step, value in points]
     return batch
 
@@ -333,8 +345,6 @@ def create_version(client, name: str, run, model_id: str, tags: dict[str, str], 
                    report: EvalReport, decision: PromotionDecision):
     """A new version of the registered model (created on first use) from the run's pyfunc; ``challenger``
     moves to it, and ``champion`` too when the decision says so."""
-    import json
-
     from mlflow.exceptions import MlflowException
 
     try:
@@ -353,9 +363,7 @@ def create_version(client, name: str, run, model_id: str, tags: dict[str, str], 
               "promoted": str(decision.promoted), "promotion_reason": decision.reason},
         description=decision.reason,
     )
-    # the logged model's page lists the versions made from it (what mlflow.register_model records)
-    client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(
-        [{"name": name, "version": version.version}])})
+    link_model_to_version(client, name, version)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     if decision.promoted:
         move_champion(client, name, str(version.version), "tuneloop retrain", decision.reason)
@@ -452,8 +460,33 @@ def close_orphan_runs(client, experiment: str, keep: str | None = None) -> list[
         client.log_batch(run.info.run_id, tags=[RunTag("tuneloop.ended", "the run was killed before it finished; "
                                                        "marked FAILED by the next run")])
         client.set_terminated(run.info.run_id, "FAILED")
+        fail_pending_models(client, experiment, run.info.run_id)
         closed.append(run.info.run_id)
     return closed
+
+
+def fail_pending_models(client, experiment: str, run_id: str) -> None:
+    """A model a killed run was uploading stays PENDING in the Models tab forever: mark it FAILED."""
+    from mlflow.entities import LoggedModelStatus
+
+    for model in client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'"):
+        if model.status == LoggedModelStatus.PENDING:
+            client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+
+
+def link_model_to_version(client, name: str, version) -> None:
+    """The logged model's page lists the versions made from it (what mlflow.register_model records); the
+    SQLite registry keeps no model id on the version, its ``models:/<id>`` source names it."""
+    import json
+
+    source = version.source or ""
+    if not source.startswith("models:/m-"):
+        return  # a version of the run's artifacts (registered before logged models): nothing to link
+    model_id = source.removeprefix("models:/").split("/")[0]
+    linked = json.loads(client.get_logged_model(model_id).tags.get("mlflow.modelVersions") or "[]")
+    if not any(str(v.get("version")) == str(version.version) and v.get("name") == name for v in linked):
+        client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(
+            [*linked, {"name": name, "version": version.version}])})
 
 
 def adopt_version(client, name: str, version, decision: PromotionDecision) -> None:
@@ -461,6 +494,7 @@ def adopt_version(client, name: str, version, decision: PromotionDecision) -> No
     run = client.get_run(version.run_id) if version.run_id else None
     if run is not None and run.info.status == "RUNNING":  # killed after the version existed: all was logged
         client.set_terminated(version.run_id, "FINISHED")
+    link_model_to_version(client, name, version)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     if decision.promoted:
         try:
@@ -504,10 +538,10 @@ def run_description(config: PipelineConfig, checked: CheckedBatch | None, export
     scores = ", ".join(f"{who} {sc.metrics[metric]:.3f}" for who, sc in
                        (("candidate", report.candidate), ("base", report.base),
                         (f"champion v{report.champion_version}", report.champion)) if sc is not None and metric in sc.metrics)
+    scored = f"On {report.n_examples} held-out examples, {metric}: {scores}. " if scores else ""
     verdict = "Promoted to `champion`" if decision.promoted else "Not promoted"
     return (f"Trained {how} on dataset version `{trained.dataset_version}`: {exported.n_train} training and "
-            f"{exported.n_validation} validation examples{data}. On {report.n_examples} held-out examples, "
-            f"{metric}: {scores}. {verdict}: {decision.reason}")
+            f"{exported.n_validation} validation examples{data}. {scored}{verdict}: {decision.reason}")
 
 
 def log_datasets(client, run_id: str, exported: ExportedDataset, report: EvalReport, config: PipelineConfig) -> None:
@@ -527,7 +561,7 @@ def log_datasets(client, run_id: str, exported: ExportedDataset, report: EvalRep
     version = exported.dataset_version
     inputs = [entry(f"dataset-{version[:8]}", version, exported.train_path, "training", num_rows=exported.n_train,
                     dataset_version=version, sha256=exported.sha256.get("train.jsonl", "")),
-              entry(f"dataset-{version[:8]}", exported.sha256.get("validation.jsonl") or version,
+              entry(f"dataset-{version[:8]}-validation", exported.sha256.get("validation.jsonl") or version,
                     exported.validation_path, "validation", num_rows=exported.n_validation, dataset_version=version)]
     holdout = Path(config.evaluate.holdout)
     if holdout.is_file():
@@ -688,7 +722,8 @@ def mlflow_version_url(mv: ModelVersion) -> tuple[str, str]:
     remote = mv.tracking_uri.startswith(("http://", "https://"))
     base = mv.tracking_uri.rstrip("/") if remote else LOCAL_MLFLOW_UI
     how = "" if remote else " (with `make mlflow-ui` or `mlflow ui --backend-store-uri " + mv.tracking_uri + "`)"
-    return f"{base}/#/models/{quote(mv.name)}/versions/{mv.version}", how
+    # the UI keeps GenAI or model-training mode per browser, GenAI by default: the link asks for model training
+    return f"{base}/#/models/{quote(mv.name)}/versions/{mv.version}?workflowType=machine_learning", how
 
 
 def decision_markdown(mv: ModelVersion) -> str:

@@ -360,6 +360,10 @@ def _finished(checkpoint_dir: Path, out_dir: Path) -> TrainedModel | None:
     if not record.is_file():
         return None
     trained = TrainedModel.model_validate_json(record.read_bytes())
+    if trained.mean_train_loss is None and trained.loss_history and trained.steps > 0:
+        # recorded before the two were told apart: its train_loss was the mean, not the last step's
+        trained = trained.model_copy(update={"mean_train_loss": trained.train_loss,
+                                             "train_loss": trained.loss_history[-1][1]})
     adapter_dir = out_dir / "adapter"
     shutil.copytree(checkpoint_dir / FINISHED / "adapter", adapter_dir, dirs_exist_ok=True)
     artifacts = None

@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from tuneloop.core.config import TrainConfig
 from tuneloop.core.records import ExportedDataset, TrainedModel, TuneloopError
 from tuneloop.tasks.base_model import resolve_base_model
-from tuneloop.tasks.register import client_for, experiment_id
+from tuneloop.tasks.register import LOSS_CURVES, client_for, experiment_id
 from tuneloop.tasks.runlog import stage_logger
 
 TRAINING_KIND = "training"
@@ -71,7 +71,7 @@ def publish_training(trained: TrainedModel, tracking_uri: str, run_id: str) -> T
     if trained.artifacts_dir is not None:
         client.log_artifacts(run_id, str(trained.artifacts_dir), "training")
     now = int(time.time() * 1000)
-    metrics = [Metric("train_loss", loss, now, step) for step, loss in trained.loss_history]
+    metrics = [Metric(LOSS_CURVES["train_loss"], loss, now, step) for step, loss in trained.loss_history]
     for name, value in (("train/tokens_per_second", trained.tokens_per_second),
                         ("train/peak_memory_mb", trained.peak_memory_mb), ("train/seconds", trained.train_seconds)):
         if value is not None:
@@ -107,7 +107,7 @@ def train_on_pool(exported: ExportedDataset, train: TrainConfig, tracking_uri: s
     if state is None or not state.is_completed():
         raise TuneloopError(f"train: flow run {flow_run.name} of {name} ended "
                             f"{state.name if state else 'without a state'}: {state.message if state else ''}")
-    trained: TrainedModel = state.result()
+    trained = TrainedModel.model_validate(state.result())  # persisted as JSON: read back as a dict
     adapter = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter",
                                                        dst_path=str(run_dir), tracking_uri=tracking_uri))
     training = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="training",

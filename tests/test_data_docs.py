@@ -101,7 +101,7 @@ def test_data_docs_work_offline_from_their_own_folder(tmp_path, monkeypatch):
     records = [json.loads(line) for line in (DEMO / "tickets.jsonl").read_text(encoding="utf-8").splitlines()[:6]]
     records[1]["body"] = "x" * 2500
     records[2]["body"] = "<b>bold</b> and a bell \x07"
-    write_lines(tmp_path / "landing" / "t.jsonl", [json.dumps(r) for r in records])
+    write_lines(tmp_path / "landing" / "t <img src=x>.jsonl", [json.dumps(r) for r in records])  # whoever drops files names them
     monkeypatch.chdir(tmp_path)
     checked = gate_folder(tmp_path / "landing", cfg, Path("."))  # a run folder with no name of its own
     docs = checked.data_docs.parent
@@ -142,6 +142,7 @@ def test_data_docs_work_offline_from_their_own_folder(tmp_path, monkeypatch):
     assert failed["expect_column_value_lengths_to_be_between"]["unexpected_index_list"][0]["body"] == shown
     assert shown in page and "x" * 200 not in page
     assert "&lt;b&gt;bold&lt;/b&gt;" in page and "<b>bold" not in page
+    assert all("<img src=x>" not in p.read_text(encoding="utf-8") for p in pages)  # a file name is text too
     quarantined = {q["line"]: q for q in map(json.loads, checked.quarantine_path.read_text().splitlines())}
     assert quarantined[2]["record"]["body"] == "x" * 2500
     assert quarantined[3]["reasons"] == [

@@ -52,7 +52,7 @@ def test_classification_reports_no_exact_match_or_bleu_of_answers_cut_at_the_lab
                            train_seconds=1.0)
     decision = PromotionDecision(promoted=True, reason="r", baseline="base", delta=0.1, deltas={"accuracy": 0.1})
     logged = {m.key for m in run_metrics(None, exported, trained, report, decision)}
-    assert {"candidate_accuracy", "candidate_macro_f1", "base_accuracy", "per_class/candidate_f1.billing"} <= logged
+    assert {"eval/candidate_accuracy", "eval/candidate_macro_f1", "eval/base_accuracy", "per_class/candidate_f1.billing"} <= logged
     assert not [k for k in logged if any(t in k for t in TEXT_METRICS)]
 
     markdown = comparison_markdown(report)
@@ -129,8 +129,8 @@ def test_a_generation_run_prints_logs_and_registers_generation_metrics_only(pref
 
     client = MlflowClient(uri)
     run = client.get_run(result.model_version.run_id)
-    assert run.data.metrics["candidate_rouge_l"] == report.candidate.rouge_l
-    assert {"base_bleu", "candidate_bleu", "candidate_exact_match", "promotion_delta/rouge_l"} <= set(run.data.metrics)
+    assert run.data.metrics["eval/candidate_rouge_l"] == report.candidate.rouge_l
+    assert {"eval/base_bleu", "eval/candidate_bleu", "eval/candidate_exact_match", "promotion_delta/rouge_l"} <= set(run.data.metrics)
     assert not [k for k in run.data.metrics if any(t in k for t in LABEL_METRICS)]
     tags = client.get_model_version("replies", result.model_version.version).tags
     assert tags["task"] == "generation" and float(tags["candidate_rouge_l"]) == report.candidate.rouge_l

@@ -61,7 +61,7 @@ def test_retrain_trains_on_the_gpu_pool_through_a_worker(tmp_path, monkeypatch):
     training = client.get_run(training_run_id)
     assert training.data.tags["tuneloop.kind"] == "training" and training.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(training_run_id)} >= {"adapter", "dataset", "training"}
-    assert len(client.get_metric_history(training_run_id, "train_loss")) >= 2
+    assert len(client.get_metric_history(training_run_id, "loss/train")) >= 2
     assert training.data.metrics["train/tokens_per_second"] > 0
     # The candidate evaluated here is the adapter the worker logged, downloaded from MLflow.
     assert str(tmp_path / "caller") in str(result.run_dir)

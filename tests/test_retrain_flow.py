@@ -21,7 +21,8 @@ def small_config(tracking_uri: str, *extra: str):
 
 
 UI_INPUT_TYPES = {"task_run", "parameter", "constant"}  # what Prefect's UI (3.8) can read; else "No task runs"
-UNPREFIXED = {"promotion_delta", "train_loss", "eval_loss"}  # besides each model's task scores: the first charts
+# MLflow sorts chart sections by name, unprefixed metrics last: scores and the loss come first
+FIRST_SECTIONS = ["eval", "loss"]
 
 
 def what_the_uis_read(client, run, result) -> None:
@@ -78,12 +79,14 @@ def what_the_uis_read(client, run, result) -> None:
     assert run.data.tags["mlflow.source.name"] == "tuneloop retrain flow"
 
     # the loss, named honestly: a curve whose last point is the loss the model ended with, the mean apart
-    curve = sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)
-    assert len(curve) >= 2 and run.data.metrics["train_loss"] == curve[-1].value
-    mean = run.data.metrics["train/mean_loss"]
+    curve = sorted(client.get_metric_history(run.info.run_id, "loss/train"), key=lambda m: m.step)
+    assert len(curve) >= 2 and run.data.metrics["loss/train"] == curve[-1].value
+    mean = run.data.metrics["loss/train_mean"]
     assert f"loss at the last step {curve[-1].value:.4f} (mean over training {mean:.4f})" in "\n".join(logs)
-    scores = {f"{who}_{m}" for who in ("base", "candidate", "champion") for m in result.report.candidate.metrics}
-    assert not [k for k in run.data.metrics if "/" not in k and k not in UNPREFIXED | scores]
+    sections = sorted({k.rsplit("/", 1)[0] for k in run.data.metrics if "/" in k})
+    assert sections[:2] == FIRST_SECTIONS and all("/" in k for k in run.data.metrics), sections
+    assert {f"eval/{who}_{m}" for who in ("base", "candidate") for m in result.report.candidate.metrics} <= set(
+        run.data.metrics)
     assert not any(("Writing model shards" in m or "Downloading artifacts" in m or "CloudPickle" in m) for m in logs)
 
 
@@ -109,16 +112,16 @@ def test_retrain_registers_promotes_and_a_worse_run_leaves_the_champion(prefect_
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "1"
     assert first.report.candidate.macro_f1 > first.report.base.macro_f1
     run = client.get_run(first.model_version.run_id)
-    assert run.data.metrics["candidate_accuracy"] == first.report.candidate.accuracy
-    assert run.data.metrics["base_accuracy"] == first.report.base.accuracy
+    assert run.data.metrics["eval/candidate_accuracy"] == first.report.candidate.accuracy
+    assert run.data.metrics["eval/base_accuracy"] == first.report.base.accuracy
     assert run.data.tags["dataset_version"] == first.dataset_version
-    assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 2
+    assert len(client.get_metric_history(run.info.run_id, "loss/train")) >= 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"adapter", "dataset", "evaluation", "quality"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "dataset")} >= {
         "dataset/train.jsonl", "dataset/validation.jsonl", "dataset/manifest.json"}
     assert str(home) in run.info.artifact_uri  # artifacts live in the state folder, not the cwd
-    assert run.data.metrics["tokens/train.n_examples"] == run.data.metrics["data/n_train"]
+    assert run.data.metrics["tokens/train.n_examples"] == run.data.metrics["records/n_train"]
     assert 0 < run.data.metrics["tokens/train.p50"] <= run.data.metrics["tokens/train.max"]
     import mlflow.pyfunc
 
@@ -134,8 +137,8 @@ def test_retrain_registers_promotes_and_a_worse_run_leaves_the_champion(prefect_
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "quality")}
     assert {"quality/quarantine.jsonl", "quality/duplicates.jsonl", "quality/quality_summary.json",
             "quality/data_docs"} <= artifacts
-    assert run.data.metrics["data/n_quarantined"] == 2
-    assert run.data.metrics["gx/raw_records/expect_column_value_lengths_to_be_between.body"] == 2
+    assert run.data.metrics["records/n_quarantined"] == 2
+    assert run.data.metrics["quality/raw_records/expect_column_value_lengths_to_be_between.body"] == 2
 
     what_the_uis_read(client, run, first)
 
@@ -161,7 +164,7 @@ def test_retrain_registers_promotes_and_a_worse_run_leaves_the_champion(prefect_
     run2 = client.get_run(worse.model_version.run_id)
     assert {"evaluation/confusion_candidate.png", "evaluation/confusion_champion.png"} <= {
         a.path for a in client.list_artifacts(run2.info.run_id, "evaluation")}
-    assert "per_class/candidate_recall.billing" in run2.data.metrics and "champion_macro_f1" in run2.data.metrics
+    assert "per_class/candidate_recall.billing" in run2.data.metrics and "eval/champion_macro_f1" in run2.data.metrics
     local = client.download_artifacts(run2.info.run_id, "evaluation/promotion_decision.json", str(tmp_path))
     decision = json.loads(open(local).read())
     assert decision["promoted"] is False and decision["deltas"]["accuracy"] == worse.model_version.decision.delta

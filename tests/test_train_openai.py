@@ -188,7 +188,7 @@ def test_the_whole_flow_on_the_openai_backend_and_the_key_is_nowhere(prefect_har
 
         client = MlflowClient(uri)
         run = client.get_run(result.model_version.run_id)
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "valid_loss")] == [1, 2, 3, 4]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/valid")] == [1, 2, 3, 4]
         assert run.data.metrics["train/trained_tokens"] == 1234 and run.data.metrics["tokens/estimated_cost_usd"] > 0
         version = client.get_model_version(result.model_version.name, result.model_version.version)
         assert version.tags["fine_tuned_model"] == "ft:gpt-4o-mini-2024-07-18:fake::ftjob-1"
