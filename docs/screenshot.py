@@ -177,7 +177,7 @@ def prefect_pages(api: str) -> list[Page]:
     evaluation = [a for a in artifacts if a.get("key") == "evaluation"]
     if evaluation:
         pages.append(Page("prefect-evaluation-artifact", f"{ui}/artifacts/artifact/{evaluation[0]['id']}",
-                          ["evaluation", "accuracy"], PREFECT_EMPTY))
+                          ["evaluation", "held-out examples"], PREFECT_EMPTY))  # any task: "Evaluation on N held-out examples"
     else:
         pages[-1].problems.append(f"the retrain run {run['name']} has no 'evaluation' artifact in the API")
     return pages
@@ -226,8 +226,8 @@ def data_docs_pages(home: Path) -> list[Page]:
     pages = [Page("data-docs", indexes[-1].as_uri(), ["Validation Results"], [],
                   [(f"the Validation Results table lists none of the {len(validations)} validations on disk",
                     f"{len(validations)} > 0 && !document.querySelector('a[href*=\"validations/\"]')")])]
-    if validations:  # the raw records' result: where the quarantined rows are named by file and line
-        shown = next((v for v in validations if "raw_records" in v.parts), validations[0])
+    if validations:  # the records' suite (not the chat format's): where quarantined rows are named by file and line
+        shown = next((v for v in validations if "chat_examples" not in v.parts), validations[0])
         suite = shown.relative_to(docs / "validations").parts[0]
         pages.append(Page("data-docs-validation", shown.as_uri(), [suite, "Overview"]))
     return pages
