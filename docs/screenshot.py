@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from services import BIN, PrefectServer, free_port, stop_group, wait_until  # noqa: E402
+from services import BIN, PrefectServer, answers, free_port, stop_group, wait_until  # noqa: E402
 
 # What the Makefile exports: offline and quiet.
 TELEMETRY_OFF = {"DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -133,10 +133,7 @@ def start_mlflow_ui(home: Path, server: PrefectServer) -> str:
     def healthy() -> bool:
         if proc.poll() is not None:
             raise ShotProblem(f"mlflow ui exited: see {server.root / 'mlflow-ui.log'}")
-        try:
-            return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
-        except OSError:
-            return False
+        return answers(f"{url}/health")
 
     wait_until(healthy, 120, "mlflow ui to answer /health")
     return url

@@ -125,13 +125,18 @@ def copy_assets(docs_dir: Path) -> None:
             shutil.copyfile(asset_source(package, path), target)
 
 
+def _relative(target: Path, page_dir: Path) -> str:
+    """How a page in ``page_dir`` addresses ``target``: a relative URL, so the site works wherever it is copied."""
+    return Path(os.path.relpath(target, page_dir)).as_posix()
+
+
 def _local_tags(url: str, page_dir: Path, docs_dir: Path) -> str | None:
     """The tags standing in for a CDN script or style sheet; None for an address not known here."""
     for pattern, locals_ in CDN:
         if pattern.search(url):
             tags = []
             for local in locals_:
-                href = Path(os.path.relpath(docs_dir / VENDOR / local, page_dir)).as_posix()
+                href = _relative(docs_dir / VENDOR / local, page_dir)
                 tags.append(f'<script src="{href}"></script>' if local.endswith(".js")
                             else f'<link rel="stylesheet" href="{href}">')
             return "\n".join(tags)
@@ -153,10 +158,9 @@ def offline_page(text: str, page: Path, docs_dir: Path) -> str:
         return match[0]
 
     def static(match: re.Match) -> str:
-        path = Path(os.path.relpath(docs_dir / match["path"], page.parent)).as_posix()
-        return f'{match["attr"]}="{path}"'
+        return f'{match["attr"]}="{_relative(docs_dir / match["path"], page.parent)}"'
 
-    logo = Path(os.path.relpath(docs_dir / "static/images/logo-long.png", page.parent)).as_posix()
+    logo = _relative(docs_dir / "static/images/logo-long.png", page.parent)
     head = LOGO.sub(logo, GX_STATIC.sub(static, TAG.sub(tag, head)))
     # in the body only GX's navbar puts a raw src="..." (values from the data are escaped: src=&quot;)
     body = re.sub(r'src="https://great-expectations-web-assets\.[^"]+"', f'src="{logo}"', body)

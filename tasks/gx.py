@@ -43,13 +43,17 @@ def _slug(text: str, limit: int = 40) -> str:
     return slug
 
 
-def _check_name(meta: dict[str, Any] | None) -> str | None:
-    """What a suite calls one expectation, from its meta: ``name``, else ``why``, else ``pii`` (as pii-KIND)."""
+def check_title(meta: dict[str, Any] | None) -> str | None:
+    """What a suite calls one expectation, for people: its meta's ``name``, else ``why``, else ``PII: KIND``."""
     meta = meta or {}
-    for text in (meta.get("name"), meta.get("why"), f"pii {meta['pii']}" if meta.get("pii") else None):
-        if isinstance(text, str) and (slug := _slug(text)):
-            return slug
-    return None
+    return next((v for v in (meta.get("name"), meta.get("why")) if isinstance(v, str) and v), None) \
+        or (f"PII: {meta['pii']}" if meta.get("pii") else None)
+
+
+def _check_name(meta: dict[str, Any] | None) -> str | None:
+    """The title as a key part (``pii-email``, ``control-characters-and-nul-bytes``)."""
+    title = check_title(meta)
+    return (_slug(title) or None) if title else None
 
 
 def expectation_keys(configs: list[Any]) -> list[tuple[str, str | None]]:
@@ -274,15 +278,9 @@ class SuiteRunner:
         """One per expectation that ran, keyed by ``expectation_keys``: suite order, run-wide last."""
         if not self.n_chunks:
             return []
-        out = []
-        for t in self.tallies:
-            meta = t.config.meta or {}
-            title = next((v for v in (meta.get("name"), meta.get("why")) if isinstance(v, str) and v), None) \
-                or (f"PII: {meta['pii']}" if meta.get("pii") else None)
-            out.append(ExpectationOutcome(
-                suite=self.name, key=t.key, expectation=t.config.type, column=t.config.kwargs.get("column"),
-                title=title, success=t.success, unexpected_count=t.unexpected_count))
-        return out
+        return [ExpectationOutcome(suite=self.name, key=t.key, expectation=t.config.type,
+                                   column=t.config.kwargs.get("column"), title=check_title(t.config.meta),
+                                   success=t.success, unexpected_count=t.unexpected_count) for t in self.tallies]
 
     def store_result(self, run_name: str, where_all: str) -> dict[str, Any] | None:
         """The run's validation result, put in the context's store for Data Docs to render (values escaped);

@@ -38,6 +38,14 @@ def stop_group(proc: subprocess.Popen, grace: float = 10) -> None:
         pass
 
 
+def answers(url: str) -> bool:
+    """Whether a server answers ``url`` with 200 yet (refused and timed-out connections are "not yet")."""
+    try:
+        return urllib.request.urlopen(url, timeout=2).status == 200
+    except OSError:
+        return False
+
+
 def wait_until(check, timeout: float, what: str, interval: float = 0.5):
     deadline = time.monotonic() + timeout
     while True:
@@ -89,10 +97,7 @@ class PrefectServer:
         def healthy():
             if server.poll() is not None:
                 raise AssertionError(f"prefect server exited:\n{(self.root / 'server.log').read_text()[-3000:]}")
-            try:
-                return urllib.request.urlopen(f"{self.url}/health", timeout=2).status == 200
-            except OSError:
-                return False
+            return answers(f"{self.url}/health")
 
         wait_until(healthy, 120, "the Prefect server to answer /api/health")
         return self
