@@ -60,31 +60,15 @@ def generate(path: Path, n: int, seed: int = 7) -> None:
     tmp.rename(path)
 
 
-def build_encoding(workdir: Path):
-    """A 2,048-token byte-level BPE (trained with the tokenizers library on demo and bench text), turned
-    into tiktoken ranks and run by tiktoken's own encoder with o200k_base's split pattern."""
-    import unittest.mock as mock
+def load_counter(workdir: Path, engine: str):
+    """OpenAI's real o200k_base (gpt-4o-mini's encoding), offline: tuneloop's own loader, which rebuilds the
+    published file from the ranks quicktok embeds and checks it against tiktoken's SHA-256."""
+    from tuneloop.core.config import OpenAITrainConfig
+    from tuneloop.tasks.tokens import TiktokenCounter, openai_counter
 
-    import tiktoken
-    from tiktoken_ext import openai_public
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    rng = random.Random(1)
-    texts = [" ".join(rng.choices(WORDS, k=50)) for _ in range(2000)]
-    texts += (ROOT / "data" / "demo" / "tickets.jsonl").read_text(encoding="utf-8").splitlines()
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=2048, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    decode = {c: b for b, c in bytes_to_unicode().items()}
-    # ids follow merge order after the 256 single bytes: they are valid tiktoken ranks
-    ranks = {bytes(decode[c] for c in token): i for token, i in tok.get_vocab().items()}
-    with mock.patch.object(openai_public, "load_tiktoken_bpe", lambda *a, **k: ranks):
-        pat = openai_public.o200k_base()["pat_str"]
-    # o200k_base's special tokens too: the recipe's encode() scans every value for them, as it would for real
-    specials = {"<|endoftext|>": len(ranks), "<|endofprompt|>": len(ranks) + 1}
-    return tiktoken.Encoding("bench-o200k-pattern", pat_str=pat, mergeable_ranks=ranks, special_tokens=specials)
+    openai = OpenAITrainConfig()
+    counter = openai_counter(openai.model, openai, workdir)
+    return counter if engine == "fastest" else TiktokenCounter(counter.encoding)
 
 
 def openai_recipe(path: Path, out: Path, encoding) -> tuple[float, list[int]]:
@@ -135,15 +119,13 @@ def openai_recipe(path: Path, out: Path, encoding) -> tuple[float, list[int]]:
     return time.perf_counter() - t, counts
 
 
-def ours(path: Path, workdir: Path, encoding) -> tuple[float, list[int], dict]:
+def ours(path: Path, workdir: Path, counter) -> tuple[float, list[int], dict]:
     import orjson
 
     from tuneloop.core.config import ExportConfig, OpenAITrainConfig
     from tuneloop.core.records import DatasetVersion
     from tuneloop.tasks.export import TokenPlan, export_chat_jsonl
-    from tuneloop.tasks.tokens import TiktokenCounter
 
-    counter = TiktokenCounter(encoding)
     openai = OpenAITrainConfig()
     plan = TokenPlan(counter=counter, limit=openai.spec().context_tokens, openai=openai, model=openai.model)
     exports = Path(tempfile.mkdtemp(dir=workdir))
@@ -161,9 +143,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "tuneloop-bench-export")
+    parser.add_argument("--engine", choices=["fastest", "tiktoken"], default="fastest",
+                        help="tuneloop's encoder: the fastest exact one (default) or tiktoken alone")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    encoding = build_encoding(args.workdir)
+    counter = load_counter(args.workdir, args.engine)
+    encoding = counter.encoding
 
     from rich.console import Console
     from rich.table import Table
@@ -173,7 +158,7 @@ def main() -> None:
         path = args.workdir / f"chat-{n}.jsonl"
         generate(path, n)
         base_s, base_counts = openai_recipe(path, args.workdir / "recipe-out.jsonl", encoding)
-        our_s, our_counts, extra = ours(path, args.workdir, encoding)
+        our_s, our_counts, extra = ours(path, args.workdir, counter)
         # parity: same multiset of (example, count) pairs, whatever the split order
         by_id_base = {str(i): c for i, c in enumerate(base_counts)}
         with open(path, "rb") as fh:

@@ -42,10 +42,31 @@ def _valid_tools(tools: Any) -> bool:
         and isinstance(t["function"].get("name"), str) for t in tools)
 
 
+# The common shape, checked in one pass: role and non-empty text content only, no tool role, ending with the
+# assistant. Such an example has no code; anything else takes the full check.
+PLAIN_KEYS = frozenset({"role", "content"})
+PLAIN_ROLES = frozenset({"system", "developer", "user", "assistant"})
+
+
+def _plain(messages: Any) -> bool:
+    if messages.__class__ is not list or not messages:
+        return False
+    for message in messages:
+        if message.__class__ is not dict or message.keys() != PLAIN_KEYS or message["role"].__class__ is not str \
+                or message["role"] not in PLAIN_ROLES:
+            return False
+        content = message["content"]
+        if content.__class__ is not str or not content:
+            return False
+    return messages[-1]["role"] == "assistant"
+
+
 def example_errors(example: Any) -> list[str]:
     """Every code that applies to one parsed line, each once, in a stable order."""
     if not isinstance(example, dict):
         return ["data_type"]
+    if len(example) == 1 and _plain(example.get("messages")):
+        return []
     codes: list[str] = []
     add = codes.append
     if any(k not in EXAMPLE_KEYS for k in example):
@@ -68,7 +89,7 @@ def example_errors(example: Any) -> list[str]:
         if any(k not in MESSAGE_KEYS for k in message):
             add("message_unrecognized_key")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list or dict is not a role (nor hashable)
             add("unrecognized_role")
         content = message.get("content")
         calls = message.get("tool_calls")

@@ -71,7 +71,7 @@ def estimate_teacher_cost(prompts: list[list[dict]], champion: Champion, config:
         return None
     if not prompts:
         return 0.0
-    from tuneloop.tasks.tokens import TiktokenCounter, encoding_for_model
+    from tuneloop.tasks.tokens import openai_counter
 
     openai = config.train.openai
     spec = openai.spec(champion.fine_tuned_model)
@@ -80,7 +80,7 @@ def estimate_teacher_cost(prompts: list[list[dict]], champion: Champion, config:
         raise TuneloopError(f"distill: train.openai.models[{base!r}] has no usd_per_1m_input_tokens / "
                             "usd_per_1m_output_tokens, so the teacher's answers cannot be priced against "
                             "train.max_cost_usd: add the fine-tuned model's inference prices")
-    tokens_in = sum(TiktokenCounter(encoding_for_model(champion.fine_tuned_model, openai, home)).count(prompts))
+    tokens_in = sum(openai_counter(champion.fine_tuned_model, openai, home).count(prompts))
     tokens_out = len(prompts) * config.distill.max_new_tokens
     return round(tokens_in / 1e6 * spec.usd_per_1m_input_tokens + tokens_out / 1e6 * spec.usd_per_1m_output_tokens, 4)
 

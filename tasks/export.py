@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +24,19 @@ from prefect.cache_policies import NO_CACHE
 
 from tuneloop.core.config import ExportConfig, OpenAITrainConfig, TrainConfig
 from tuneloop.core.records import ChatExample, DatasetVersion, ExportedDataset, TokenStats, TuneloopError
-from tuneloop.core.state import sha256_file, write_atomically
+from tuneloop.core.state import gc_paused, sha256_file, write_atomically
 from tuneloop.tasks.chatformat import example_errors
 from tuneloop.tasks.heldout import HeldOutExample, prompt_keys
 from tuneloop.tasks.length import apply_length_policy
 from tuneloop.tasks.runlog import stage_logger
-from tuneloop.tasks.snapshot import read_snapshot
-from tuneloop.tasks.tokens import ChatTemplateCounter, TokenCounter, estimate_cost, token_stats
+from tuneloop.tasks.snapshot import read_examples_in_chunks
+from tuneloop.tasks.tokens import (
+    ChatTemplateCounter,
+    QuicktokCounter,
+    TokenCounter,
+    estimate_cost,
+    token_stats,
+)
 
 
 @dataclass
@@ -53,11 +60,11 @@ def token_plan(train: TrainConfig, models_dir: Path, home: Path | None = None) -
     from tuneloop.tasks.base_model import resolve_base_model
 
     if train.backend == "openai":
-        from tuneloop.tasks.tokens import TiktokenCounter, encoding_for_model
+        from tuneloop.tasks.tokens import openai_counter
 
         cfg = train.openai
-        encoding = encoding_for_model(cfg.model, cfg, home or models_dir.parent)
-        return TokenPlan(counter=TiktokenCounter(encoding), limit=cfg.spec().context_tokens, openai=cfg, model=cfg.model)
+        counter = openai_counter(cfg.model, cfg, home or models_dir.parent)
+        return TokenPlan(counter=counter, limit=cfg.spec().context_tokens, openai=cfg, model=cfg.model)
 
     source = resolve_base_model(train, models_dir)
     counter = ChatTemplateCounter(load_tokenizer(source), str(train.base_model), train.local.chat_template)
@@ -116,10 +123,25 @@ def validate_examples(examples: list[ChatExample]) -> None:
                             + (f"; and {len(bad) - 5} more" if len(bad) > 5 else ""))
 
 
-def write_jsonl(path: Path, examples: list[ChatExample]) -> None:
-    with path.open("wb") as fh:
+def _reraise(exc: Exception):
+    raise exc
+
+
+def write_jsonl(path: Path, examples: list[ChatExample]) -> str:
+    """The file's SHA-256, hashed as it is written rather than read back; hashing and writing (both outside
+    the GIL) run on a second thread while the next block is serialized."""
+    digest = hashlib.sha256()
+    dumps = orjson.dumps
+    with path.open("wb") as fh, ThreadPoolExecutor(1, thread_name_prefix="write") as sink:
+        done = []
         for i in range(0, len(examples), 10_000):
-            fh.write(b"".join(orjson.dumps({"messages": e.messages}) + b"\n" for e in examples[i:i + 10_000]))
+            blob = b"".join([b'{"messages":' + dumps(e.messages) + b"}\n" for e in examples[i:i + 10_000]])
+            if done:
+                done.pop().result()  # in order, and a write error surfaces here
+            done.append(sink.submit(lambda b: (digest.update(b), fh.write(b)), blob))
+        for future in done:
+            future.result()
+    return digest.hexdigest()
 
 
 def _export_key(export: ExportConfig, plan: TokenPlan | None, heldout: list[HeldOutExample]) -> str:
@@ -168,19 +190,51 @@ def export_chat_jsonl(
 ) -> ExportedDataset:
     """``min_examples`` (quality.min_examples) applies to what is left for training, held-out overlaps and
     examples over the token limit removed."""
+    with gc_paused():  # every example is a few dozen acyclic objects
+        return _export(dataset, export, heldout, exports_dir, plan, config_hash, min_examples)
+
+
+def _export(dataset: DatasetVersion, export: ExportConfig, heldout: list[HeldOutExample], exports_dir: Path,
+            plan: TokenPlan | None, config_hash: str, min_examples: int) -> ExportedDataset:
     min_examples = max(min_examples, 2)
     directory = exports_dir / f"{dataset.version}-{_export_key(export, plan, heldout)}"
     if (found := _reuse(directory)) is not None:
         check_overlap(found.n_train + found.n_validation + found.n_heldout_overlaps + found.n_too_long,
                       found.n_train + found.n_validation + found.n_too_long, export, min_examples)
         return found
-    examples = read_snapshot(dataset)
-    clean, overlaps = remove_heldout(examples, heldout)
-    check_overlap(len(examples), len(clean), export, min_examples)
-    validate_examples(clean)
+    # Parsing holds the GIL and the encoders release it: each chunk is counted on a second thread while the
+    # next one is parsed (and while the examples are checked). Counted before the split, so an example is
+    # fitted to the limit once, wherever it goes.
+    with ThreadPoolExecutor(1, thread_name_prefix="count") as pool:
+        snapshot_hash = pool.submit(sha256_file, dataset.path)  # hashing, too, runs outside the GIL
+        examples: list[ChatExample] = []
+        pending = []
+        for chunk in read_examples_in_chunks(dataset.path):
+            examples += chunk
+            if plan is not None:
+                messages = [e.messages for e in chunk]
+                if isinstance(plan.counter, QuicktokCounter):  # only the native half leaves, on the other core
+                    try:
+                        pending.append(pool.submit(plan.counter.finish, plan.counter.prepare(messages)))
+                    except Exception as exc:  # raised after the examples are checked: a bad example is named first
+                        pending.append(pool.submit(_reraise, exc))
+                else:
+                    pending.append(pool.submit(plan.counter.count, messages))
+        try:
+            clean, overlaps = remove_heldout(examples, heldout)
+            check_overlap(len(examples), len(clean), export, min_examples)
+            validate_examples(clean)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+        counted = [n for future in pending for n in future.result()]
+        snapshot_sha256 = snapshot_hash.result()
     fitted, n_trimmed, too_long = None, 0, []
-    if plan is not None:  # counted before the split, so an example is fitted to the limit once, wherever it goes
-        counts = plan.counter.count([e.messages for e in clean])
+    if plan is not None:
+        if len(clean) < len(examples):
+            of = {id(e): n for e, n in zip(examples, counted, strict=True)}
+            counted = [of[id(e)] for e in clean]
+        counts = counted
         fitted = apply_length_policy(clean, counts, lambda m: plan.counter.count([m])[0], plan.limit,
                                      export.too_long, plan.counter.name)
         clean, n_trimmed, too_long = fitted.kept, fitted.trimmed, fitted.set_aside
@@ -205,15 +259,14 @@ def export_chat_jsonl(
 
     exports_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=exports_dir))  # one per run
-    write_jsonl(tmp / "train.jsonl", train)
-    write_jsonl(tmp / "validation.jsonl", validation)
-    sha = {"train.jsonl": sha256_file(tmp / "train.jsonl"), "validation.jsonl": sha256_file(tmp / "validation.jsonl")}
+    sha = {"train.jsonl": write_jsonl(tmp / "train.jsonl", train),
+           "validation.jsonl": write_jsonl(tmp / "validation.jsonl", validation)}
     if too_long:  # accounted for, like the gate's quarantine: with the reason and where the record came from
         (tmp / "too_long.jsonl").write_bytes(b"".join(orjson.dumps(q) + b"\n" for q in too_long))
     manifest = {
         "dataset_version": dataset.version,
         "snapshot": str(dataset.path),
-        "snapshot_sha256": sha256_file(dataset.path),
+        "snapshot_sha256": snapshot_sha256,
         "config_hash": config_hash,
         "split_seed": export.seed,
         "validation_fraction": export.validation_fraction,

@@ -129,6 +129,15 @@ def read_examples(path: Path) -> list[ChatExample]:
     return [ChatExample.model_validate_json(line) for line in _lines(path)]
 
 
+def read_examples_in_chunks(path: Path, size: int = 10_000):
+    """The same examples as read_examples, ``size`` at a time, for a consumer that works on one chunk while
+    the next is parsed (pydantic's validator called directly: its wrapper costs a tenth of the parse)."""
+    validate = ChatExample.__pydantic_validator__.validate_json
+    lines = [line for line in path.read_bytes().splitlines() if line.strip()]
+    for start in range(0, len(lines), size):
+        yield [validate(line) for line in lines[start:start + size]]
+
+
 def read_snapshot(dataset: DatasetVersion) -> list[ChatExample]:
     return read_examples(dataset.path)
 

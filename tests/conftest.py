@@ -104,20 +104,3 @@ def accepted(checked) -> dict:
     return {row["record_id"]: ChatExample.model_validate(row) for row in read_accepted(checked.accepted_path)}
 
 
-def write_tiktoken_file(path: Path, vocab_size: int = 300) -> Path:
-    """A small BPE in OpenAI's .tiktoken format (base64 token, rank), trained on demo text: tiktoken's real
-    encoder runs on it offline, where the published encoding files cannot be downloaded."""
-    import base64
-
-    from tiktoken._educational import bpe_train
-    from tiktoken_ext.openai_public import r50k_pat_str
-
-    text = (DEMO / "tickets.jsonl").read_text(encoding="utf-8")[:20_000]
-    ranks = bpe_train(text, vocab_size, r50k_pat_str)
-    path.write_text("".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in ranks.items()))
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiktoken_file(tmp_path_factory) -> Path:
-    return write_tiktoken_file(tmp_path_factory.mktemp("tiktoken") / "small.tiktoken")

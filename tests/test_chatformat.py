@@ -79,3 +79,30 @@ def test_file_level_codes_and_too_many_tokens_is_a_warning(tmp_path):
     assert report.line_codes == {11: ["too_many_tokens"]}
     assert report.ok  # the service truncates: reported, not refused
     assert report.to_json()["lines_with_codes"] == [{"line": 11, "codes": ["too_many_tokens"]}]
+
+
+def test_the_fast_path_never_passes_what_the_full_check_flags():
+    """example_errors answers [] early for the common shape (tasks/chatformat.py _plain); every variation
+    of that shape must still get the full check's codes."""
+    from tuneloop.tasks import chatformat
+
+    good = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    variants = [good, good[1:], [{"role": "developer", "content": "d"}, *good[1:]]]
+    for i in range(len(good)):
+        for key, value in [("content", ""), ("content", None), ("content", 3), ("content", ["x"]), ("role", "tool"),
+                           ("role", "robot"), ("role", None), ("role", ["user"]), ("name", "n"), ("weight", 0), ("extra", 1)]:
+            changed = [dict(m) for m in good]
+            changed[i][key] = value
+            variants.append(changed)
+    variants += [good[:-1], [*good, {"role": "user", "content": "more"}], [*good[:-1], "text"], [], None,
+                 [{"role": "assistant", "content": "a", "tool_calls": []}]]
+    for messages in variants:
+        for example in ({"messages": messages}, {"messages": messages, "tools": []}):
+            fast = chatformat.example_errors(example)
+            original = chatformat._plain
+            chatformat._plain = lambda _m: False
+            try:
+                full = chatformat.example_errors(example)
+            finally:
+                chatformat._plain = original
+            assert fast == full, (example, fast, full)

@@ -105,10 +105,10 @@ def test_check_format_chat_names_each_bad_line_and_its_code(tmp_path):
     assert "line 7: invalid_json" in human.stdout and "Traceback" not in human.stderr
 
 
-def test_estimate_prints_tokens_epochs_cost_and_refuses_over_budget(tmp_path, tiktoken_file):
+def test_estimate_prints_tokens_epochs_cost_and_refuses_over_budget(tmp_path):
     env = {"TUNELOOP_HOME": str(tmp_path / "home"), "PATH": "", "DO_NOT_TRACK": "true"}
     path = demo_chat_file(tmp_path / "chat.jsonl")
-    common = ["estimate", str(path), "--set", f"train.openai.tiktoken_file={tiktoken_file}"]
+    common = ["estimate", str(path)]  # o200k_base, offline
     out = run_cli(*common, "--json", env=env)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)

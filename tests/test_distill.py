@@ -40,11 +40,11 @@ def stranger_config(folder, checked_column: str, mapping: str):
     return cfg_file
 
 
-def api_config(fake, tiktoken_file, *more):
+def api_config(fake, *more):
     return load_config(DEMO_CONFIG, [
         "distill.teacher=champion", "distill.batch_size=4", f"train.openai.base_url={fake.base_url}",
         "train.openai.provider=compatible", "train.openai.eval_concurrency=1", "train.openai.request_retries=0",
-        f"train.openai.tiktoken_file={tiktoken_file}", "train.max_cost_usd=1", *more])
+        "train.max_cost_usd=1", *more])
 
 
 def champion_api():
@@ -75,10 +75,10 @@ def test_without_a_teacher_a_record_lacking_its_answer_is_quarantined_never_trai
     assert b"None" not in checked.accepted_path.read_bytes()
 
 
-def test_an_api_champion_answers_the_unlabelled_records_once_counted_costed_and_cached(tmp_path, key, tiktoken_file):
+def test_an_api_champion_answers_the_unlabelled_records_once_counted_costed_and_cached(tmp_path, key):
     with FakeOpenAI(answer=lambda model, messages: TEACHER) as fake:
         fake.valid_key = KEY
-        cfg = api_config(fake, tiktoken_file)
+        cfg = api_config(fake)
         checked = gate_folder(landing(tmp_path), cfg, tmp_path / "run", cfg.distill)
         # the gate: 10 wait for the teacher, the one with an empty subject is quarantined for that alone
         assert (checked.n_read, checked.n_accepted, checked.n_quarantined, checked.n_unlabelled) == (31, 20, 1, 10)
@@ -108,7 +108,7 @@ def test_an_api_champion_answers_the_unlabelled_records_once_counted_costed_and_
         assert not any(KEY.encode() in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
 
 
-def test_over_budget_nothing_is_sent_and_a_stopped_run_resumes_without_paying_twice(tmp_path, key, tiktoken_file):
+def test_over_budget_nothing_is_sent_and_a_stopped_run_resumes_without_paying_twice(tmp_path, key):
     calls = []
 
     def answer(model, messages):
@@ -118,13 +118,13 @@ def test_over_budget_nothing_is_sent_and_a_stopped_run_resumes_without_paying_tw
         return TEACHER
 
     with FakeOpenAI(answer=answer) as fake:
-        poor = api_config(fake, tiktoken_file, "train.max_cost_usd=0.0001")
+        poor = api_config(fake, "train.max_cost_usd=0.0001")
         checked = gate_folder(landing(tmp_path), poor, tmp_path / "run", poor.distill)
         with pytest.raises(TuneloopError, match=r"teacher .* answering 10 records would cost up to \$0\.00.*nothing was sent"):
             distill(checked, champion_api(), poor, tmp_path / "home", tmp_path / "run")
         assert completions(fake) == []
 
-        cfg = api_config(fake, tiktoken_file)
+        cfg = api_config(fake)
         with pytest.raises(TuneloopError, match="chat.completions"):
             distill(checked, champion_api(), cfg, tmp_path / "home", tmp_path / "run")
         assert len(calls) == 6  # batch 1 (4) kept, batch 2 stopped after 2
@@ -135,10 +135,10 @@ def test_over_budget_nothing_is_sent_and_a_stopped_run_resumes_without_paying_tw
 
 
 def test_a_teacher_answer_without_a_label_is_quarantined_with_the_reason_and_no_champion_quarantines_all(
-        tmp_path, key, tiktoken_file):
+        tmp_path, key):
     replies = iter(["queue: login\nReset it here.", "I am not sure."] * 4 + ["queue: login\x03\x1d", "\ufffd"])
     with FakeOpenAI(answer=lambda model, messages: next(replies)) as fake:
-        cfg = api_config(fake, tiktoken_file)
+        cfg = api_config(fake)
         checked = gate_folder(landing(tmp_path), cfg, tmp_path / "run", cfg.distill)
         done = distill(checked, champion_api(), cfg, tmp_path / "home", tmp_path / "run")
         assert (done.distilled.n_answered, done.distilled.n_quarantined) == (4, 6)
@@ -169,7 +169,7 @@ def test_migrate_means_local_backend_champion_teacher_and_a_tie_promotes():
     assert decision.promoted and "matches or beats champion" in decision.reason
 
 
-def test_a_strangers_chats_ending_with_the_user_are_answered_for_a_generation_task(tmp_path, key, tiktoken_file):
+def test_a_strangers_chats_ending_with_the_user_are_answered_for_a_generation_task(tmp_path, key):
     """Not the demo: a messages column, free-text answers (no labels), other ids. A chat that ends with the
     user is the teacher's; one that ends with an answer is kept as written."""
     cfg_file = stranger_config(tmp_path, "chat_id", "{id: chat_id, messages: conversation}")
@@ -177,8 +177,7 @@ def test_a_strangers_chats_ending_with_the_user_are_answered_for_a_generation_ta
              {"role": "user", "content": "When do the roses flower?"}]
     with FakeOpenAI(answer=lambda model, messages: "From late May to July.") as fake:
         cfg = load_config(cfg_file, [
-            "distill.teacher=champion", f"train.openai.base_url={fake.base_url}", "train.openai.provider=compatible",
-            f"train.openai.tiktoken_file={tiktoken_file}"])
+            "distill.teacher=champion", f"train.openai.base_url={fake.base_url}", "train.openai.provider=compatible"])
         write_lines(tmp_path / "in" / "chats.jsonl", [
             json.dumps({"chat_id": "a", "conversation": asked}),
             json.dumps({"chat_id": "b", "conversation": [{"role": "user", "content": "Is the cafe open on Mondays?"},

@@ -63,10 +63,10 @@ def test_split_is_deterministic_and_follows_the_seed(checked, tmp_path):
     assert one.sha256 != other.sha256
 
 
-def test_manifest_has_token_stats_and_a_paid_plan_gets_a_cost_estimate(checked, tmp_path, tiktoken_file):
+def test_manifest_has_token_stats_and_a_paid_plan_gets_a_cost_estimate(checked, tmp_path):
     from tuneloop.core.config import OpenAITrainConfig
     from tuneloop.tasks.export import TokenPlan, token_plan
-    from tuneloop.tasks.tokens import TiktokenCounter, encoding_for_model
+    from tuneloop.tasks.tokens import openai_counter
 
     cfg = load_config(DEMO_CONFIG)
     dataset = write_snapshot(checked, tmp_path / "datasets")
@@ -78,9 +78,8 @@ def test_manifest_has_token_stats_and_a_paid_plan_gets_a_cost_estimate(checked, 
     assert manifest["estimate"] is None and manifest["config_hash"] == "cfg1"
     assert manifest["snapshot_sha256"] == hashlib.sha256(dataset.path.read_bytes()).hexdigest()
 
-    openai = OpenAITrainConfig(tiktoken_file=tiktoken_file)
-    enc = encoding_for_model(openai.model, openai, tmp_path)
-    plan = TokenPlan(counter=TiktokenCounter(enc), limit=openai.spec().context_tokens, openai=openai, model=openai.model)
+    openai = OpenAITrainConfig()  # gpt-4o-mini's o200k_base, offline
+    plan = TokenPlan(counter=openai_counter(openai.model, openai, tmp_path), limit=openai.spec().context_tokens, openai=openai, model=openai.model)
     paid = export_chat_jsonl(dataset, cfg.export, [], tmp_path / "paid", plan)
     est = paid.estimate
     assert est.epochs == 3 and est.tokens_per_epoch == paid.token_stats["train"].total
@@ -171,3 +170,52 @@ def test_an_example_over_the_token_limit_never_loses_its_answer(tmp_path, policy
     manifest = json.loads(exported.manifest_path.read_text())
     assert manifest["counts"]["too_many_tokens"] == exported.n_too_long
     assert manifest["counts"]["prompt_trimmed"] == exported.n_prompt_trimmed
+
+
+def test_counted_on_a_second_thread_each_example_keeps_its_own_count_after_held_out_removal(checked, tmp_path):
+    """The export counts chunks of the snapshot while parsing the next (tasks/export.py) and realigns the counts
+    after held-out overlaps are removed: with a limit inside the demo's range, every exported example must
+    recount under it and every set-aside one over it (a shifted count would break both)."""
+    import orjson
+
+    from tuneloop.core.config import OpenAITrainConfig
+    from tuneloop.tasks import snapshot
+    from tuneloop.tasks.export import TokenPlan
+    from tuneloop.tasks.tokens import QuicktokCounter, openai_counter
+
+    cfg = load_config(DEMO_CONFIG)
+    heldout = read_heldout(cfg.evaluate.holdout, cfg.mapping, None)
+    dataset = write_snapshot(checked, tmp_path / "datasets")
+    openai = OpenAITrainConfig()
+    counter = openai_counter(openai.model, openai, tmp_path)
+    assert isinstance(counter, QuicktokCounter)
+    counts = sorted(counter.count([e.messages for e in read_snapshot(dataset)]))
+    limit = counts[len(counts) * 3 // 4]
+    original = snapshot.read_examples_in_chunks
+    try:  # small chunks: many hand-offs between the threads
+        snapshot.read_examples_in_chunks = lambda path, size=0: original(path, 7)
+        import tuneloop.tasks.export as export_stage
+
+        export_stage.read_examples_in_chunks = snapshot.read_examples_in_chunks
+        exported = export_chat_jsonl(dataset, ExportConfig(too_long="quarantine"), heldout, tmp_path / "exports",
+                                     TokenPlan(counter=counter, limit=limit, openai=openai, model=openai.model))
+    finally:
+        export_stage.read_examples_in_chunks = original
+    assert exported.n_heldout_overlaps > 0 and exported.n_too_long > 0
+    kept = [orjson.loads(line)["messages"] for p in (exported.train_path, exported.validation_path) for line in p.open("rb")]
+    assert max(counter.count(kept)) <= limit
+    assert exported.token_stats["train"].total + exported.token_stats["validation"].total == sum(counter.count(kept))
+    set_aside = [orjson.loads(line) for line in (exported.directory / "too_long.jsonl").open("rb")]
+    by_id = {e.record_id: e.messages for e in read_snapshot(dataset)}
+    assert min(counter.count([by_id[q["record_id"]] for q in set_aside])) > limit
+
+
+def test_write_jsonl_returns_the_hash_of_what_it_wrote(checked, tmp_path):
+    from tuneloop.tasks.export import write_jsonl
+
+    examples = list(accepted(checked).values())
+    many = (examples * (25_000 // len(examples) + 1))[:25_000]  # three blocks of the writer
+    digest = write_jsonl(tmp_path / "t.jsonl", many)
+    written = (tmp_path / "t.jsonl").read_bytes()
+    assert digest == hashlib.sha256(written).hexdigest() and written.count(b"\n") == 25_000
+    assert json.loads(written.splitlines()[-1]) == {"messages": many[-1].messages}

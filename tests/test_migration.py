@@ -30,7 +30,7 @@ def api_answer(model: str, messages: list[dict]) -> str:
 
 @pytest.mark.slow
 def test_an_openai_champion_is_migrated_to_a_local_model_that_answers_without_a_key(
-        prefect_harness, home, tmp_path, monkeypatch, tiktoken_file):
+        prefect_harness, home, tmp_path, monkeypatch):
     import mlflow.pyfunc
     from mlflow import MlflowClient
 
@@ -54,7 +54,7 @@ def test_an_openai_champion_is_migrated_to_a_local_model_that_answers_without_a_
         fake.valid_key = KEY
         overrides = [
             f"train.openai.base_url={fake.base_url}", "train.openai.provider=compatible",
-            "train.openai.poll_seconds=0.01", f"train.openai.tiktoken_file={tiktoken_file}",
+            "train.openai.poll_seconds=0.01",
             "evaluate.max_examples=30", f"register.tracking_uri={uri}", "train.max_cost_usd=5",
             "train.local.max_steps=40"]
         first = retrain(load_config(DEMO_CONFIG, ["train.backend=openai", *overrides]))

@@ -160,8 +160,7 @@ def heldout_answer():
 
 
 @pytest.mark.slow
-def test_the_whole_flow_on_the_openai_backend_and_the_key_is_nowhere(prefect_harness, home, tmp_path, key,
-                                                                      tiktoken_file):
+def test_the_whole_flow_on_the_openai_backend_and_the_key_is_nowhere(prefect_harness, home, tmp_path, key):
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -178,7 +177,7 @@ def test_the_whole_flow_on_the_openai_backend_and_the_key_is_nowhere(prefect_har
         fake.valid_key = KEY
         cfg = load_config(DEMO_CONFIG, [
             "train.backend=openai", f"train.openai.base_url={fake.base_url}", "train.openai.provider=compatible",
-            "train.openai.poll_seconds=0.01", f"train.openai.tiktoken_file={tiktoken_file}",
+            "train.openai.poll_seconds=0.01",
             "evaluate.max_examples=40", f"register.tracking_uri={uri}", "train.max_cost_usd=50"])
         result = retrain(cfg)
         assert len(fake.jobs) == 1 and result.model_version.decision.promoted
@@ -225,7 +224,7 @@ def test_the_whole_flow_on_the_openai_backend_and_the_key_is_nowhere(prefect_har
 
 
 @pytest.mark.slow
-def test_over_budget_nothing_is_uploaded(prefect_harness, home, tmp_path, key, tiktoken_file):
+def test_over_budget_nothing_is_uploaded(prefect_harness, home, tmp_path, key):
     from conftest import DEMO, DEMO_CONFIG
     from tuneloop.core.config import load_config
     from tuneloop.flows.retrain import retrain
@@ -236,7 +235,7 @@ def test_over_budget_nothing_is_uploaded(prefect_harness, home, tmp_path, key, t
     with FakeOpenAI() as fake:
         cfg = load_config(DEMO_CONFIG, [
             "train.backend=openai", f"train.openai.base_url={fake.base_url}", "train.openai.provider=compatible",
-            f"train.openai.tiktoken_file={tiktoken_file}", "train.max_cost_usd=0.001",
+            "train.max_cost_usd=0.001",
             f"register.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
         with pytest.raises(TuneloopError, match=r"exceeds train.max_cost_usd \$0.00 .* nothing was uploaded"):
             retrain(cfg)
@@ -261,7 +260,7 @@ def test_cancelling_the_flow_run_cancels_its_job(tmp_path, key):
 
 
 @pytest.mark.slow
-def test_tuneloop_run_with_openai_base_url_from_the_environment(tmp_path, tiktoken_file):
+def test_tuneloop_run_with_openai_base_url_from_the_environment(tmp_path):
     from conftest import DEMO
 
     home = tmp_path / "home"
@@ -271,8 +270,7 @@ def test_tuneloop_run_with_openai_base_url_from_the_environment(tmp_path, tiktok
         env = {"TUNELOOP_HOME": str(home), "PATH": "", "DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1",
                "OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": KEY, "PREFECT_HOME": str(tmp_path / "prefect")}
         out = subprocess.run([sys.executable, "-m", "tuneloop.app.cli", "run", "--set", "train.backend=openai",
-                              "--set", "train.openai.poll_seconds=0.01", "--set", "evaluate.max_examples=20",
-                              "--set", f"train.openai.tiktoken_file={tiktoken_file}"],
+                              "--set", "train.openai.poll_seconds=0.01", "--set", "evaluate.max_examples=20"],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "Registered lumenfold-support version 1 with alias champion" in out.stdout

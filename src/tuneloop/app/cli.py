@@ -320,12 +320,12 @@ def estimate(
         fail(f"--epochs {epochs}: expected a whole number or auto", 2)
     from tuneloop.app.report import print_estimate
     from tuneloop.tasks.chatformat import validate_chat_file
-    from tuneloop.tasks.tokens import TiktokenCounter, encoding_for_model, enforce_budget, estimate_cost
+    from tuneloop.tasks.tokens import enforce_budget, estimate_cost, openai_counter
 
     name = model or cfg.train.openai.model
     try:
         limit = cfg.train.openai.spec(name).context_tokens
-        counter = TiktokenCounter(encoding_for_model(name, cfg.train.openai, state.home))
+        counter = openai_counter(name, cfg.train.openai, state.home)
         report = validate_chat_file(path, counter.count, limit)
         est = estimate_cost(report.token_counts, name, cfg.train.openai,
                             None if epochs is None else (epochs if epochs == "auto" else int(epochs)))

@@ -91,6 +91,22 @@ def sha256_file(path: Path) -> str:
 
 
 @contextmanager
+def gc_paused():
+    """For building millions of small acyclic objects (parsed records): with the cyclic collector on, each
+    collection rescans every object built so far, and that took 2 s of a 5 s export of 100k examples.
+    Nothing is lost: objects still die by reference counting; cycles wait for the next collection."""
+    import gc
+
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+@contextmanager
 def unique_temporary(path: Path):
     """A new file beside ``path`` under a name no other process uses, open for writing: yields (file, its
     path); flushed and fsynced on exit, removed if the block fails. The caller renames it into place."""
