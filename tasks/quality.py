@@ -15,6 +15,8 @@ PII found in ``quality.pii: quarantine`` mode and unparsable lines are quarantin
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import logging
 import os
 import re
@@ -30,6 +32,7 @@ from prefect.cache_policies import NO_CACHE
 from tuneloop.core.config import DistillConfig, MappingConfig, QualityConfig, SourceConfig
 from tuneloop.core.mapping import PreparedChunk, RecordMapper, all_fields, answer_fields, flatten_chat
 from tuneloop.core.records import CheckedBatch, ExpectationOutcome, QuarantineEntry, RawBatch, TuneloopError
+from tuneloop.core.state import gc_paused
 from tuneloop.tasks.gx import UNIQUE, SuiteRunner, lineage_columns, load_suite
 
 
@@ -265,15 +268,27 @@ def reason_field(reason: str) -> str:
     return match[1] if match else reason
 
 
+def chunk_fingerprint(chunk) -> str:
+    """Which records a chunk holds (where each came from), to check that two readers cut the same chunk."""
+    digest = hashlib.sha256(f"{len(chunk.rows)}|{len(chunk.unreadable)}".encode())
+    for source, line in zip(chunk.sources, chunk.lines, strict=True):
+        digest.update(f"{source}\x1f{line}\n".encode("utf-8", "surrogatepass"))
+    for entry in chunk.unreadable:
+        digest.update(f"!{entry.source}\x1f{entry.line}\n".encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
 def _prepare_in_subprocess(raw: RawBatch, source: SourceConfig, mapping: MappingConfig, quality: QualityConfig,
-                           queue) -> None:
-    """Producer process: read and prepare chunks; the parent validates them meanwhile (two cores busy)."""
+                           queue, skip: int = 0) -> None:
+    """Producer process: read and prepare chunks; the first ``skip`` are prepared by the parent while this
+    process starts, and only their fingerprints are sent, for the parent to check it read the same."""
     from tuneloop.tasks.collect import read_chunks
 
     try:
         preparer = RecordMapper(mapping, quality)
-        for chunk in read_chunks(raw, source):
-            queue.put(preparer.prepare(chunk))
+        with gc_paused():
+            for i, chunk in enumerate(read_chunks(raw, source)):
+                queue.put(preparer.prepare(chunk) if i >= skip else chunk_fingerprint(chunk))
         queue.put(None)
     except BaseException as exc:  # handed to the parent, which raises it where the user sees it
         queue.put(exc if isinstance(exc, TuneloopError) else RuntimeError(f"{type(exc).__name__}: {exc}"))
@@ -281,10 +296,10 @@ def _prepare_in_subprocess(raw: RawBatch, source: SourceConfig, mapping: Mapping
 
 def prepared_chunks(raw: RawBatch, source: SourceConfig, mapping: MappingConfig, quality: QualityConfig,
                     in_subprocess: bool) -> Iterator[PreparedChunk]:
-    if not in_subprocess:
-        from tuneloop.tasks.collect import read_chunks
+    from tuneloop.tasks.collect import read_chunks
 
-        preparer = RecordMapper(mapping, quality)
+    preparer = RecordMapper(mapping, quality)
+    if not in_subprocess:
         for chunk in read_chunks(raw, source):
             yield preparer.prepare(chunk)
         return
@@ -292,15 +307,26 @@ def prepared_chunks(raw: RawBatch, source: SourceConfig, mapping: MappingConfig,
 
     ctx = mp.get_context("spawn")  # never fork a process that runs Prefect's threads
     queue = ctx.Queue(maxsize=2)  # bounded: at most a few chunks in memory
-    proc = ctx.Process(target=_prepare_in_subprocess, args=(raw, source, mapping, quality, queue), daemon=True)
+    # The child takes ~2 s to start (imports): this process prepares the first chunk meanwhile. Only for
+    # files: rows of a SQL slice with equal watermarks may come back in another order on a second read.
+    skip = 1 if raw.sql is None else 0
+    proc = ctx.Process(target=_prepare_in_subprocess, args=(raw, source, mapping, quality, queue, skip), daemon=True)
     proc.start()
     try:
+        first = next(iter(read_chunks(raw, source)), None) if skip else None
+        if first is not None:
+            yield preparer.prepare(first)
         while True:
             item = queue.get()
             if item is None:
                 break
             if isinstance(item, BaseException):
                 raise item
+            if isinstance(item, str):  # the fingerprint of the chunk the child skipped
+                if first is None or item != chunk_fingerprint(first):
+                    raise TuneloopError("the landing files changed while the gate read them (a file was removed, "
+                                        "locked or rewritten): nothing was consumed; run again")
+                continue
             yield item
     finally:
         proc.join(timeout=10)
@@ -319,8 +345,12 @@ def use_subprocess(raw: RawBatch, quality: QualityConfig) -> bool:
 def check_batch(raw: RawBatch, source: SourceConfig, mapping: MappingConfig, quality: QualityConfig,
                 run_dir: Path, distill: DistillConfig | None = None) -> CheckedBatch:
     gate = QualityGate(mapping, quality, run_dir, distill)
-    for chunk in prepared_chunks(raw, source, mapping, quality, use_subprocess(raw, quality)):
-        gate.add(chunk)
+    # Records are many small acyclic objects: the collector is paused, and run on each chunk's leftovers
+    # only (Great Expectations makes cycles), so garbage stays bounded by a chunk.
+    with gc_paused():
+        for chunk in prepared_chunks(raw, source, mapping, quality, use_subprocess(raw, quality)):
+            gate.add(chunk)
+            gc.collect(0)
     return gate.finish()
 
 

@@ -255,3 +255,57 @@ def test_a_heldout_row_without_the_label_field_is_read_for_generation(tmp_path):
         json.dumps({"ticket_id": "T-1", "subject": "s", "body": "b", "queue": "billing", "answer": "a"})])
     held = read_heldout(path, cfg.mapping)
     assert held[0].label is None and held[0].expected == "queue: billing\na"
+
+
+def test_two_processes_and_shared_chunks_gate_exactly_what_one_process_gates(tmp_path):
+    """The parent prepares the first chunk while the child process starts, the child the rest; small files
+    share chunks (JSONL and CSV mixed). Same accepted examples, quarantine and duplicates as in one process."""
+    import csv
+
+    lines = (DEMO / "tickets.jsonl").read_text(encoding="utf-8").splitlines()
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    for i, start in enumerate(range(0, 90, 9)):  # ten small files, the demo's broken lines among them
+        (landing / f"part-{i:02d}.jsonl").write_text("\n".join(lines[start:start + 9]) + "\n", encoding="utf-8")
+    rows = [json.loads(line) for line in lines[90:130] if line.startswith("{")]
+    rows = [r for r in rows if isinstance(r, dict)]
+    fields = sorted({k for r in rows for k in r if all(not isinstance(v, dict | list) for v in [r.get(k)])})
+    with (landing / "more.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (landing / "part-03.jsonl").write_text((landing / "part-03.jsonl").read_text() + lines[0] + "\n")  # a duplicate
+    (landing / "part-05.jsonl").write_text((landing / "part-05.jsonl").read_text() + "{not json\n[1, 2]\n{}\n")
+    results = {}
+    for how in ("never", "always"):
+        cfg = load_config(DEMO_CONFIG, ["source.chunk_size=12", f"quality.prepare_in_subprocess={how}"])
+        checked = gate_folder(landing, cfg, tmp_path / how)
+        quarantine = sorted((e["source"], e["line"], tuple(e["reasons"])) for e in map(json.loads, checked.quarantine_path.open()))
+        results[how] = (checked.n_read, checked.n_accepted, checked.n_quarantined, checked.n_duplicates,
+                        checked.accepted_path.read_bytes(), quarantine)
+    assert results["never"] == results["always"]
+    n_read, n_accepted, n_quarantined, n_duplicates, accepted_bytes, _ = results["always"]
+    assert n_read == n_accepted + n_quarantined + n_duplicates and n_duplicates >= 1 and n_quarantined >= 3
+    assert b"more.csv" in accepted_bytes and b"part-09.jsonl" in accepted_bytes
+
+
+def test_when_the_two_readers_see_different_files_the_gate_stops_and_loses_nothing(tmp_path, monkeypatch):
+    """The child re-reads the chunk the parent prepared and checks its fingerprint: a file changed in between
+    (here: the parent's read is made to miss a record) stops the gate with a clear error."""
+    import tuneloop.tasks.collect as collect
+
+    lines = (DEMO / "tickets.jsonl").read_text(encoding="utf-8").splitlines()
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "a.jsonl").write_text("\n".join(lines[:40]) + "\n", encoding="utf-8")
+    real = collect.read_chunks
+
+    def one_record_short(raw, source, chunk_size=None):
+        for chunk in real(raw, source, chunk_size):
+            chunk.rows, chunk.sources, chunk.lines, chunk.raw = chunk.rows[1:], chunk.sources[1:], chunk.lines[1:], chunk.raw[1:]
+            yield chunk
+
+    monkeypatch.setattr(collect, "read_chunks", one_record_short)  # the parent's reader only: the child is a new process
+    cfg = load_config(DEMO_CONFIG, ["source.chunk_size=1000", "quality.prepare_in_subprocess=always"])
+    with pytest.raises(TuneloopError, match="the landing files changed while the gate read them"):
+        gate_folder(landing, cfg, tmp_path / "run")

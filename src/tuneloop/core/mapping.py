@@ -165,6 +165,15 @@ class PreparedChunk:
     unreadable: list[QuarantineEntry]
 
 
+def _normalized(role: str, texts: list[str], n_distinct: int) -> list[str]:
+    """content_hash's per-message key for a column; a column of few distinct texts (a fixed system prompt)
+    is normalized once per text."""
+    if n_distinct * 2 > len(texts):
+        return [f"{role}\x1e" + " ".join(t.split()).casefold() for t in texts]
+    done = {t: f"{role}\x1e" + " ".join(t.split()).casefold() for t in set(texts)}
+    return [done[t] for t in texts]
+
+
 class RecordMapper:
     """Maps records to chat examples, handles PII, renders, hashes: everything per-row and order-free.
 
@@ -219,7 +228,8 @@ class RecordMapper:
             "metadata": {name: columns[name][i] for name in m.metadata},
         }, default=str) + b"\n" for i in range(n)]
         return PreparedChunk(
-            sources=chunk.sources, lines=chunk.lines, records=[orjson.dumps(r, default=str) for r in chunk.rows],
+            sources=chunk.sources, lines=chunk.lines,
+            records=chunk.raw if len(chunk.raw) == n else [orjson.dumps(r, default=str) for r in chunk.rows],
             keys=keys, columns={k: v for k, v in columns.items() if k != m.messages}, pii_reasons=pii_reasons,
             n_redacted=n_redacted, flat=flat, examples=examples, unreadable=chunk.unreadable)
 
@@ -242,7 +252,7 @@ class RecordMapper:
         texts = [arrays[role].to_pylist() for role in names]
         messages = [[{"role": r, "content": t} for r, t in zip(names, row, strict=True)] for row in zip(*texts, strict=True)]
         # content_hash, unrolled over columns: the same value, without a call per message
-        normalized = [[f"{r}\x1e" + " ".join(t.split()).casefold() for t in col] for r, col in zip(names, texts, strict=True)]
+        normalized = [_normalized(r, col, pc.count_distinct(arrays[r]).as_py()) for r, col in zip(names, texts, strict=True)]
         hashes = [hashlib.sha256("\x1f".join(row).encode("utf-8", "surrogatepass")).hexdigest() for row in zip(*normalized, strict=True)]
         flat = pd.DataFrame({
             "n_messages": len(turns), "n_malformed": 0, "roles": ",".join(names), "last_role": names[-1],

@@ -34,11 +34,27 @@ class RecordChunk:
     sources: list[str] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)
     unreadable: list[QuarantineEntry] = field(default_factory=list)
+    # each row as the JSON it was read from (JSONL sources), kept for a quarantine entry instead of
+    # serializing every row again; empty for sources that are not JSON
+    raw: list[bytes] = field(default_factory=list)
 
-    def add(self, row: dict[str, Any], source: str, line: int) -> None:
+    def add(self, row: dict[str, Any], source: str, line: int, raw: bytes | None = None) -> None:
         self.rows.append(row)
         self.sources.append(source)
         self.lines.append(line)
+        if raw is not None:
+            self.raw.append(raw)
+
+    def merge(self, other: RecordChunk) -> None:
+        """Append another chunk's rows, each with its lineage, and its unreadable entries."""
+        if len(self.raw) != len(self.rows) or len(other.raw) != len(other.rows):
+            self.raw = []  # not all rows were read as JSON: every row is written again when quarantined
+        else:
+            self.raw += other.raw
+        self.rows += other.rows
+        self.sources += other.sources
+        self.lines += other.lines
+        self.unreadable += other.unreadable
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.unreadable)
