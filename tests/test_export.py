@@ -219,3 +219,25 @@ def test_write_jsonl_returns_the_hash_of_what_it_wrote(checked, tmp_path):
     written = (tmp_path / "t.jsonl").read_bytes()
     assert digest == hashlib.sha256(written).hexdigest() and written.count(b"\n") == 25_000
     assert json.loads(written.splitlines()[-1]) == {"messages": many[-1].messages}
+
+
+def test_an_example_the_counter_cannot_read_is_named_by_the_format_check_not_a_traceback(tmp_path):
+    """Counting starts before the examples are checked (on a second thread, chunk by chunk); an example that
+    breaks the counter (content holding an integer beyond 64 bits: JSON parses it, the counter cannot write it
+    as JSON to count it) must still be
+    reported by the format check, with its file and line."""
+    from tuneloop.core.config import OpenAITrainConfig
+    from tuneloop.core.records import DatasetVersion, TuneloopError
+    from tuneloop.tasks.export import TokenPlan
+    from tuneloop.tasks.tokens import openai_counter
+
+    good = [{"role": "user", "content": f"q{i}"} for i in range(3)]
+    rows = [{"messages": [m, {"role": "assistant", "content": "a"}], "record_id": f"r{i}", "source": "in.jsonl",
+             "line": i + 1, "content_hash": f"{i:064x}"} for i, m in enumerate(good)]
+    rows[1]["messages"][1]["content"] = {"n": 2 ** 70}
+    path = tmp_path / "v1.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # json writes big ints; orjson would refuse
+    openai = OpenAITrainConfig()
+    plan = TokenPlan(counter=openai_counter(openai.model, openai, tmp_path), limit=1000, openai=openai, model=openai.model)
+    with pytest.raises(TuneloopError, match=r"in.jsonl:2 \(r1\): missing_content"):
+        export_chat_jsonl(DatasetVersion(version="v1", path=path, n_examples=3), ExportConfig(), [], tmp_path / "e", plan)
