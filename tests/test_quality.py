@@ -278,7 +278,7 @@ def test_two_processes_and_shared_chunks_gate_exactly_what_one_process_gates(tmp
     (landing / "part-05.jsonl").write_text((landing / "part-05.jsonl").read_text() + "{not json\n[1, 2]\n{}\n")
     results = {}
     for how in ("never", "always"):
-        cfg = load_config(DEMO_CONFIG, ["source.chunk_size=12", f"quality.prepare_in_subprocess={how}"])
+        cfg = load_config(DEMO_CONFIG, ["source.chunk_size=40", f"quality.prepare_in_subprocess={how}"])
         checked = gate_folder(landing, cfg, tmp_path / how)
         quarantine = sorted((e["source"], e["line"], tuple(e["reasons"])) for e in map(json.loads, checked.quarantine_path.open()))
         results[how] = (checked.n_read, checked.n_accepted, checked.n_quarantined, checked.n_duplicates,
