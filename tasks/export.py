@@ -30,13 +30,7 @@ from tuneloop.tasks.heldout import HeldOutExample, prompt_keys
 from tuneloop.tasks.length import apply_length_policy
 from tuneloop.tasks.runlog import stage_logger
 from tuneloop.tasks.snapshot import read_examples_in_chunks
-from tuneloop.tasks.tokens import (
-    ChatTemplateCounter,
-    QuicktokCounter,
-    TokenCounter,
-    estimate_cost,
-    token_stats,
-)
+from tuneloop.tasks.tokens import ChatTemplateCounter, TokenCounter, estimate_cost, token_stats
 
 
 @dataclass
@@ -211,15 +205,11 @@ def _export(dataset: DatasetVersion, export: ExportConfig, heldout: list[HeldOut
         pending = []
         for chunk in read_examples_in_chunks(dataset.path):
             examples += chunk
-            if plan is not None:
-                messages = [e.messages for e in chunk]
-                if isinstance(plan.counter, QuicktokCounter):  # only the native half leaves, on the other core
-                    try:
-                        pending.append(pool.submit(plan.counter.finish, plan.counter.prepare(messages)))
-                    except Exception as exc:  # raised after the examples are checked: a bad example is named first
-                        pending.append(pool.submit(_reraise, exc))
-                else:
-                    pending.append(pool.submit(plan.counter.count, messages))
+            if plan is not None:  # only the encoder's half leaves, for the other core
+                try:
+                    pending.append(pool.submit(plan.counter.finish, plan.counter.prepare([e.messages for e in chunk])))
+                except Exception as exc:  # raised after the examples are checked: a bad example is named first
+                    pending.append(pool.submit(_reraise, exc))
         try:
             clean, overlaps = remove_heldout(examples, heldout)
             check_overlap(len(examples), len(clean), export, min_examples)

@@ -24,12 +24,12 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
 from tuneloop.core.records import CostEstimate, TokenStats, TuneloopError
-from tuneloop.core.state import write_atomically
+from tuneloop.core.state import sha256_file, write_atomically
 
 if TYPE_CHECKING:
     import tiktoken
@@ -47,7 +47,14 @@ TARGET_EPOCHS, MIN_TARGET_EXAMPLES, MAX_TARGET_EXAMPLES, MIN_EPOCHS, MAX_EPOCHS 
 
 
 class TokenCounter(Protocol):
+    """Counts in two halves: ``prepare`` (Python, holds the GIL) and ``finish`` (the encoder, which releases
+    it), so a caller can run ``finish`` on another thread while it parses more; ``count`` is both."""
+
     name: str
+
+    def prepare(self, examples: Sequence[list[dict]]) -> Any: ...
+
+    def finish(self, prepared: Any) -> list[int]: ...
 
     def count(self, examples: Sequence[list[dict]]) -> list[int]: ...
 
@@ -85,6 +92,10 @@ class TiktokenCounter:
             return [n for part in done for n in part]
 
     def count(self, examples: Sequence[list[dict]]) -> list[int]:
+        return self.finish(self.prepare(examples))
+
+    def prepare(self, examples: Sequence[list[dict]]) -> tuple[list[str], list[int], list[list[int]]]:
+        """The distinct texts, and per example its fixed tokens and which texts it holds."""
         index: dict[str, int] = {}
         setdefault = index.setdefault
         fixed: list[int] = []
@@ -103,7 +114,11 @@ class TiktokenCounter:
                         constant += TOKENS_PER_NAME
             fixed.append(constant)
             refs.append(ids)
-        lengths = self.lengths(list(index))
+        return list(index), fixed, refs
+
+    def finish(self, prepared: tuple[list[str], list[int], list[list[int]]]) -> list[int]:
+        texts, fixed, refs = prepared
+        lengths = self.lengths(texts)
         return [c + sum([lengths[i] for i in ids]) for c, ids in zip(fixed, refs, strict=True)]
 
 
@@ -124,25 +139,24 @@ class QuicktokCounter(TiktokenCounter):
     def lengths(self, texts: list[str]) -> list[int]:
         return self._lengths(texts).tolist()
 
-    def _lengths(self, texts: list[str], threads: int | None = None):
+    def _lengths(self, texts: list[str]):
         import numpy as np
         import quicktok
 
         if not texts:
             return np.zeros(0, dtype=np.int64)
         try:
-            return quicktok.count_batch(self.fast, texts, threads=threads or (1 if len(texts) < 2048 else self.threads))
+            return quicktok.count_batch(self.fast, texts, threads=1 if len(texts) < 2048 else self.threads)
         except (TypeError, ValueError, UnicodeError):  # text quicktok refuses (a lone surrogate): tiktoken counts it
             return np.asarray(TiktokenCounter.lengths(self, texts), dtype=np.int64)
 
-    def count(self, examples: Sequence[list[dict]]) -> list[int]:
-        return self.finish(self.prepare(examples))
-
     def _role(self, role: str) -> int:
         """A role's length, remembered: a handful of roles repeat on every message (bounded, whatever comes)."""
-        n = int(self._lengths([role])[0])
-        if len(self.short) < 64:
-            self.short[role] = n
+        n = self.short.get(role)
+        if n is None:
+            n = int(self._lengths([role])[0])
+            if len(self.short) < 64:
+                self.short[role] = n
         return n
 
     def prepare(self, examples: Sequence[list[dict]]) -> tuple[list[str], list[int], list[int]]:
@@ -158,10 +172,7 @@ class QuicktokCounter(TiktokenCounter):
                 if len(message) == 2:  # the usual {"role", "content"}: fewer steps than the general loop
                     role, content = message.get("role"), message.get("content")
                     if role.__class__ is str and content.__class__ is str:
-                        n = short.get(role)
-                        if n is None:
-                            n = self._role(role)
-                        constant += n
+                        constant += short[role] if role in short else self._role(role)
                         append(content)
                         continue
                 for key, value in message.items():
@@ -170,10 +181,7 @@ class QuicktokCounter(TiktokenCounter):
                             continue
                         value = orjson.dumps(value).decode()
                     if key == "role":
-                        n = short.get(value)
-                        if n is None:
-                            n = self._role(value)
-                        constant += n
+                        constant += self._role(value)
                     else:
                         append(value)
                         if key == "name":
@@ -182,14 +190,14 @@ class QuicktokCounter(TiktokenCounter):
             ends.append(len(texts))
         return texts, fixed, ends
 
-    def finish(self, prepared: tuple[list[str], list[int], list[int]], threads: int | None = None) -> list[int]:
+    def finish(self, prepared: tuple[list[str], list[int], list[int]]) -> list[int]:
         """The native half (encodes outside the GIL): a thread can run it while Python does other work."""
         import numpy as np
 
         texts, fixed, ends = prepared
         if not fixed:
             return []
-        running = np.concatenate(([0], np.cumsum(self._lengths(texts, threads))))
+        running = np.concatenate(([0], np.cumsum(self._lengths(texts))))
         bounds = np.asarray(ends)
         return (running[bounds] - running[np.concatenate(([0], bounds[:-1]))] + np.asarray(fixed)).tolist()
 
@@ -301,12 +309,18 @@ class ChatTemplateCounter:
             self.name += f"+{hashlib.sha256(self.template.encode()).hexdigest()[:8]}"
 
     def count(self, examples: Sequence[list[dict]]) -> list[int]:
-        texts = [self.tokenizer.apply_chat_template(list(m), tokenize=False, chat_template=self.template)
-                 for m in examples]
+        return self.finish(self.prepare(examples))
+
+    def prepare(self, examples: Sequence[list[dict]]) -> list[str]:
+        """The examples rendered by the template (jinja, in Python)."""
+        return [self.tokenizer.apply_chat_template(list(m), tokenize=False, chat_template=self.template)
+                for m in examples]
+
+    def finish(self, texts: list[str]) -> list[int]:
+        """Tokenized in one batch (the fast tokenizer's Rust code releases the GIL)."""
         if not texts:
             return []
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [len(i) for i in ids]
+        return [len(i) for i in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def _encoding_from_file(name: str, path: Path) -> tiktoken.Encoding:
@@ -354,7 +368,7 @@ def _load_encoding(model: str, openai: OpenAITrainConfig, home: Path) -> tuple[t
         if not openai.tiktoken_file.is_file():
             raise TuneloopError(f"train.openai.tiktoken_file: {openai.tiktoken_file} does not exist")
         _, sha256 = published_file(name)
-        published = sha256 is not None and sha256 == hashlib.sha256(openai.tiktoken_file.read_bytes()).hexdigest()
+        published = sha256 is not None and sha256 == sha256_file(openai.tiktoken_file)
         return _encoding_from_file(name, openai.tiktoken_file), published
     cache = openai.tiktoken_cache_dir or Path(os.environ.get("TIKTOKEN_CACHE_DIR") or home / "tiktoken")
     cache.mkdir(parents=True, exist_ok=True)

@@ -172,15 +172,17 @@ def test_an_example_over_the_token_limit_never_loses_its_answer(tmp_path, policy
     assert manifest["counts"]["prompt_trimmed"] == exported.n_prompt_trimmed
 
 
-def test_counted_on_a_second_thread_each_example_keeps_its_own_count_after_held_out_removal(checked, tmp_path):
+def test_counted_on_a_second_thread_each_example_keeps_its_own_count_after_held_out_removal(checked, tmp_path,
+                                                                                            monkeypatch):
     """The export counts chunks of the snapshot while parsing the next (tasks/export.py) and realigns the counts
     after held-out overlaps are removed: with a limit inside the demo's range, every exported example must
     recount under it and every set-aside one over it (a shifted count would break both)."""
     import orjson
 
+    import tuneloop.tasks.export as export_stage
     from tuneloop.core.config import OpenAITrainConfig
-    from tuneloop.tasks import snapshot
     from tuneloop.tasks.export import TokenPlan
+    from tuneloop.tasks.snapshot import read_examples_in_chunks
     from tuneloop.tasks.tokens import QuicktokCounter, openai_counter
 
     cfg = load_config(DEMO_CONFIG)
@@ -191,16 +193,10 @@ def test_counted_on_a_second_thread_each_example_keeps_its_own_count_after_held_
     assert isinstance(counter, QuicktokCounter)
     counts = sorted(counter.count([e.messages for e in read_snapshot(dataset)]))
     limit = counts[len(counts) * 3 // 4]
-    original = snapshot.read_examples_in_chunks
-    try:  # small chunks: many hand-offs between the threads
-        snapshot.read_examples_in_chunks = lambda path, size=0: original(path, 7)
-        import tuneloop.tasks.export as export_stage
-
-        export_stage.read_examples_in_chunks = snapshot.read_examples_in_chunks
-        exported = export_chat_jsonl(dataset, ExportConfig(too_long="quarantine"), heldout, tmp_path / "exports",
-                                     TokenPlan(counter=counter, limit=limit, openai=openai, model=openai.model))
-    finally:
-        export_stage.read_examples_in_chunks = original
+    # small chunks: many hand-offs between the threads
+    monkeypatch.setattr(export_stage, "read_examples_in_chunks", lambda path: read_examples_in_chunks(path, 7))
+    exported = export_chat_jsonl(dataset, ExportConfig(too_long="quarantine"), heldout, tmp_path / "exports",
+                                 TokenPlan(counter=counter, limit=limit, openai=openai, model=openai.model))
     assert exported.n_heldout_overlaps > 0 and exported.n_too_long > 0
     kept = [orjson.loads(line)["messages"] for p in (exported.train_path, exported.validation_path) for line in p.open("rb")]
     assert max(counter.count(kept)) <= limit
