@@ -16,7 +16,6 @@ PII found in ``quality.pii: quarantine`` mode and unparsable lines are quarantin
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import os
 import re
@@ -268,16 +267,6 @@ def reason_field(reason: str) -> str:
     return match[1] if match else reason
 
 
-def chunk_fingerprint(chunk) -> str:
-    """Which records a chunk holds (where each came from), to check that two readers cut the same chunk."""
-    digest = hashlib.sha256(f"{len(chunk.rows)}|{len(chunk.unreadable)}".encode())
-    for source, line in zip(chunk.sources, chunk.lines, strict=True):
-        digest.update(f"{source}\x1f{line}\n".encode("utf-8", "surrogatepass"))
-    for entry in chunk.unreadable:
-        digest.update(f"!{entry.source}\x1f{entry.line}\n".encode("utf-8", "surrogatepass"))
-    return digest.hexdigest()
-
-
 def _prepare_in_subprocess(raw: RawBatch, source: SourceConfig, mapping: MappingConfig, quality: QualityConfig,
                            queue, skip: int = 0) -> None:
     """Producer process: read and prepare chunks; the first ``skip`` are prepared by the parent while this
@@ -288,7 +277,7 @@ def _prepare_in_subprocess(raw: RawBatch, source: SourceConfig, mapping: Mapping
         preparer = RecordMapper(mapping, quality)
         with gc_paused():
             for i, chunk in enumerate(read_chunks(raw, source)):
-                queue.put(preparer.prepare(chunk) if i >= skip else chunk_fingerprint(chunk))
+                queue.put(preparer.prepare(chunk) if i >= skip else chunk.fingerprint())
         queue.put(None)
     except BaseException as exc:  # handed to the parent, which raises it where the user sees it
         queue.put(exc if isinstance(exc, TuneloopError) else RuntimeError(f"{type(exc).__name__}: {exc}"))
@@ -323,7 +312,7 @@ def prepared_chunks(raw: RawBatch, source: SourceConfig, mapping: MappingConfig,
             if isinstance(item, BaseException):
                 raise item
             if isinstance(item, str):  # the fingerprint of the chunk the child skipped
-                if first is None or item != chunk_fingerprint(first):
+                if first is None or item != first.fingerprint():
                     raise TuneloopError("the landing files changed while the gate read them (a file was removed, "
                                         "locked or rewritten): nothing was consumed; run again")
                 continue

@@ -6,6 +6,7 @@ Records are pydantic models so that Prefect can persist them and the UI can show
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +56,15 @@ class RecordChunk:
         self.sources += other.sources
         self.lines += other.lines
         self.unreadable += other.unreadable
+
+    def fingerprint(self) -> str:
+        """Which records the chunk holds (where each came from), to check that two readers cut the same chunk."""
+        digest = hashlib.sha256(f"{len(self.rows)}|{len(self.unreadable)}".encode())
+        for source, line in zip(self.sources, self.lines, strict=True):
+            digest.update(f"{source}\x1f{line}\n".encode("utf-8", "surrogatepass"))
+        for entry in self.unreadable:
+            digest.update(f"!{entry.source}\x1f{entry.line}\n".encode("utf-8", "surrogatepass"))
+        return digest.hexdigest()
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.unreadable)
