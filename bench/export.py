@@ -6,15 +6,15 @@ loop over examples and messages, then ``num_tokens_from_messages`` per example (
 encoded length of each value, +1 for a name, +3 per example), and ``json.dumps`` per line to write.
 
 Ours: the real export stage (``tasks.export.export_chat_jsonl``) on a snapshot of the same examples:
-stratified split, held-out check, every example validated, every token counted with a TiktokenCounter
-(distinct strings encoded once, in threads), orjson writing, manifest. Counts must equal the baseline's
-on every example; the script exits 1 otherwise.
+stratified split, held-out check, every example validated, every token counted by tuneloop's counter
+(quicktok, chunk by chunk on a second thread while the next chunk is parsed; ``--engine tiktoken`` for
+tiktoken alone), orjson writing, manifest. Counts must equal the baseline's on every example; the script
+exits 1 otherwise.
 
-The published encodings cannot be downloaded here, so both sides use the same locally trained BPE
-(a byte-level BPE of 2,048 tokens trained here, o200k_base's split pattern, run by tiktoken's encoder): a smaller vocabulary
-than o200k's means more merges per word, so if anything the encoder's share of the time is larger.
+Both sides use OpenAI's real o200k_base (gpt-4o-mini's encoding), loaded offline by tuneloop (the
+published file rebuilt from quicktok's ranks and checked against tiktoken's SHA-256).
 
-    .venv/bin/python bench/export.py [--sizes 100000 1000000] [--workdir DIR]
+    .venv/bin/python bench/export.py [--sizes 100000 1000000] [--workdir DIR] [--engine fastest|tiktoken]
 
 Prints a table, then one JSON line with the figures.
 """
