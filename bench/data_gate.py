@@ -75,9 +75,9 @@ def worker(kind: str, folder: Path) -> dict:
 
     from tuneloop.core.config import DEFAULT_CONFIG, load_config
     from tuneloop.core.mapping import required_fields
-    from tuneloop.tasks.collect import make_source
-    from tuneloop.tasks.ledger import Ledger
-    from tuneloop.tasks.quality import check_batch
+    from tuneloop.lib.gate import check_batch
+    from tuneloop.lib.ledger import Ledger
+    from tuneloop.lib.sources import make_source
 
     imports = time.perf_counter() - t0
     cfg = load_config(DEFAULT_CONFIG)

@@ -75,7 +75,7 @@ def prompts(n: int) -> list[Asked]:
 def build_model(folder: Path, hidden: int, layers: int):
     """The demo's tokenizer (trained on the demo tickets) with a bigger Llama of random weights."""
     from tuneloop.core.config import TinyBaseConfig
-    from tuneloop.tasks.base_model import build_tiny_model
+    from tuneloop.lib.base_model import build_tiny_model
 
     path = folder / f"llama-{hidden}x{layers}"
     if not path.exists():
@@ -123,7 +123,7 @@ def main() -> None:
 
     from tuneloop.core.generation import generate
     from tuneloop.core.models import load_causal_lm, load_tokenizer
-    from tuneloop.tasks.answerers import GenerationCache
+    from tuneloop.lib.answerers import GenerationCache
 
     path = args.model or build_model(args.workdir, args.hidden, args.layers)
     tokenizer = load_tokenizer(path)

@@ -64,7 +64,7 @@ def load_counter(workdir: Path, engine: str):
     """OpenAI's real o200k_base (gpt-4o-mini's encoding), offline: tuneloop's own loader, which rebuilds the
     published file from the ranks quicktok embeds and checks it against tiktoken's SHA-256."""
     from tuneloop.core.config import OpenAITrainConfig
-    from tuneloop.tasks.tokens import TiktokenCounter, openai_counter
+    from tuneloop.lib.tokens import TiktokenCounter, openai_counter
 
     openai = OpenAITrainConfig()
     counter = openai_counter(openai.model, openai, workdir)

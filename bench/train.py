@@ -66,7 +66,7 @@ def make_data(path: Path, n: int, seed: int = 3) -> None:
 def build_model(workdir: Path, gpu: bool) -> Path:
     """A tokenizer trained on the bench words, and a random Llama: tiny on CPU, ~0.5B on a GPU."""
     from tuneloop.core.config import TinyBaseConfig
-    from tuneloop.tasks.base_model import build_tiny_model
+    from tuneloop.lib.base_model import build_tiny_model
 
     corpus = DEMO
     out = workdir / ("model-gpu" if gpu else "model-cpu")

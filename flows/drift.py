@@ -14,12 +14,14 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from tuneloop.core.config import PipelineConfig, load_config
 from tuneloop.core.retirement import migration_due, relative_days
 from tuneloop.core.state import prepare_state
+from tuneloop.lib.run_context import RunContext
+from tuneloop.lib.runlog import name_flow_run
 from tuneloop.tasks.drift import DriftReport, check_drift, drift_markdown, log_drift
-from tuneloop.tasks.runlog import name_flow_run
 
 DRIFT_EVENT = "tuneloop.drift.detected"
 MIGRATION_EVENT = "tuneloop.migration.due"
@@ -31,8 +33,8 @@ def model_resource(config: PipelineConfig) -> dict[str, str]:
 
 
 @task(name="check-drift", cache_policy=NO_CACHE)
-def check_drift_task(config: PipelineConfig, home, tracking_uri: str, work_dir) -> DriftReport:
-    return check_drift(config, home, tracking_uri, work_dir)
+def check_drift_task(config: PipelineConfig, ctx: RunContext) -> DriftReport:
+    return check_drift(config, ctx.state, ctx.registry, ctx.run_dir)
 
 
 def started_name() -> str:
@@ -49,15 +51,14 @@ def drift_monitor(config: PipelineConfig | str, overrides: list[str] | None = No
     log = get_run_logger()
     if isinstance(config, str):
         config = load_config(config, overrides or [])
-    tracking_uri = state.resolve_tracking_uri(config.registry.tracking_uri)
-    artifacts_dir = None if tracking_uri.startswith(("http://", "https://", "databricks")) else state.mlflow_artifacts
     work_dir = state.runs / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-drift"
     work_dir.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext.open(state, config, work_dir, flow_run.get_id() or "local")
 
-    report = check_drift_task(config, state.home, tracking_uri, work_dir)
+    report = check_drift_task(config, ctx)
     champion = f"-v{report.champion_version}" if report.champion_version else ""
     name_flow_run(f"drift-{'detected' if report.drifted else 'none'}{champion}")
-    log_drift(report, config, tracking_uri, artifacts_dir)
+    log_drift(report, config, ctx.registry, ctx.artifacts_dir)
     create_markdown_artifact(drift_markdown(report), key="drift-report", description="drift monitor")
     if report.drifted:
         log.warning("drift detected: " + "; ".join(report.reasons))

@@ -18,12 +18,8 @@ from tuneloop.core.config import PipelineConfig, load_config
 from tuneloop.core.mapping import required_fields
 from tuneloop.core.records import RetrainResult
 from tuneloop.core.state import prepare_state, run_lock
-from tuneloop.tasks.collect import collect_task
-from tuneloop.tasks.distill import distill_task, migration_config
-from tuneloop.tasks.evaluate import evaluate_task
-from tuneloop.tasks.export import export_task, token_plan_task
-from tuneloop.tasks.heldout import read_evaluation_set
-from tuneloop.tasks.ledger import (
+from tuneloop.lib.heldout import read_evaluation_set
+from tuneloop.lib.ledger import (
     Settings,
     commit_ledger,
     consume,
@@ -31,12 +27,17 @@ from tuneloop.tasks.ledger import (
     mark_trained,
     plan_training_task,
 )
+from tuneloop.lib.run_context import RunContext
+from tuneloop.lib.runlog import name_flow_run
+from tuneloop.lib.tokens import enforce_budget
+from tuneloop.tasks.collect import collect_task
+from tuneloop.tasks.distill import distill_task, migration_config
+from tuneloop.tasks.evaluate import evaluate_task
+from tuneloop.tasks.export import export_task, token_plan_task
 from tuneloop.tasks.preflight import ensure_ready
 from tuneloop.tasks.quality import enforce_min_examples, enforce_quarantine_limit, quality_task
 from tuneloop.tasks.register import complete_registration_task, find_champion_task, register_task
-from tuneloop.tasks.runlog import name_flow_run
 from tuneloop.tasks.snapshot import snapshot_task
-from tuneloop.tasks.tokens import enforce_budget
 from tuneloop.tasks.train_local import warm_start_task
 
 
@@ -98,9 +99,7 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
             log.info(f"started by: {reason}")
         run_dir = state.runs / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{run_id[:8]}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        tracking_uri = state.resolve_tracking_uri(config.registry.tracking_uri)
-        # A local store keeps artifacts in the state folder; a tracking server decides for itself.
-        artifacts_dir = None if tracking_uri.startswith(("http://", "https://", "databricks")) else state.mlflow_artifacts
+        ctx = RunContext.open(state, config, run_dir, run_id, started)
 
         heldout = read_evaluation_set(config.evaluate, config.mapping, config.quality)
         ledger = load_ledger(state.ledger)
@@ -110,7 +109,7 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
         if not raw.nothing_new:
             checked = quality_task(raw, config.source, config.mapping, config.quality, run_dir, config.distill)
             if checked.n_unlabelled:  # records without an answer: the champion answers them
-                teacher = find_champion_task(config.registry, tracking_uri, run_dir / "teacher")
+                teacher = find_champion_task(ctx.registry, run_dir / "teacher")
                 checked = distill_task(checked, teacher, config, state.home, run_dir)
                 enforce_quarantine_limit(checked, config.quality)
             new = snapshot_task(checked, state.datasets, ledger.dataset_version)
@@ -119,7 +118,7 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
             commit_ledger(ledger, state.ledger)
         values = config.model_settings()
         settings = Settings(hash=config.settings_hash(values), values=values)
-        decision = plan_training_task(ledger, new, state.datasets, config.registry, tracking_uri, settings, force)
+        decision = plan_training_task(ledger, new, state.datasets, ctx.registry, settings, force)
         log.info(decision.reason)
         newest = decision.dataset.version if decision.dataset else ledger.dataset_version
         name_flow_run(f"{'migrate' if migrate else 'retrain'}-{newest[:8]}" if decision.train
@@ -127,7 +126,7 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
         if not decision.train:
             completed = None
             if decision.complete_version is not None:  # a run killed after registering: finish, don't train again
-                completed = complete_registration_task(config.registry, tracking_uri, decision.complete_version)
+                completed = complete_registration_task(ctx.registry, decision.complete_version)
             if decision.mark_trained:
                 commit_ledger(mark_trained(ledger, decision.dataset.version, settings.hash, settings.values), state.ledger)
             if not any(run_dir.iterdir()):  # nothing was checked or trained: no folder to keep
@@ -142,7 +141,7 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
         enforce_budget(exported.estimate, config.train.max_cost_usd)
         init_adapter, warm_from = None, None
         if config.train.backend == "local" and config.train.local.init_from == "champion":
-            warm_from = find_champion_task(config.registry, tracking_uri, run_dir / "warm-start")
+            warm_from = find_champion_task(ctx.registry, run_dir / "warm-start")
             init_adapter = warm_start_task(warm_from, config.train, state.models)
         if config.train.backend == "openai":
             from tuneloop.tasks.train_openai import train_openai_task
@@ -152,8 +151,8 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
         elif config.train.local.placement == "pool":
             from tuneloop.tasks.train_pool import train_on_pool_task
 
-            training = train_on_pool_task(exported, config.train, tracking_uri, config.registry.experiment,
-                                          artifacts_dir, state.models, run_dir, init_adapter, return_state=True)
+            training = train_on_pool_task(exported, config.train, ctx, config.registry.experiment, init_adapter,
+                                          return_state=True)
         else:
             from tuneloop.flows.train_local import train_local
 
@@ -164,12 +163,11 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
         if init_adapter is not None:
             trained = trained.model_copy(update={"warm_start_from": warm_from.version})
         # Looked up after training: a champion promoted meanwhile (tuneloop promote) is the one to beat.
-        champion = find_champion_task(config.registry, tracking_uri, run_dir / "champion")
+        champion = find_champion_task(ctx.registry, run_dir / "champion")
         report = evaluate_task(trained, champion, heldout, config.evaluate, run_dir, config.train.openai,
                                state.home / "generations" if config.evaluate.cache_generations else None,
                                retirement=config.retirement, wait_for=upstream)
-        version = register_task(config, checked, exported, trained, report, tracking_uri, artifacts_dir, run_id,
-                                started, wait_for=upstream)
+        version = register_task(ctx, config, checked, exported, trained, report, wait_for=upstream)
         commit_ledger(mark_trained(ledger, dataset.version, settings.hash, settings.values), state.ledger)
         counts = checked.model_dump(include={"n_read", "n_accepted", "n_quarantined", "n_duplicates"}) if checked else {}
         return RetrainResult(status="trained", dataset_version=dataset.version, report=report, model_version=version,

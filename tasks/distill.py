@@ -33,7 +33,7 @@ from tuneloop.core.records import (
     TuneloopError,
 )
 from tuneloop.core.state import unique_temporary
-from tuneloop.tasks.runlog import stage_logger
+from tuneloop.lib.runlog import stage_logger
 
 # what the demo suite refuses in a body, plus the replacement character a broken decoder leaves
 UNPRINTABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
@@ -71,7 +71,7 @@ def estimate_teacher_cost(prompts: list[list[dict]], champion: Champion, config:
         return None
     if not prompts:
         return 0.0
-    from tuneloop.tasks.tokens import openai_counter
+    from tuneloop.lib.tokens import openai_counter
 
     openai = config.train.openai
     spec = openai.spec(champion.fine_tuned_model)
@@ -106,8 +106,8 @@ def _local_teacher(champion: Champion, batch_size: int) -> Callable[[list], list
 
 def _teacher(champion: Champion, config: PipelineConfig, warn: Callable[[str], None]):
     if champion.fine_tuned_model:
-        from tuneloop.tasks.answerers import chat_answers
-        from tuneloop.tasks.azure_deploy import answering_deployment
+        from tuneloop.lib.answerers import chat_answers
+        from tuneloop.lib.azure_deploy import answering_deployment
 
         def ask(examples: list, max_new_tokens: int) -> list[str]:
             # on Azure with managed deployments: the champion's deployment (pointed at the champion first)
@@ -141,8 +141,8 @@ def distill(checked: CheckedBatch, champion: Champion | None, config: PipelineCo
     """The teacher answers the gate's unlabelled records; each becomes an accepted example (``answered_by`` the
     teacher) or a quarantine entry saying why not. Counts still reconcile: read = accepted + quarantined +
     duplicates."""
-    from tuneloop.tasks.answerers import GenerationCache
-    from tuneloop.tasks.metrics import parse_label
+    from tuneloop.lib.answerers import GenerationCache
+    from tuneloop.lib.metrics import parse_label
 
     if not checked.n_unlabelled or checked.unlabelled_path is None:
         return checked

@@ -22,10 +22,13 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, Field
 
 from tuneloop.core.config import PipelineConfig
+from tuneloop.core.lineage import Lineage
 from tuneloop.core.records import ChatExample, ModelScore, TuneloopError
+from tuneloop.core.state import StateLayout
+from tuneloop.lib.registry import CHAMPION, ModelRegistry, score_metric
 
 if TYPE_CHECKING:
-    from tuneloop.tasks.heldout import HeldOutExample
+    from tuneloop.lib.heldout import HeldOutExample
 
 WORD = re.compile(r"[^\W\d_]{2,}", re.UNICODE)
 EPS = 1e-4
@@ -112,17 +115,15 @@ def input_drift(reference: list[ChatExample], recent: list[ChatExample], window:
     return out
 
 
-def recent_examples(config: PipelineConfig, home: Path, champion_dataset: str | None,
+def recent_examples(config: PipelineConfig, state: StateLayout, champion_dataset: str | None,
                     work_dir: Path) -> tuple[list[ChatExample], str]:
     """The newest labeled examples the champion was not trained on, and where they came from."""
     from tuneloop.core.mapping import required_fields
-    from tuneloop.core.state import StateLayout
-    from tuneloop.tasks.collect import make_source
-    from tuneloop.tasks.ledger import load_ledger
-    from tuneloop.tasks.quality import check_batch
-    from tuneloop.tasks.snapshot import read_examples
+    from tuneloop.lib.datasets import read_examples
+    from tuneloop.lib.gate import check_batch
+    from tuneloop.lib.ledger import load_ledger
+    from tuneloop.lib.sources import make_source
 
-    state = StateLayout(home)
     ledger = load_ledger(state.ledger)
     landing = getattr(config.source, "landing", None) or state.landing
     raw = make_source(config.source, landing, required_fields(config.mapping)).collect(ledger)
@@ -147,7 +148,7 @@ def pyfunc_score(model_uri: str, held: list[HeldOutExample], config: PipelineCon
     a user calls it: with the user's text."""
     import mlflow
 
-    from tuneloop.tasks.metrics import parse_label, score
+    from tuneloop.lib.metrics import parse_label, score
 
     mlflow.set_tracking_uri(tracking_uri)
     try:
@@ -158,7 +159,7 @@ def pyfunc_score(model_uri: str, held: list[HeldOutExample], config: PipelineCon
     openai = config.train.openai
     if openai.api_key_secret_block and not os.environ.get(openai.api_key_env):
         # the served model reads its key from the environment; a key kept in a Prefect Secret block is put there
-        from tuneloop.tasks.train_openai import api_key
+        from tuneloop.lib.credentials import api_key
 
         os.environ[openai.api_key_env] = api_key(openai)
     answers = model.predict([_user_of(h.prompt) for h in held])
@@ -168,7 +169,7 @@ def pyfunc_score(model_uri: str, held: list[HeldOutExample], config: PipelineCon
         return score([parse_label(a, pattern) for a in answers], held)
     judge = None
     if evaluate.judge is not None and evaluate.primary_metric == "judge":  # graded only when it is what is watched
-        from tuneloop.tasks.answerers import judge_grade
+        from tuneloop.lib.answerers import judge_grade
 
         judge = judge_grade(evaluate.judge, held, answers)
     return score(answers, held, task="generation", judge=judge)
@@ -176,17 +177,17 @@ def pyfunc_score(model_uri: str, held: list[HeldOutExample], config: PipelineCon
 
 def champion_score(model_uri: str, examples: list[ChatExample], config: PipelineConfig, tracking_uri: str) -> float:
     """The registered champion scored on recent labeled examples, in the primary metric."""
-    from tuneloop.tasks.heldout import heldout_example
+    from tuneloop.lib.heldout import heldout_example
 
     held = [heldout_example(e, f"{e.source}:{e.line}") for e in examples]
     return pyfunc_score(model_uri, held, config, tracking_uri).metric(config.evaluate.primary_metric)
 
 
-def note_retirement(report: DriftReport, tags: dict[str, str], config: PipelineConfig, today: date | None = None) -> None:
+def note_retirement(report: DriftReport, lineage: Lineage, config: PipelineConfig, today: date | None = None) -> None:
     """When the champion, an API fine-tune, stops answering: put on the report, a warning within warn_days."""
     from tuneloop.core.retirement import champion_warning, version_retirement, within_warning
 
-    found = version_retirement(tags, config.retirement, config.train.openai.provider)
+    found = version_retirement(lineage, config.retirement, config.train.openai.provider)
     if found is None:
         return
     report.champion_model, report.champion_provider = found.model, found.provider
@@ -195,34 +196,30 @@ def note_retirement(report: DriftReport, tags: dict[str, str], config: PipelineC
         report.retirement_warning = champion_warning(report.champion_version, found, config.retirement, today)
 
 
-def check_drift(config: PipelineConfig, home: Path, tracking_uri: str, work_dir: Path,
+def check_drift(config: PipelineConfig, state: StateLayout, registry: ModelRegistry, work_dir: Path,
                 today: date | None = None) -> DriftReport:
-    from mlflow.exceptions import MlflowException
+    from tuneloop.lib.datasets import read_examples
 
-    from tuneloop.tasks.register import CHAMPION, client_for, score_metric
-    from tuneloop.tasks.snapshot import read_examples
-
-    client = client_for(tracking_uri)
     metric = config.evaluate.primary_metric
-    try:
-        version = client.get_model_version_by_alias(config.registry.model_name, CHAMPION)
-    except MlflowException:
-        return DriftReport(metric=metric, note=f"no champion of {config.registry.model_name} yet: nothing to monitor")
-    champion_dataset = version.tags.get("dataset_version")
+    version = registry.champion_version()
+    if version is None:
+        return DriftReport(metric=metric, note=f"no champion of {registry.model_name} yet: nothing to monitor")
+    lineage = Lineage.from_tags(version.tags)
+    champion_dataset = lineage.dataset_version
     report = DriftReport(champion_version=str(version.version), champion_dataset_version=champion_dataset,
                          metric=metric)
-    note_retirement(report, version.tags, config, today)  # before any early return: it matters with no new data
-    run = client.get_run(version.run_id)
+    note_retirement(report, lineage, config, today)  # before any early return: it matters with no new data
+    run = registry.client.get_run(version.run_id)
     # eval/candidate_<metric>; a run logged before metrics were grouped: candidate_<metric>
     report.at_promotion = run.data.metrics.get(score_metric("candidate", metric), run.data.metrics.get(f"candidate_{metric}"))
-    recent, origin = recent_examples(config, home, champion_dataset, work_dir)
+    recent, origin = recent_examples(config, state, champion_dataset, work_dir)
     report.n_recent, report.recent_from = len(recent), origin
     if len(recent) < config.drift.min_examples:
         report.note = (f"{len(recent)} recent examples (fewer than drift.min_examples = {config.drift.min_examples}):"
                        " no verdict")
         return report
 
-    snapshot = home / "datasets" / f"{champion_dataset}.jsonl"
+    snapshot = state.snapshot(champion_dataset)
     if not snapshot.exists():
         raise TuneloopError(f"drift: the champion's training snapshot {snapshot} is missing from this state folder")
     reference = read_examples(snapshot)
@@ -233,8 +230,8 @@ def check_drift(config: PipelineConfig, home: Path, tracking_uri: str, work_dir:
 
     labeled = [e for e in recent if e.label is not None] if config.evaluate.task == "classification" else recent
     if len(labeled) >= config.drift.min_examples:
-        report.recent_value = round(champion_score(f"models:/{config.registry.model_name}@{CHAMPION}", labeled, config,
-                                                   tracking_uri), 4)
+        report.recent_value = round(champion_score(f"models:/{registry.model_name}@{CHAMPION}", labeled, config,
+                                                   registry.tracking_uri), 4)
         if report.at_promotion is not None:
             report.metric_drop = round(report.at_promotion - report.recent_value, 4)
 
@@ -278,22 +275,21 @@ def drift_markdown(report: DriftReport) -> str:
     return "\n".join(lines)
 
 
-def log_drift(report: DriftReport, config: PipelineConfig, tracking_uri: str, artifacts_dir: Path | None) -> str | None:
+def log_drift(report: DriftReport, config: PipelineConfig, registry: ModelRegistry,
+              artifacts_dir: Path | None) -> str | None:
     """One MLflow run per champion version, a step per check: the UI charts drift over time."""
     import time
 
     from mlflow.entities import Metric, RunTag
 
-    from tuneloop.tasks.register import client_for, experiment_id
-
     if report.champion_version is None:
         return None
-    client = client_for(tracking_uri)
-    exp = experiment_id(client, config.registry.experiment, artifacts_dir)
+    client = registry.client
+    exp = registry.experiment_id(config.registry.experiment, artifacts_dir)
     found = client.search_runs([exp], filter_string=(
         f"tags.`tuneloop.kind` = 'drift' and tags.champion_version = '{report.champion_version}'"), max_results=1)
     run_id = found[0].info.run_id if found else client.create_run(
-        exp, run_name=f"drift-{config.registry.model_name}-v{report.champion_version}",
+        exp, run_name=f"drift-{registry.model_name}-v{report.champion_version}",
         tags={"tuneloop.kind": "drift", "champion_version": report.champion_version}).info.run_id
     step = len(client.get_metric_history(run_id, "n_recent"))
     now = int(time.time() * 1000)

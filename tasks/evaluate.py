@@ -20,9 +20,9 @@ from prefect.cache_policies import NO_CACHE
 from tuneloop.core.config import EvaluateConfig, OpenAITrainConfig, RetirementConfig
 from tuneloop.core.records import METRIC_TITLES, Champion, EvalReport, TrainedModel, TuneloopError
 from tuneloop.core.retirement import Retirement, retirement_of, training_closes_note, within_warning
-from tuneloop.tasks.answerers import GenerationCache, heldout_answers, judge_grade, token_counters
-from tuneloop.tasks.heldout import GOLDEN_PREFIX, HeldOutExample
-from tuneloop.tasks.metrics import answer_budget, confusion_png, parse_label, rouge_l, score, worst_examples
+from tuneloop.lib.answerers import GenerationCache, heldout_answers, judge_grade, token_counters
+from tuneloop.lib.heldout import GOLDEN_PREFIX, HeldOutExample
+from tuneloop.lib.metrics import answer_budget, confusion_png, parse_label, rouge_l, score, worst_examples
 
 
 def evaluate_models(

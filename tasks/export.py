@@ -25,12 +25,12 @@ from prefect.cache_policies import NO_CACHE
 from tuneloop.core.config import ExportConfig, OpenAITrainConfig, TrainConfig
 from tuneloop.core.records import ChatExample, DatasetVersion, ExportedDataset, TokenStats, TuneloopError
 from tuneloop.core.state import gc_paused, sha256_file, write_atomically
-from tuneloop.tasks.chatformat import example_errors
-from tuneloop.tasks.heldout import HeldOutExample, prompt_keys
-from tuneloop.tasks.length import apply_length_policy
-from tuneloop.tasks.runlog import stage_logger
-from tuneloop.tasks.snapshot import read_examples_in_chunks
-from tuneloop.tasks.tokens import ChatTemplateCounter, TokenCounter, estimate_cost, token_stats
+from tuneloop.lib.chatformat import example_errors
+from tuneloop.lib.datasets import read_examples_in_chunks
+from tuneloop.lib.heldout import HeldOutExample, prompt_keys
+from tuneloop.lib.length import apply_length_policy
+from tuneloop.lib.runlog import stage_logger
+from tuneloop.lib.tokens import ChatTemplateCounter, TokenCounter, estimate_cost, token_stats
 
 
 @dataclass
@@ -51,10 +51,10 @@ def token_plan(train: TrainConfig, models_dir: Path, home: Path | None = None) -
     """Count as the backend will: OpenAI models with tiktoken against the model's context and price;
     the local backend with its base model's tokenizer and chat template (the trainer's view)."""
     from tuneloop.core.models import load_tokenizer
-    from tuneloop.tasks.base_model import resolve_base_model
+    from tuneloop.lib.base_model import resolve_base_model
 
     if train.backend == "openai":
-        from tuneloop.tasks.tokens import openai_counter
+        from tuneloop.lib.tokens import openai_counter
 
         cfg = train.openai
         counter = openai_counter(cfg.model, cfg, home or models_dir.parent)

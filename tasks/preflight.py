@@ -17,7 +17,7 @@ import orjson
 from tuneloop.core.config import PipelineConfig
 from tuneloop.core.mapping import fields_of
 from tuneloop.core.records import TuneloopError
-from tuneloop.tasks.metrics import parse_label
+from tuneloop.lib.metrics import parse_label
 
 PLACEHOLDER = "lorem ipsum dolor"  # stands for a field's text when a template is rendered to test the pattern
 

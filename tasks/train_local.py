@@ -23,8 +23,8 @@ from prefect.cache_policies import NO_CACHE
 from tuneloop.core.config import TrainConfig
 from tuneloop.core.models import adapter_identity, load_causal_lm, load_tokenizer, quiet_libraries
 from tuneloop.core.records import Champion, ExportedDataset, TrainedModel, TuneloopError
-from tuneloop.tasks.base_model import resolve_base_model
-from tuneloop.tasks.runlog import stage_logger
+from tuneloop.lib.base_model import resolve_base_model
+from tuneloop.lib.runlog import stage_logger
 
 
 def _read_messages(path: Path) -> list[dict]:

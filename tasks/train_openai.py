@@ -26,26 +26,14 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tuneloop.core.config import OpenAITrainConfig, TrainConfig
-from tuneloop.core.openai_client import Secrets, call, env_api_key, make_client
+from tuneloop.core.openai_client import Secrets, call, make_client
 from tuneloop.core.records import ExportedDataset, TrainedModel, TuneloopError
 from tuneloop.core.state import write_atomically
-from tuneloop.tasks.runlog import stage_logger
+from tuneloop.lib.credentials import api_key
+from tuneloop.lib.runlog import stage_logger
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 KEY = "tuneloop_key"
-
-
-def api_key(cfg: OpenAITrainConfig) -> str:
-    """The Prefect Secret block named in the config, else the environment variable."""
-    if cfg.api_key_secret_block:
-        from prefect.blocks.system import Secret
-
-        try:
-            return Secret.load(cfg.api_key_secret_block).get()
-        except ValueError:
-            raise TuneloopError(f"train.openai.api_key_secret_block: no Prefect Secret block named "
-                                f"{cfg.api_key_secret_block!r}") from None
-    return env_api_key(cfg)
 
 
 def _warn(message: str) -> None:

@@ -16,9 +16,10 @@ from prefect.cache_policies import NO_CACHE
 
 from tuneloop.core.config import TrainConfig
 from tuneloop.core.records import ExportedDataset, TrainedModel, TuneloopError
-from tuneloop.tasks.base_model import resolve_base_model
-from tuneloop.tasks.register import LOSS_CURVES, client_for, experiment_id
-from tuneloop.tasks.runlog import stage_logger
+from tuneloop.lib.base_model import resolve_base_model
+from tuneloop.lib.registry import LOSS_CURVES, experiment_id, mlflow_client
+from tuneloop.lib.run_context import RunContext
+from tuneloop.lib.runlog import stage_logger
 
 TRAINING_KIND = "training"
 
@@ -26,7 +27,7 @@ TRAINING_KIND = "training"
 def start_training_run(exported: ExportedDataset, tracking_uri: str, experiment: str,
                        artifacts_dir: Path | None, init_adapter: Path | None = None) -> str:
     """An MLflow run that carries the export (and an adapter to continue) to the worker and the adapter back."""
-    client = client_for(tracking_uri)
+    client = mlflow_client(tracking_uri)
     run = client.create_run(experiment_id(client, experiment, artifacts_dir),
                             run_name=f"train-{exported.dataset_version}",
                             tags={"tuneloop.kind": TRAINING_KIND, "dataset_version": exported.dataset_version})
@@ -66,7 +67,7 @@ def publish_training(trained: TrainedModel, tracking_uri: str, run_id: str) -> T
     """Adapter, loss curve and metrics into the training run; the record handed back names no local path."""
     from mlflow.entities import Metric
 
-    client = client_for(tracking_uri)
+    client = mlflow_client(tracking_uri)
     client.log_artifacts(run_id, str(trained.adapter_path), "adapter")
     if trained.artifacts_dir is not None:
         client.log_artifacts(run_id, str(trained.artifacts_dir), "training")
@@ -81,17 +82,18 @@ def publish_training(trained: TrainedModel, tracking_uri: str, run_id: str) -> T
     return trained.model_copy(update={"adapter_path": None, "artifacts_dir": None, "training_run_id": run_id})
 
 
-def train_on_pool(exported: ExportedDataset, train: TrainConfig, tracking_uri: str, experiment: str,
-                  artifacts_dir: Path | None, models_dir: Path, run_dir: Path,
+def train_on_pool(exported: ExportedDataset, train: TrainConfig, ctx: RunContext, experiment: str,
                   init_adapter: Path | None = None) -> TrainedModel:
     import mlflow
     from prefect.deployments import run_deployment
+
+    tracking_uri, run_dir = ctx.tracking_uri, ctx.run_dir
 
     log = stage_logger()
     if tracking_uri.startswith("sqlite:"):
         log.warning("train.local.placement: pool with a SQLite MLflow store works only when the worker shares "
                     "this machine's disk; point registry.tracking_uri at an MLflow server for a remote worker")
-    run_id = start_training_run(exported, tracking_uri, experiment, artifacts_dir, init_adapter)
+    run_id = start_training_run(exported, tracking_uri, experiment, ctx.artifacts_dir, init_adapter)
     name = train.local.deployment
     log.info(f"train: starting deployment {name} (MLflow training run {run_id}); waiting for a worker of its pool")
     try:
@@ -114,14 +116,13 @@ def train_on_pool(exported: ExportedDataset, train: TrainConfig, tracking_uri: s
                                                         dst_path=str(run_dir), tracking_uri=tracking_uri))
     # The worker's copy of the base is its own; this machine evaluates against its own copy of the same base.
     return trained.model_copy(update={"adapter_path": adapter, "artifacts_dir": training,
-                                      "base_model": str(resolve_base_model(train, models_dir))})
+                                      "base_model": str(resolve_base_model(train, ctx.state.models))})
 
 
 @task(name="train-on-pool", cache_policy=NO_CACHE)
-def train_on_pool_task(exported: ExportedDataset, train: TrainConfig, tracking_uri: str, experiment: str,
-                       artifacts_dir: Path | None, models_dir: Path, run_dir: Path,
+def train_on_pool_task(exported: ExportedDataset, train: TrainConfig, ctx: RunContext, experiment: str,
                        init_adapter: Path | None = None) -> TrainedModel:
-    return train_on_pool(exported, train, tracking_uri, experiment, artifacts_dir, models_dir, run_dir, init_adapter)
+    return train_on_pool(exported, train, ctx, experiment, init_adapter)
 
 
 @task(name="fetch-export", cache_policy=NO_CACHE)

@@ -71,9 +71,9 @@ def gate_folder(folder: Path, cfg, run_dir: Path, distill=None):
     """Collect everything in a folder (empty ledger) and run the quality gate over it (with ``distill``: records
     without an answer set aside for the teacher)."""
     from tuneloop.core.mapping import required_fields
-    from tuneloop.tasks.collect import make_source
-    from tuneloop.tasks.ledger import Ledger
-    from tuneloop.tasks.quality import check_batch
+    from tuneloop.lib.gate import check_batch
+    from tuneloop.lib.ledger import Ledger
+    from tuneloop.lib.sources import make_source
 
     raw = make_source(cfg.source, folder, required_fields(cfg.mapping, distill is not None and distill.teacher != "none")).collect(Ledger())
     return check_batch(raw, cfg.source, cfg.mapping, cfg.quality, run_dir, distill)
@@ -82,8 +82,8 @@ def gate_folder(folder: Path, cfg, run_dir: Path, distill=None):
 def demo_export(root: Path, n_lines: int, max_examples: int):
     """The first ``n_lines`` demo tickets through the gate, snapshot and export: (config, export, held-out)."""
     from tuneloop.core.config import load_config
+    from tuneloop.lib.heldout import read_heldout
     from tuneloop.tasks.export import export_chat_jsonl
-    from tuneloop.tasks.heldout import read_heldout
     from tuneloop.tasks.snapshot import write_snapshot
 
     cfg = load_config(DEMO_CONFIG, [f"evaluate.max_examples={max_examples}"])
@@ -99,7 +99,7 @@ def demo_export(root: Path, n_lines: int, max_examples: int):
 def accepted(checked) -> dict:
     """Accepted examples by record id."""
     from tuneloop.core.records import ChatExample
-    from tuneloop.tasks.quality import read_accepted
+    from tuneloop.lib.gate import read_accepted
 
     return {row["record_id"]: ChatExample.model_validate(row) for row in read_accepted(checked.accepted_path)}
 

@@ -75,17 +75,21 @@ def candidate(model: str, job: str) -> TrainedModel:
 
 
 def evaluate_and_register(cfg, trained, tmp_path, warnings):
+    from tuneloop.core.state import StateLayout
+    from tuneloop.lib.heldout import read_heldout
+    from tuneloop.lib.registry import ModelRegistry
+    from tuneloop.lib.run_context import RunContext
     from tuneloop.tasks.evaluate import evaluate_models
-    from tuneloop.tasks.heldout import read_heldout
-    from tuneloop.tasks.register import find_champion, register_candidate
+    from tuneloop.tasks.register import register_candidate
 
     uri = cfg.registry.tracking_uri
     run_dir = tmp_path / trained.job_id
     run_dir.mkdir()
-    champion = find_champion(cfg.registry, uri, run_dir / "champion")
+    ctx = RunContext(StateLayout(tmp_path), run_dir, "", ModelRegistry(uri, cfg.registry.model_name))
+    champion = ctx.registry.download_champion(run_dir / "champion")
     heldout = read_heldout(cfg.evaluate.holdout, cfg.mapping, cfg.evaluate.max_examples)
     report = evaluate_models(trained, champion, heldout, cfg.evaluate, run_dir, cfg.train.openai, warn=warnings.append)
-    mv = register_candidate(cfg, None, exported_files(run_dir), trained, report, uri, tmp_path / "artifacts")
+    mv = register_candidate(ctx, cfg, None, exported_files(run_dir), trained, report)
     return report, mv
 
 
@@ -100,7 +104,7 @@ def test_candidates_are_deployed_one_each_and_the_champion_deployment_follows_pr
     from mlflow import MlflowClient
 
     from tuneloop.core.openai_client import chat_completions
-    from tuneloop.tasks.register import promote_version, rollback_champion
+    from tuneloop.lib.registry import ModelRegistry
 
     arm, api, answers, cfg, overrides = azure
     assert cfg.train.openai.azure_deployments.champion_deployment == "support-champion"  # from register.model_name
@@ -150,7 +154,7 @@ def test_candidates_are_deployed_one_each_and_the_champion_deployment_follows_pr
     assert "/deployments/support-champion/chat/completions" in api.requests[-1][1]
 
     # 4. promote and rollback re-point it before the alias moves; the CLI passes the config's settings
-    promote_version(cfg.registry.tracking_uri, "support", "2", "test", "try it", cfg.train.openai)
+    ModelRegistry(cfg.registry.tracking_uri, "support").promote("2", "test", "try it", cfg.train.openai)
     assert served(arm, "support-champion")[0] == BAD
     env = {"TUNELOOP_HOME": os.environ["TUNELOOP_HOME"], "PATH": "", "DO_NOT_TRACK": "true",
            "MLFLOW_DISABLE_TELEMETRY": "true", "ARM_TOKEN": TOKEN, "REQUESTS_CA_BUNDLE": str(arm.ca_file)}
@@ -159,7 +163,7 @@ def test_candidates_are_deployed_one_each_and_the_champion_deployment_follows_pr
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "rolled back from version 2 to version 3" in out.stdout and served(arm, "support-champion")[0] == BEST
-    rollback_champion(cfg.registry.tracking_uri, "support", "test", "older", cfg.train.openai)
+    ModelRegistry(cfg.registry.tracking_uri, "support").rollback("test", "older", cfg.train.openai)
     assert served(arm, "support-champion")[0] == GOOD
     client = MlflowClient(cfg.registry.tracking_uri)
     assert str(client.get_model_version_by_alias("support", "champion").version) == "1"
@@ -177,7 +181,7 @@ def test_candidates_are_deployed_one_each_and_the_champion_deployment_follows_pr
 
 
 def test_a_failed_provisioning_or_a_refused_token_is_one_line_without_the_token(azure, tmp_path, monkeypatch):
-    from tuneloop.tasks.azure_deploy import list_deployments
+    from tuneloop.lib.azure_deploy import list_deployments
 
     arm, api, answers, cfg, _ = azure
     arm.fail_models.add(BAD)

@@ -18,9 +18,9 @@ from conftest import DEMO, DEMO_CONFIG, ROOT, accepted, gate_folder, write_lines
 from tuneloop.core.config import load_config
 from tuneloop.core.mapping import required_fields
 from tuneloop.core.records import DatasetVersion
-from tuneloop.tasks.collect import make_source
-from tuneloop.tasks.ledger import Ledger, consume
-from tuneloop.tasks.quality import check_batch
+from tuneloop.lib.gate import check_batch
+from tuneloop.lib.ledger import Ledger, consume
+from tuneloop.lib.sources import make_source
 
 CANARY = "CANARY-7f3a9c-SECRET"  # recognisable content of files outside the landing folder
 
@@ -100,7 +100,7 @@ def test_a_record_nested_300_levels_deep_is_quarantined_and_the_rest_goes_on(tmp
 
 def test_a_file_that_vanishes_while_collect_hashes_it_is_quarantined_and_the_rest_goes_on(
         tmp_path, cfg, good_lines, monkeypatch):
-    import tuneloop.tasks.collect as collect_module
+    import tuneloop.lib.sources as collect_module
 
     landing = tmp_path / "landing"
     write_lines(landing / "a.jsonl", good_lines[:20])

@@ -2,7 +2,7 @@
 
 import json
 
-from tuneloop.tasks.chatformat import example_errors, validate_chat_file
+from tuneloop.lib.chatformat import example_errors, validate_chat_file
 
 OK = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 CALL = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{\"id\": 1}"}}
@@ -84,7 +84,7 @@ def test_file_level_codes_and_too_many_tokens_is_a_warning(tmp_path):
 def test_the_fast_path_never_passes_what_the_full_check_flags():
     """example_errors answers [] early for the common shape (tasks/chatformat.py _plain); every variation
     of that shape must still get the full check's codes."""
-    from tuneloop.tasks import chatformat
+    from tuneloop.lib import chatformat
 
     good = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     variants = [good, good[1:], [{"role": "developer", "content": "d"}, *good[1:]]]

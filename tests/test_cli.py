@@ -127,7 +127,7 @@ def test_estimate_prints_tokens_epochs_cost_and_refuses_over_budget(tmp_path):
 def test_export_command_writes_the_newest_version_and_says_when_there_is_none(tmp_path):
     from conftest import DEMO, DEMO_CONFIG, gate_folder
     from tuneloop.core.config import load_config
-    from tuneloop.tasks.ledger import Ledger, commit_ledger
+    from tuneloop.lib.ledger import Ledger, commit_ledger
     from tuneloop.tasks.snapshot import write_snapshot
 
     home = tmp_path / "home"

@@ -13,15 +13,10 @@ import pytest
 from conftest import DEMO, DEMO_CONFIG, gate_folder, write_lines
 from tuneloop.core.config import FolderSource, SqlSource, load_config
 from tuneloop.core.records import DatasetVersion, TuneloopError
-from tuneloop.tasks.collect import (
-    LandingFolder,
-    SqlTable,
-    describe,
-    look_back_from,
-    read_chunks,
-    redacted_url,
-)
-from tuneloop.tasks.ledger import Ledger, commit_ledger, consume, load_ledger
+from tuneloop.core.scrub import redacted_url
+from tuneloop.lib.ledger import Ledger, commit_ledger, consume, load_ledger
+from tuneloop.lib.sources import LandingFolder, SqlTable, look_back_from, read_chunks
+from tuneloop.tasks.collect import describe
 
 REQUIRED = ["text"]
 
@@ -380,7 +375,7 @@ def test_look_back_bounds_round_down_in_the_watermarks_own_type():
 
 
 def test_sql_look_back_counts_reconcile_through_the_quality_gate(tmp_path):
-    from tuneloop.tasks.quality import check_batch
+    from tuneloop.lib.gate import check_batch
 
     tickets = [json.loads(line) for line in (DEMO / "tickets.jsonl").read_text().splitlines()[:40]]
     tickets.sort(key=lambda t: t["created_at"])

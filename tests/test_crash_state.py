@@ -15,9 +15,10 @@ from faults import run_cli, run_cli_killed_at
 from conftest import DEMO, DEMO_CONFIG, ROOT, gate_folder, write_lines
 from tuneloop.core.config import load_config
 from tuneloop.core.records import TuneloopError
+from tuneloop.lib.datasets import SnapshotDamaged, load_snapshot, read_snapshot
+from tuneloop.lib.heldout import HeldOutExample, read_heldout
 from tuneloop.tasks.export import export_chat_jsonl
-from tuneloop.tasks.heldout import HeldOutExample, read_heldout
-from tuneloop.tasks.snapshot import SnapshotDamaged, load_snapshot, read_snapshot, write_snapshot
+from tuneloop.tasks.snapshot import write_snapshot
 
 
 def _batch(tmp_path, name, rows):

@@ -16,8 +16,8 @@ from faults import run_cli, run_cli_killed_at
 
 from conftest import DEMO, DEMO_CONFIG, demo_export
 from tuneloop.core.config import load_config
-from tuneloop.tasks.answerers import GenerationCache
-from tuneloop.tasks.heldout import HeldOutExample
+from tuneloop.lib.answerers import GenerationCache
+from tuneloop.lib.heldout import HeldOutExample
 
 
 def examples(n: int, start: int = 0, size: int = 40) -> list[HeldOutExample]:

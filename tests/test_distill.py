@@ -155,7 +155,7 @@ def test_a_teacher_answer_without_a_label_is_quarantined_with_the_reason_and_no_
 
 def test_migrate_means_local_backend_champion_teacher_and_a_tie_promotes():
     from tuneloop.core.records import EvalReport, ModelScore
-    from tuneloop.tasks.promotion import decide_promotion
+    from tuneloop.lib.promotion import decide_promotion
 
     cfg = load_config(DEMO_CONFIG, ["train.backend=openai"])
     moved = migration_config(cfg)

@@ -47,7 +47,7 @@ def registry(tmp_path_factory):
     from tuneloop.core.config import TinyBaseConfig
     from tuneloop.core.models import load_causal_lm, load_tokenizer
     from tuneloop.core.serving import save_champion_model
-    from tuneloop.tasks.base_model import build_tiny_model
+    from tuneloop.lib.base_model import build_tiny_model
 
     root = tmp_path_factory.mktemp("endpoint")
     corpus = root / "corpus.jsonl"

@@ -5,9 +5,10 @@ import pytest
 
 from conftest import DEMO, DEMO_CONFIG, accepted, gate_folder
 from tuneloop.core.config import ExportConfig, load_config
+from tuneloop.lib.datasets import read_snapshot, version_of
+from tuneloop.lib.heldout import read_heldout
 from tuneloop.tasks.export import export_chat_jsonl
-from tuneloop.tasks.heldout import read_heldout
-from tuneloop.tasks.snapshot import read_snapshot, version_of, write_snapshot
+from tuneloop.tasks.snapshot import write_snapshot
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +66,8 @@ def test_split_is_deterministic_and_follows_the_seed(checked, tmp_path):
 
 def test_manifest_has_token_stats_and_a_paid_plan_gets_a_cost_estimate(checked, tmp_path):
     from tuneloop.core.config import OpenAITrainConfig
+    from tuneloop.lib.tokens import openai_counter
     from tuneloop.tasks.export import TokenPlan, token_plan
-    from tuneloop.tasks.tokens import openai_counter
 
     cfg = load_config(DEMO_CONFIG)
     dataset = write_snapshot(checked, tmp_path / "datasets")
@@ -181,9 +182,9 @@ def test_counted_on_a_second_thread_each_example_keeps_its_own_count_after_held_
 
     import tuneloop.tasks.export as export_stage
     from tuneloop.core.config import OpenAITrainConfig
+    from tuneloop.lib.datasets import read_examples_in_chunks
+    from tuneloop.lib.tokens import QuicktokCounter, openai_counter
     from tuneloop.tasks.export import TokenPlan
-    from tuneloop.tasks.snapshot import read_examples_in_chunks
-    from tuneloop.tasks.tokens import QuicktokCounter, openai_counter
 
     cfg = load_config(DEMO_CONFIG)
     heldout = read_heldout(cfg.evaluate.holdout, cfg.mapping, None)
@@ -224,8 +225,8 @@ def test_an_example_the_counter_cannot_read_is_named_by_the_format_check_not_a_t
     reported by the format check, with its file and line."""
     from tuneloop.core.config import OpenAITrainConfig
     from tuneloop.core.records import DatasetVersion, TuneloopError
+    from tuneloop.lib.tokens import openai_counter
     from tuneloop.tasks.export import TokenPlan
-    from tuneloop.tasks.tokens import openai_counter
 
     good = [{"role": "user", "content": f"q{i}"} for i in range(3)]
     rows = [{"messages": [m, {"role": "assistant", "content": "a"}], "record_id": f"r{i}", "source": "in.jsonl",

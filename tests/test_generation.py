@@ -16,7 +16,7 @@ class Asked:
 def tiny(tmp_path_factory):
     from tuneloop.core.config import TinyBaseConfig
     from tuneloop.core.models import load_causal_lm, load_tokenizer
-    from tuneloop.tasks.base_model import build_tiny_model
+    from tuneloop.lib.base_model import build_tiny_model
 
     path = build_tiny_model(TinyBaseConfig(corpus=[DEMO / "tickets.jsonl"], hidden_size=32, num_layers=1, seed=3),
                             tmp_path_factory.mktemp("m") / "tiny")

@@ -15,14 +15,14 @@ from tuneloop.core.records import (
     TrainedModel,
     TuneloopError,
 )
-from tuneloop.tasks.heldout import HeldOutExample
+from tuneloop.lib.heldout import HeldOutExample
 
 LABEL_METRICS = ("accuracy", "macro_f1", "precision", "recall", "f1.", "unparsed")
 TEXT_METRICS = ("exact_match", "rouge_l", "bleu", "judge")
 
 
 def classification_report(tmp_path: Path) -> EvalReport:
-    from tuneloop.tasks.metrics import score
+    from tuneloop.lib.metrics import score
 
     examples = [HeldOutExample(record_id=str(i), prompt=[{"role": "user", "content": f"q{i}"}],
                                expected=f"queue: {lab}\nThanks, we are on it.", label=lab)
@@ -35,8 +35,8 @@ def classification_report(tmp_path: Path) -> EvalReport:
 
 
 def test_classification_reports_no_exact_match_or_bleu_of_answers_cut_at_the_label(tmp_path):
+    from tuneloop.lib.candidate_run import run_metrics
     from tuneloop.tasks.evaluate import comparison_markdown
-    from tuneloop.tasks.register import run_metrics
 
     report = classification_report(tmp_path)
     s = report.candidate
@@ -91,8 +91,8 @@ def test_a_generation_run_prints_logs_and_registers_generation_metrics_only(pref
     from tuneloop.app.report import print_retrain_summary
     from tuneloop.core.state import StateLayout
     from tuneloop.flows.retrain import retrain
+    from tuneloop.lib.registry import ModelRegistry
     from tuneloop.tasks.drift import check_drift
-    from tuneloop.tasks.register import promote_version
 
     landing = home / "landing"
     landing.mkdir(parents=True)
@@ -162,8 +162,8 @@ def test_a_generation_run_prints_logs_and_registers_generation_metrics_only(pref
     assert version["task"] == "generation" and "rouge_l" in version and "accuracy" not in version
 
     # the drift monitor watches the primary metric, ROUGE-L, on tickets that landed since
-    promote_version(uri, "replies", result.model_version.version, "test", "watch it")
+    ModelRegistry(uri, "replies").promote(result.model_version.version, "test", "watch it")
     (landing / "tickets-2.jsonl").write_text("".join(lines[200:212]))
-    drift = check_drift(config, home, uri, tmp_path / "drift")
+    drift = check_drift(config, StateLayout(home), ModelRegistry(uri, "replies"), tmp_path / "drift")
     assert drift.metric == "rouge_l" and drift.at_promotion == report.candidate.rouge_l
     assert drift.recent_value is not None and 0.0 <= drift.recent_value <= 1.0

@@ -103,7 +103,7 @@ def check(sample: Path, config: Path | None, tmp_path: Path, extra_env: dict | N
 
 def load_written(out: Path):
     from tuneloop.core.config import load_config
-    from tuneloop.tasks.gx import load_suite
+    from tuneloop.lib.gx import load_suite
 
     cfg = load_config(out / "tuneloop.yaml")
     suite, unique = load_suite(cfg.quality.suite, without="expect_column_values_to_be_unique")
@@ -153,7 +153,7 @@ def test_reviews_get_id_label_text_and_a_suite_for_their_columns_that_check_pass
     held = [json.loads(line) for line in (out / "holdout.jsonl").read_text().splitlines()]
     assert len(held) == 24 and {h["department"] for h in held} == set(DEPARTMENTS)
     assert all(h in reviews() for h in held)
-    from tuneloop.tasks.heldout import read_heldout
+    from tuneloop.lib.heldout import read_heldout
 
     assert [h.label for h in read_heldout(cfg.evaluate.holdout, m)] == [h["department"] for h in held]
 

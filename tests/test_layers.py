@@ -1,8 +1,10 @@
-"""Layers point down: core <- tasks <- flows <- app, and core never imports Prefect.
+"""Layers point down: core <- lib <- tasks <- flows <- app; core never imports Prefect; no stage imports
+another stage; and no module imports itself back through others (no import cycles).
 
 Every import statement of every module counts, the ones inside functions too (a lazy import is still a
 dependency). The package's folders come from pyproject's package-dir mapping, so a new part is checked
-as soon as it is installed. Run ``pytest tests/test_layers.py -v -s`` to see the import table.
+as soon as it is installed. A failure names each offending import as ``file:line: statement``. Run
+``pytest tests/test_layers.py -v -s`` to see the import table.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 
 from conftest import ROOT
 
-LAYERS = ["tuneloop.core", "tuneloop.tasks", "tuneloop.flows", "tuneloop.app"]  # bottom to top
+LAYERS = ["tuneloop.core", "tuneloop.lib", "tuneloop.tasks", "tuneloop.flows", "tuneloop.app"]  # bottom to top
+STAGES = "tuneloop.tasks"  # one module per stage: a stage composes support code (core, lib), never another stage
 FORBIDDEN_IN_CORE = ("prefect", "great_expectations")  # a service loading the champion needs neither
 
 
@@ -47,6 +50,77 @@ def imports_of(path: Path, module: str) -> set[str]:
     return found
 
 
+def import_statements(path: Path, module: str, known: set[str]) -> list[tuple[str, int, str]]:
+    """(imported module of the package, line, the statement as written): ``from tuneloop.lib import tokens``
+    names ``tuneloop.lib.tokens``, not only the package."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = module.rsplit(".", node.level)[0]
+                base = f"{parent}.{base}" if base else parent
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+        else:
+            continue
+        text = ast.unparse(node)
+        for target in dict.fromkeys(targets):
+            while target and target not in known and "." in target:  # import a.b.c -> module a.b
+                target = target.rsplit(".", 1)[0]
+            if target in known and target != module:
+                found.append((target, node.lineno, text))
+    return found
+
+
+def where(path: Path, line: int, text: str) -> str:
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+    return f"{shown}:{line}: {text}"
+
+
+def stage_to_stage_imports(modules: dict[str, Path]) -> list[str]:
+    found = []
+    for module, path in sorted(modules.items()):
+        if not module.startswith(STAGES + "."):
+            continue
+        for target, line, text in import_statements(path, module, set(modules)):
+            if target.startswith(STAGES + "."):
+                found.append(f"stage {module} imports stage {target}: {where(path, line, text)} "
+                             "(move what both need to tuneloop.lib or tuneloop.core; a flow composes stages)")
+    return found
+
+
+def import_cycles(modules: dict[str, Path]) -> list[str]:
+    """Each cycle once, as the chain of imports that closes it."""
+    known = set(modules)
+    edges = {m: {} for m in modules}
+    for module, path in modules.items():
+        for target, line, text in import_statements(path, module, known):
+            edges[module].setdefault(target, where(path, line, text))
+    cycles, seen, done = [], set(), set()
+
+    def visit(module: str, stack: list[str]) -> None:
+        seen.add(module)
+        stack.append(module)
+        for target in sorted(edges[module]):
+            if target in stack:
+                loop = stack[stack.index(target):] + [target]
+                key = frozenset(loop)
+                if key not in done:
+                    done.add(key)
+                    cycles.append("import cycle " + " -> ".join(loop) + ":\n" + "\n".join(
+                        f"    {edges[a][b]}" for a, b in zip(loop, loop[1:], strict=False)))
+            elif target not in seen:
+                visit(target, stack)
+        stack.pop()
+
+    for module in sorted(modules):
+        if module not in seen:
+            visit(module, [])
+    return cycles
+
+
 def layer_of(name: str) -> int | None:
     return next((i for i, layer in enumerate(LAYERS) if name == layer or name.startswith(layer + ".")), None)
 
@@ -68,7 +142,7 @@ def violations() -> list[str]:
 
 def test_every_module_of_the_package_is_in_a_layer():
     modules = package_modules()
-    assert len(modules) >= 48  # 46, then tasks.profile and app.init (tuneloop init)
+    assert len(modules) >= 60  # 48, then the lib layer's own modules (registry, datasets, gate, ...)
     entry_and_data = ("tuneloop", "tuneloop.__main__", "tuneloop.expectations", "tuneloop.deployments")
     outside = [m for m in modules if layer_of(m) is None and m not in entry_and_data]
     assert not outside, outside
@@ -98,3 +172,29 @@ def test_loading_the_serving_model_imports_no_prefect():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_no_stage_imports_another_stage():
+    found = stage_to_stage_imports(package_modules())
+    assert not found, "\n".join(found)
+
+
+def test_there_are_no_import_cycles():
+    found = import_cycles(package_modules())
+    assert not found, "\n".join(found)
+
+
+def test_a_stage_importing_a_stage_or_a_cycle_fails_with_the_offending_import(tmp_path):
+    """The new rules can fail, and say where: a stage that imports another stage, and the cycle it closes."""
+    probe, back = tmp_path / "probe.py", tmp_path / "probe_back.py"
+    probe.write_text('"""probe"""\n\n\ndef f():\n    from tuneloop.tasks.register import register_task\n')
+    back.write_text("from tuneloop.tasks import probe\n")
+    modules = {**package_modules(), "tuneloop.tasks.probe": probe, "tuneloop.tasks.probe_back": back}
+    assert stage_to_stage_imports(modules)[0].startswith(
+        "stage tuneloop.tasks.probe imports stage tuneloop.tasks.register: "
+        "probe.py:5: from tuneloop.tasks.register import register_task (move what both need")
+    probe.write_text("from tuneloop.tasks import probe_back\n")
+    assert import_cycles(modules) == [
+        "import cycle tuneloop.tasks.probe -> tuneloop.tasks.probe_back -> tuneloop.tasks.probe:\n"
+        "    probe.py:1: from tuneloop.tasks import probe_back\n"
+        "    probe_back.py:1: from tuneloop.tasks import probe"]

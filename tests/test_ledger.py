@@ -6,8 +6,8 @@ import json
 from conftest import DEMO_CONFIG
 from tuneloop.core.config import load_config
 from tuneloop.core.records import DatasetVersion
-from tuneloop.tasks.ledger import Ledger, Settings, mark_trained, plan_training, settings_changes
-from tuneloop.tasks.snapshot import version_of
+from tuneloop.lib.datasets import version_of
+from tuneloop.lib.ledger import Ledger, Settings, mark_trained, plan_training, settings_changes
 
 S1 = Settings(hash="s1", values={"train.local.epochs": "2.0", "train.local.learning_rate": "0.003"})
 S2 = Settings(hash="s2", values={"train.local.epochs": "3.0", "train.local.learning_rate": "0.003"})

@@ -36,7 +36,7 @@ def test_an_openai_champion_is_migrated_to_a_local_model_that_answers_without_a_
 
     from tuneloop.core.config import load_config
     from tuneloop.flows.retrain import retrain
-    from tuneloop.tasks.register import rollback_champion
+    from tuneloop.lib.registry import ModelRegistry
 
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     tickets = []
@@ -59,9 +59,8 @@ def test_an_openai_champion_is_migrated_to_a_local_model_that_answers_without_a_
             "train.local.max_steps=40"]
         first = retrain(load_config(DEMO_CONFIG, ["train.backend=openai", *overrides]))
         assert first.model_version.version == "1" and first.report.candidate.accuracy == 0.0
-        from tuneloop.tasks.register import promote_version
 
-        promote_version(uri, first.model_version.name, "1", "test", "the API fine-tune in production")
+        ModelRegistry(uri, first.model_version.name).promote("1", "test", "the API fine-tune in production")
         api_champion_accuracy = 0.0
 
         # new tickets arrive without queue or answer: the API model used to write them
@@ -124,7 +123,7 @@ def test_an_openai_champion_is_migrated_to_a_local_model_that_answers_without_a_
             raw = app.chat.completions.with_raw_response.create(model=mv.name, messages=question)
             assert raw.headers["x-tuneloop-model-version"] == "2" and raw.parse().choices[0].message.content == answer[0]
             assert len(fake.requests) == n  # answered here
-            rollback_champion(uri, mv.name, "test", "compare with the API model")
+            ModelRegistry(uri, mv.name).rollback("test", "compare with the API model")
             deadline = time.monotonic() + 60
             while raw.headers["x-tuneloop-model-version"] != "1" and time.monotonic() < deadline:
                 time.sleep(0.3)

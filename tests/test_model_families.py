@@ -208,7 +208,7 @@ def test_the_export_counts_the_tokens_the_trainer_sees(trained, export, tmp_path
     """ChatTemplateCounter (the export's token stats) renders with the base template; the trainer with TRL's
     training variant: they must tokenize every example to the same length."""
     from tuneloop.core.models import load_tokenizer
-    from tuneloop.tasks.tokens import ChatTemplateCounter
+    from tuneloop.lib.tokens import ChatTemplateCounter
     from tuneloop.tasks.train_local import build_trainer
 
     family, base, _ = trained
@@ -221,9 +221,9 @@ def test_the_trained_model_stops_at_the_end_of_turn_token(trained):
     """Evaluation's answers (tasks/answerers.py, core/generation.py): the fine-tuned model writes the label,
     then the end-of-turn token, and generation stops there although the base's generation config names only
     its end-of-sequence token."""
-    import tuneloop.tasks.answerers as answerers
+    import tuneloop.lib.answerers as answerers
     from tuneloop.core.config import EvaluateConfig
-    from tuneloop.tasks.heldout import HeldOutExample
+    from tuneloop.lib.heldout import HeldOutExample
 
     family, _, result = trained
     losses = [loss for _, loss in result.loss_history]
@@ -291,7 +291,7 @@ def test_a_template_trl_cannot_patch_is_refused_before_the_model_loads(tmp_path,
     trains. Gemma 1/2's template rejects the system message: refused too, saying so."""
     import tuneloop.tasks.train_local as train_local
     from tuneloop.core.models import load_tokenizer
-    from tuneloop.tasks.tokens import ChatTemplateCounter
+    from tuneloop.lib.tokens import ChatTemplateCounter
 
     llama = FAMILIES[1]
     base = build_family_model(llama, tmp_path / "llama32")

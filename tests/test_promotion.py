@@ -4,8 +4,8 @@ import pytest
 
 from tuneloop.core.config import EvaluateConfig, RegisterConfig
 from tuneloop.core.records import EvalReport, ModelScore, TuneloopError
-from tuneloop.tasks.promotion import decide_promotion
-from tuneloop.tasks.register import flatten
+from tuneloop.lib.candidate_run import flatten
+from tuneloop.lib.promotion import decide_promotion
 
 
 def decide(r: EvalReport, min_improvement: float = 0.0, primary: str = "accuracy",
@@ -64,8 +64,8 @@ def test_a_champion_the_evaluation_did_not_score_is_refused_not_compared_with_th
 
 
 def test_scores_per_class_and_macro_f1_and_the_confusion_png(tmp_path):
-    from tuneloop.tasks.heldout import HeldOutExample
-    from tuneloop.tasks.metrics import confusion_png, score
+    from tuneloop.lib.heldout import HeldOutExample
+    from tuneloop.lib.metrics import confusion_png, score
 
     examples = [HeldOutExample(record_id=str(i), prompt=[], expected="", label=lab)
                 for i, lab in enumerate(["a", "a", "b", "b"])]
@@ -124,8 +124,8 @@ def test_promote_rollback_and_models_on_a_real_registry(tmp_path):
 
 
 def test_generation_metrics_exact_match_rouge_l_and_bleu():
-    from tuneloop.tasks.heldout import HeldOutExample
-    from tuneloop.tasks.metrics import score
+    from tuneloop.lib.heldout import HeldOutExample
+    from tuneloop.lib.metrics import score
 
     examples = [HeldOutExample(record_id=str(i), prompt=[{"role": "user", "content": f"q{i}"}], expected=exp, label=None)
                 for i, exp in enumerate(["reset your password from the login page", "we refunded the invoice"])]
@@ -141,8 +141,8 @@ def test_the_llm_judge_grades_through_an_openai_compatible_endpoint(monkeypatch)
     from fake_openai import FakeOpenAI
 
     from tuneloop.core.config import JudgeConfig
-    from tuneloop.tasks.answerers import judge_grade
-    from tuneloop.tasks.heldout import HeldOutExample
+    from tuneloop.lib.answerers import judge_grade
+    from tuneloop.lib.heldout import HeldOutExample
 
     monkeypatch.setenv("JUDGE_KEY", "sk-judge-0123456789")
     seen = []

@@ -102,7 +102,7 @@ def test_every_expectation_of_the_suites_is_its_own_outcome_with_a_unique_metric
 def test_expectation_keys_name_repeats_from_the_meta_else_by_position_and_stay_put():
     from types import SimpleNamespace as Config
 
-    from tuneloop.tasks.gx import expectation_keys
+    from tuneloop.lib.gx import expectation_keys
 
     def config(type_, column=None, **meta):
         return Config(type=type_, kwargs={"column": column} if column else {}, meta=meta or None)
@@ -219,7 +219,7 @@ def test_an_ip_address_in_a_ticket_is_neither_redacted_nor_quarantined_as_a_phon
 
 def test_a_heldout_record_and_its_training_twin_map_to_the_same_example_and_hash(tmp_path):
     """One mapping for both paths: stripped fields, PII redacted, the same content hash, so the overlap is found."""
-    from tuneloop.tasks.heldout import read_heldout
+    from tuneloop.lib.heldout import read_heldout
 
     cfg = load_config(DEMO_CONFIG)
     record = {"ticket_id": "T-1", "subject": "  Invoice question ", "queue": "billing",
@@ -236,7 +236,7 @@ def test_a_heldout_record_and_its_training_twin_map_to_the_same_example_and_hash
 
 
 def test_a_heldout_record_missing_a_mapped_field_names_the_file_line_and_field(tmp_path):
-    from tuneloop.tasks.heldout import read_heldout
+    from tuneloop.lib.heldout import read_heldout
 
     cfg = load_config(DEMO_CONFIG)
     path = write_lines(tmp_path / "holdout.jsonl", [
@@ -248,7 +248,7 @@ def test_a_heldout_record_missing_a_mapped_field_names_the_file_line_and_field(t
 
 def test_a_heldout_row_without_the_label_field_is_read_for_generation(tmp_path):
     """The label is checked by evaluate where the task needs it, not demanded of every held-out row."""
-    from tuneloop.tasks.heldout import read_heldout
+    from tuneloop.lib.heldout import read_heldout
 
     cfg = load_config(DEMO_CONFIG, ["mapping.label=channel", "evaluate.task=generation"])
     path = write_lines(tmp_path / "holdout.jsonl", [
@@ -292,7 +292,7 @@ def test_two_processes_and_shared_chunks_gate_exactly_what_one_process_gates(tmp
 def test_when_the_two_readers_see_different_files_the_gate_stops_and_loses_nothing(tmp_path, monkeypatch):
     """The child re-reads the chunk the parent prepared and checks its fingerprint: a file changed in between
     (here: the parent's read is made to miss a record) stops the gate with a clear error."""
-    import tuneloop.tasks.collect as collect
+    import tuneloop.lib.sources as collect
 
     lines = (DEMO / "tickets.jsonl").read_text(encoding="utf-8").splitlines()
     landing = tmp_path / "landing"

@@ -13,6 +13,7 @@ import yaml
 
 from conftest import DEMO_CONFIG, ROOT
 from tuneloop.core.config import RetirementConfig, load_config
+from tuneloop.core.lineage import Lineage
 from tuneloop.core.records import TuneloopError
 from tuneloop.core.retirement import (
     base_of,
@@ -61,11 +62,11 @@ def test_the_provider_picks_the_table_and_unknown_models_or_providers_have_no_da
     assert retirement_of("ft:gpt-3.5-turbo-0125:acme::x", "openai", config) is None  # not in the table
     assert retirement_of(FINE_TUNE, "compatible", config) is None  # a self-hosted endpoint: no table
     assert retirement_of(None, "openai", config) is None
-    local = {"backend": "local", "base_model": "gpt-4o-mini-2024-07-18"}
+    local = Lineage.from_tags({"backend": "local", "base_model": "gpt-4o-mini-2024-07-18"})
     assert version_retirement(local, config, "openai") is None  # an adapter here never retires
-    tagged = {"backend": "openai", "fine_tuned_model": FINE_TUNE, "openai_provider": "azure"}
+    tagged = Lineage.from_tags({"backend": "openai", "fine_tuned_model": FINE_TUNE, "openai_provider": "azure"})
     assert version_retirement(tagged, config, "openai").on == date(2027, 10, 14)  # the version's own provider wins
-    untagged = {"backend": "openai", "base_model": "gpt-4o-2024-08-06"}
+    untagged = Lineage.from_tags({"backend": "openai", "base_model": "gpt-4o-2024-08-06"})
     assert version_retirement(untagged, config, "azure").provider == "azure"  # else the config's
 
 
@@ -151,12 +152,15 @@ def test_tuneloop_models_shows_when_the_api_champion_stops_answering(home, tmp_p
 def test_the_drift_report_carries_the_champions_retirement_to_markdown_and_mlflow(home, tmp_path):
     from mlflow import MlflowClient
 
+    from tuneloop.core.state import StateLayout
+    from tuneloop.lib.registry import ModelRegistry
     from tuneloop.tasks.drift import check_drift, drift_markdown, log_drift
 
     uri = api_champion_registry(tmp_path, provider="azure")
     (home / "landing").mkdir(parents=True)
     config = load_config(DEMO_CONFIG, [f"register.tracking_uri={uri}"])
-    report = check_drift(config, home, uri, tmp_path / "work", today=date(2027, 9, 14))
+    registry = ModelRegistry(uri, config.registry.model_name)
+    report = check_drift(config, StateLayout(home), registry, tmp_path / "work", today=date(2027, 9, 14))
     assert report.note.endswith("no verdict")  # nothing new to score: the retirement is reported anyway
     assert (report.champion_model, report.champion_provider, report.retires_on, report.retirement_days_left) == (
         FINE_TUNE, "azure", date(2027, 10, 14), 30)
@@ -164,9 +168,9 @@ def test_the_drift_report_carries_the_champions_retirement_to_markdown_and_mlflo
     text = drift_markdown(report)
     assert f"**Retirement**: {report.retirement_warning}" in text
     assert f"| champion stops answering | 2027-10-14 (in 30 days; {FINE_TUNE} at azure) |" in text
-    run = MlflowClient(uri).get_run(log_drift(report, config, uri, tmp_path / "artifacts"))
+    run = MlflowClient(uri).get_run(log_drift(report, config, registry, tmp_path / "artifacts"))
     assert run.data.metrics["retirement_days_left"] == 30 and run.data.tags["champion_retires_on"] == "2027-10-14"
-    early = check_drift(config, home, uri, tmp_path / "work", today=date(2027, 1, 1))
+    early = check_drift(config, StateLayout(home), registry, tmp_path / "work", today=date(2027, 1, 1))
     assert early.retirement_days_left == 286 and early.retirement_warning == ""  # months away: no warning
 
 

@@ -200,8 +200,8 @@ def test_an_unchanged_export_is_not_recomputed(prefect_harness, tmp_path):
     from prefect import flow
 
     from tuneloop.core.records import DatasetVersion
+    from tuneloop.lib.datasets import version_of
     from tuneloop.tasks.export import export_task
-    from tuneloop.tasks.snapshot import version_of
 
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}],
              "record_id": str(i), "source": "in.jsonl", "line": i + 1, "content_hash": f"{i:064x}"} for i in range(12)]

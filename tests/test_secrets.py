@@ -310,8 +310,8 @@ def test_postgres_driver_is_an_optional_extra():
 def test_a_missing_driver_is_one_preflight_line_naming_the_extra(tmp_path, monkeypatch):
     from tuneloop.core.config import load_config
     from tuneloop.core.records import TuneloopError
-    from tuneloop.tasks.collect import SqlTable
-    from tuneloop.tasks.ledger import Ledger
+    from tuneloop.lib.ledger import Ledger
+    from tuneloop.lib.sources import SqlTable
     from tuneloop.tasks.preflight import preflight
 
     monkeypatch.setitem(sys.modules, "psycopg", None)  # as when it is not installed, whatever this venv holds

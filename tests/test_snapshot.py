@@ -2,7 +2,8 @@ import json
 
 from conftest import DEMO, DEMO_CONFIG, gate_folder, write_lines
 from tuneloop.core.config import load_config
-from tuneloop.tasks.snapshot import load_snapshot, read_snapshot, write_snapshot
+from tuneloop.lib.datasets import load_snapshot, read_snapshot
+from tuneloop.tasks.snapshot import write_snapshot
 
 
 def batch(tmp_path, name, rows):

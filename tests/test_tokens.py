@@ -11,8 +11,8 @@ import pytest
 from conftest import DEMO_CONFIG, ROOT
 from tuneloop.core.config import OpenAITrainConfig, load_config
 from tuneloop.core.records import TuneloopError
-from tuneloop.tasks import tokens
-from tuneloop.tasks.tokens import (
+from tuneloop.lib import tokens
+from tuneloop.lib.tokens import (
     ChatTemplateCounter,
     QuicktokCounter,
     TiktokenCounter,
@@ -196,7 +196,7 @@ def test_weight_is_not_text_and_tool_calls_count_as_json(encoding):
 
 def test_chat_template_counter_counts_what_the_trainer_sees(tmp_path):
     from tuneloop.core.models import load_tokenizer
-    from tuneloop.tasks.base_model import resolve_base_model
+    from tuneloop.lib.base_model import resolve_base_model
 
     cfg = load_config(DEMO_CONFIG)
     tok = load_tokenizer(resolve_base_model(cfg.train, tmp_path))

@@ -15,7 +15,10 @@ import pytest
 from conftest import DEMO_CONFIG, ROOT
 from tuneloop.core.config import load_config
 from tuneloop.core.records import EvalReport, ExportedDataset, ModelScore, TrainedModel
-from tuneloop.tasks.register import find_champion, register_candidate
+from tuneloop.core.state import StateLayout
+from tuneloop.lib.registry import ModelRegistry
+from tuneloop.lib.run_context import RunContext
+from tuneloop.tasks.register import register_candidate
 
 pytestmark = pytest.mark.slow
 
@@ -73,23 +76,27 @@ def records(tmp_path: Path, accuracy: float):
     return exported, trained, score
 
 
+def context(tmp_path: Path, url: str, cfg, flow_run_id: str) -> RunContext:
+    return RunContext(StateLayout(tmp_path / "home"), tmp_path, flow_run_id, ModelRegistry(url, cfg.registry.model_name))
+
+
 def test_register_promote_and_fetch_the_champion_through_a_tracking_server(mlflow_server, tmp_path):
     url, stored = mlflow_server
     cfg = load_config(DEMO_CONFIG, [f"register.tracking_uri={url}"])
     exported, trained, score = records(tmp_path, 0.8)
     report = EvalReport(n_examples=10, base=score(0.1), candidate=score(0.8),
                         predictions_path=exported.directory.parent / "predictions.jsonl")
-    first = register_candidate(cfg, None, exported, trained, report, url, None, "flow-1")
+    first = register_candidate(context(tmp_path, url, cfg, "flow-1"), cfg, None, exported, trained, report)
     assert first.decision.promoted and first.aliases == ["champion", "challenger"]
 
-    champion = find_champion(cfg.registry, url, tmp_path / "fetched")  # downloaded through the server
+    champion = ModelRegistry(url, cfg.registry.model_name).download_champion(tmp_path / "fetched")  # downloaded through the server
     assert champion.version == "1" and json.loads((champion.adapter_path / "adapter_config.json").read_text())["acc"] == 0.8
     assert any(stored.rglob("adapter_config.json"))  # the server stored the artifacts, not this process
 
     exported2, trained2, _ = records(tmp_path, 0.7)
     worse = EvalReport(n_examples=10, base=score(0.1), candidate=score(0.7), champion=score(0.8), champion_version="1",
                        predictions_path=exported2.directory.parent / "predictions.jsonl")
-    second = register_candidate(cfg, None, exported2, trained2, worse, url, None, "flow-2")
+    second = register_candidate(context(tmp_path, url, cfg, "flow-2"), cfg, None, exported2, trained2, worse)
     assert not second.decision.promoted and second.version == "2"
 
     env = {**os.environ, "TUNELOOP_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": url}  # from the environment

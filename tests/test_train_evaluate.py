@@ -8,7 +8,7 @@ from conftest import DEMO, DEMO_CONFIG, demo_export
 from tuneloop.core.config import load_config
 from tuneloop.core.models import load_causal_lm
 from tuneloop.core.records import TuneloopError
-from tuneloop.tasks.base_model import resolve_base_model
+from tuneloop.lib.base_model import resolve_base_model
 from tuneloop.tasks.evaluate import evaluate_models
 from tuneloop.tasks.train_local import train_lora
 
@@ -51,7 +51,7 @@ def test_answers_are_long_enough_for_every_label_the_references_write(workspace)
     import re
 
     from tuneloop.core.models import load_tokenizer
-    from tuneloop.tasks.metrics import answer_budget
+    from tuneloop.lib.metrics import answer_budget
 
     root, cfg, exported, heldout = workspace
     cfg.train.local.max_steps = 0
@@ -94,7 +94,7 @@ def test_a_base_model_that_cannot_be_loaded_offline_says_what_to_do(monkeypatch)
 
 
 def test_a_champion_scored_before_is_not_generated_again_and_errors_are_listed(workspace, monkeypatch):
-    import tuneloop.tasks.answerers as answerers
+    import tuneloop.lib.answerers as answerers
     from tuneloop.core.records import Champion
 
     root, cfg, exported, heldout = workspace
@@ -124,8 +124,8 @@ def test_a_champion_scored_before_is_not_generated_again_and_errors_are_listed(w
 def test_a_golden_set_is_evaluated_and_kept_out_of_training(tmp_path):
     from tuneloop.core.mapping import content_hash
     from tuneloop.core.records import ChatExample
+    from tuneloop.lib.heldout import read_evaluation_set
     from tuneloop.tasks.export import remove_heldout
-    from tuneloop.tasks.heldout import read_evaluation_set
 
     golden = tmp_path / "golden.jsonl"
     rows = [json.loads(line) for line in (DEMO / "tickets.jsonl").read_text().splitlines()[:3]]

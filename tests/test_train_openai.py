@@ -196,9 +196,9 @@ def test_the_whole_flow_on_the_openai_backend_and_the_key_is_nowhere(prefect_har
             "openai/step_metrics.csv", "openai/checkpoints.json", "openai/openai_job.json"}
 
         # the champion is an API model: next time it is re-scored through chat.completions
-        from tuneloop.tasks.register import find_champion
+        from tuneloop.lib.registry import ModelRegistry
 
-        champ = find_champion(cfg.registry, uri, tmp_path / "champ")
+        champ = ModelRegistry(uri, cfg.registry.model_name).download_champion(tmp_path / "champ")
         assert champ.backend == "openai" and champ.fine_tuned_model == version.tags["fine_tuned_model"]
         import mlflow.pyfunc
 

@@ -175,8 +175,9 @@ def check(
     from tuneloop.core.mapping import required_fields
     from tuneloop.core.records import LandingFile, RawBatch
     from tuneloop.core.state import sha256_file
-    from tuneloop.tasks.collect import FORMATS, check_columns
-    from tuneloop.tasks.quality import QualityGateFailed, check_batch, enforce_gate
+    from tuneloop.lib.gate import check_batch
+    from tuneloop.lib.sources import FORMATS, check_columns
+    from tuneloop.tasks.quality import QualityGateFailed, enforce_gate
 
     if not path.is_file():
         fail(f"{path}: no such file", 2)
@@ -208,7 +209,7 @@ def check(
 
 def _check_chat(path: Path, cfg, state, as_json: bool) -> None:
     from tuneloop.app.report import print_chat_report
-    from tuneloop.tasks.chatformat import validate_chat_file
+    from tuneloop.lib.chatformat import validate_chat_file
     from tuneloop.tasks.export import token_plan
 
     if not path.is_file():
@@ -252,7 +253,7 @@ def init(
     """Write a starting pipeline for your own data: a config, a quality suite for its columns and a held-out
     file, with the id, label and text fields proposed from a sample. Exit 2: unusable sample or arguments."""
     from tuneloop.app.init import init_project, summary_lines
-    from tuneloop.tasks.profile import Choices
+    from tuneloop.app.profile import Choices
 
     if task not in (None, "classification", "generation"):
         fail(f"--task {task}: expected classification or generation", 2)
@@ -275,10 +276,10 @@ def export(config: ConfigOption = None, set_: SetOption = None) -> None:
 
     try:
         cfg = load_config(config, set_ or [])
+        from tuneloop.lib.datasets import load_snapshot
+        from tuneloop.lib.heldout import read_evaluation_set
+        from tuneloop.lib.ledger import load_ledger
         from tuneloop.tasks.export import export_chat_jsonl, manifest_summary, token_plan
-        from tuneloop.tasks.heldout import read_evaluation_set
-        from tuneloop.tasks.ledger import load_ledger
-        from tuneloop.tasks.snapshot import load_snapshot
 
         ledger = load_ledger(state.ledger)
         if not ledger.dataset_version:
@@ -319,8 +320,8 @@ def estimate(
     if epochs is not None and epochs != "auto" and not epochs.isdigit():
         fail(f"--epochs {epochs}: expected a whole number or auto", 2)
     from tuneloop.app.report import print_estimate
-    from tuneloop.tasks.chatformat import validate_chat_file
-    from tuneloop.tasks.tokens import enforce_budget, estimate_cost, openai_counter
+    from tuneloop.lib.chatformat import validate_chat_file
+    from tuneloop.lib.tokens import enforce_budget, estimate_cost, openai_counter
 
     name = model or cfg.train.openai.model
     try:
@@ -385,15 +386,16 @@ def models(config: ConfigOption = None, set_: SetOption = None,
     cfg, uri = _registry_config(config, set_)
     name = cfg.registry.model_name
     from tuneloop.core.retirement import champion_warning, today_utc, version_retirement, within_warning
-    from tuneloop.tasks.register import list_versions
+    from tuneloop.lib.registry import ModelRegistry
 
     try:
-        rows = list_versions(uri, name)
+        versions = ModelRegistry(uri, name).versions()
     except TuneloopError as exc:
         fail(str(exc), 1)
-    today, warning = today_utc(), None
-    for r in rows:
-        found = version_retirement(r, cfg.retirement, cfg.train.openai.provider)
+    today, warning, rows = today_utc(), None, []
+    for v in versions:
+        rows.append(r := v.row())
+        found = version_retirement(v.lineage, cfg.retirement, cfg.train.openai.provider)
         r["retirement"] = found.as_dict(today) if found else None
         if "champion" in r["aliases"] and within_warning(found, cfg.retirement, today):
             warning = champion_warning(r["version"], found, cfg.retirement, today)
@@ -436,10 +438,10 @@ def promote(version: Annotated[str, typer.Argument(help="the model version to ma
     train.openai.azure_deployments: the champion's deployment is re-pointed to it first."""
     cfg, uri = _registry_config(config, set_)
     name = cfg.registry.model_name
-    from tuneloop.tasks.register import promote_version
+    from tuneloop.lib.registry import ModelRegistry
 
     try:
-        previous = promote_version(uri, name, version, _who(), reason, cfg.train.openai)
+        previous = ModelRegistry(uri, name).promote(version, _who(), reason, cfg.train.openai)
     except TuneloopError as exc:
         fail(str(exc), 1)
     print(f"{name}: champion is now version {version}" + (f" (was {previous})" if previous else ""))
@@ -452,10 +454,10 @@ def rollback(reason: Annotated[str, typer.Option(help="why, recorded on both ver
     train.openai.azure_deployments: the champion's deployment is re-pointed to it first)."""
     cfg, uri = _registry_config(config, set_)
     name = cfg.registry.model_name
-    from tuneloop.tasks.register import rollback_champion
+    from tuneloop.lib.registry import ModelRegistry
 
     try:
-        current, previous = rollback_champion(uri, name, _who(), reason, cfg.train.openai)
+        current, previous = ModelRegistry(uri, name).rollback(_who(), reason, cfg.train.openai)
     except TuneloopError as exc:
         fail(str(exc), 1)
     print(f"{name}: champion rolled back from version {current} to version {previous}")

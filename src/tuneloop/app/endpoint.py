@@ -66,10 +66,11 @@ class AliasFollower:
     """Keeps the version at ``name@alias`` loaded: ``check`` asks the registry and swaps when the alias moved."""
 
     def __init__(self, tracking_uri: str, name: str, alias: str, workdir: Path):
-        from mlflow import MlflowClient
+        from tuneloop.lib.registry import ModelRegistry
 
         self.tracking_uri, self.name, self.alias, self.workdir = tracking_uri, name, alias, workdir
-        self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        self.registry = ModelRegistry(tracking_uri, name, registry_uri=tracking_uri)
+        self.client = self.registry.client
         self.current: ServedVersion | None = None
         self._reported: tuple[str, str] | None = None  # the last failure logged: not repeated every poll
 

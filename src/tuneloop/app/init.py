@@ -23,8 +23,7 @@ from pathlib import Path
 
 import orjson
 
-from tuneloop.core.records import TuneloopError
-from tuneloop.tasks.profile import (
+from tuneloop.app.profile import (
     Choices,
     HoldoutSplit,
     Proposal,
@@ -42,6 +41,7 @@ from tuneloop.tasks.profile import (
     templates_for,
     timestamp_text,
 )
+from tuneloop.core.records import TuneloopError
 
 CONFIG_NAME = "tuneloop.yaml"
 SUITE_PATH = "expectations/records.json"

@@ -13,11 +13,14 @@ import logging
 import signal
 from types import TracebackType
 
-# the stages as the retrain flow runs them (tasks/<module>.py); the others are helpers called inside one
-_STAGES = {"collect": "collect", "quality": "quality", "gx": "quality", "snapshot": "snapshot", "export": "export",
-           "tokens": "export", "train_local": "train", "train_openai": "train", "train_pool": "train",
-           "base_model": "train", "evaluate": "evaluate", "answerers": "evaluate", "register": "register",
-           "drift": "drift", "ledger": "ledger commit"}
+# the stages as the retrain flow runs them (tasks/<module>.py), and the support modules (lib/<module>.py) whose
+# work is a stage's even when a flow calls them directly (the ledger's commit) or another stage does
+_STAGES = {"collect": "collect", "quality": "quality", "snapshot": "snapshot", "export": "export",
+           "train_local": "train", "train_openai": "train", "train_pool": "train", "evaluate": "evaluate",
+           "register": "register", "drift": "drift", "distill": "distill", "preflight": "preflight"}
+_LIB_STAGES = {"sources": "collect", "gate": "quality", "gx": "quality", "tokens": "export", "base_model": "train",
+               "checkpoints": "train", "lora": "train", "torchrun": "train", "answerers": "evaluate",
+               "registry": "register", "candidate_run": "register", "ledger": "ledger commit"}
 
 
 class Terminated(KeyboardInterrupt):
@@ -53,14 +56,18 @@ def _frames(tb: TracebackType | None):
 
 
 def stage_of(exc: BaseException) -> str | None:
-    """The stage the program was in when the signal arrived: the innermost tuneloop.tasks module on the stack;
+    """The stage the program was in when the signal arrived: the innermost stage module (or support module
+    that belongs to one) on the stack;
     "flow" inside a flow between stages; None before any flow started."""
     in_flow = False
     for link in _chain(exc):
         modules = [frame.f_globals.get("__name__", "") for frame in _frames(link.__traceback__)]
-        stages = [m.rsplit(".", 1)[1] for m in modules if m.startswith("tuneloop.tasks.")]
+        stages = [_STAGES.get(name, name) if layer == "tasks" else _LIB_STAGES[name]
+                  for layer, name in (m.split(".")[1:3] for m in modules if m.startswith(("tuneloop.tasks.",
+                                                                                           "tuneloop.lib.")))
+                  if layer == "tasks" or name in _LIB_STAGES]
         if stages:
-            return _STAGES.get(stages[-1], stages[-1])
+            return stages[-1]
         in_flow = in_flow or any(m.startswith("tuneloop.flows.") for m in modules)
     return "flow" if in_flow else None
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from tuneloop.tasks.register import PROMOTED_EVENT
+from tuneloop.lib.registry import PROMOTED_EVENT
 
 BLOCK_NAME = "tuneloop-notify"
 URL_SECRET = "webhook_url"  # the key of the webhook URL in the block's secrets

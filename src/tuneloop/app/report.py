@@ -33,7 +33,7 @@ def _styled(*parts: str | tuple[str, str]):
 
 def ui_commands(state: StateLayout, mv: ModelVersion) -> list[tuple[str, str]]:
     """How to look at the run: the MLflow page of the new version (it links to its run) and the Prefect UI."""
-    from tuneloop.tasks.register import mlflow_version_url
+    from tuneloop.lib.registry import mlflow_version_url
 
     home = shlex.quote(str(state.home))
     url, _ = mlflow_version_url(mv)
@@ -164,7 +164,7 @@ def print_estimate(report, estimate, counted_with: str, refusal: str | None, as_
     """``tuneloop estimate``: examples, tokens, over-limit examples, epochs, billed tokens, cost."""
     import orjson
 
-    from tuneloop.tasks.tokens import token_stats
+    from tuneloop.lib.tokens import token_stats
 
     stats = token_stats(report.token_counts, estimate.context_tokens, counted_with)
     if as_json:

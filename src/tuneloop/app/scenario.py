@@ -64,14 +64,13 @@ def run_scenario(work: Path, weeks: int = 6, drift_at: int = 3, seed: int = 11,
                             f"(it needs data/generate_scenario.py, not found at {generator})")
     sys.path.insert(0, str(generator.parent))
     from generate_scenario import generate
-    from mlflow.exceptions import MlflowException
 
     from tuneloop.core.state import prepare_state
     from tuneloop.flows.drift import drift_monitor
     from tuneloop.flows.retrain import retrain
+    from tuneloop.lib.heldout import read_heldout
+    from tuneloop.lib.registry import ModelRegistry
     from tuneloop.tasks.drift import pyfunc_score
-    from tuneloop.tasks.heldout import read_heldout
-    from tuneloop.tasks.register import client_for
 
     state = prepare_state(work / "home")
     files = generate(work / "data", seed=seed, weeks=weeks, drift_at=drift_at)
@@ -88,11 +87,8 @@ def run_scenario(work: Path, weeks: int = 6, drift_at: int = 3, seed: int = 11,
                                             *(overrides or [])])
         name = cfg.registry.model_name
         week_eval = read_heldout(paths["eval"], cfg.mapping, quality=cfg.quality)
-        client = client_for(tracking_uri)
-        try:
-            champion = str(client.get_model_version_by_alias(name, "champion").version)
-        except MlflowException:  # no champion before the first retrain
-            champion = None
+        current = ModelRegistry(tracking_uri, name).champion_version()  # none before the first retrain
+        champion = str(current.version) if current is not None else None
         frozen = champion_acc = None
         if champion:  # the week-1 model and the champion, on the tickets users sent this week
             frozen, champion_acc = (round(pyfunc_score(uri, week_eval, cfg, tracking_uri).accuracy, 4)
@@ -151,9 +147,9 @@ def log_scenario(outcomes: list[WeekOutcome], png: Path, tracking_uri: str, expe
 
     from mlflow.entities import Metric
 
-    from tuneloop.tasks.register import client_for, experiment_id
+    from tuneloop.lib.registry import experiment_id, mlflow_client
 
-    client = client_for(tracking_uri)
+    client = mlflow_client(tracking_uri)
     run = client.create_run(experiment_id(client, experiment, None), run_name="drift-scenario",
                             tags={"tuneloop.kind": "scenario"})
     now = int(time.time() * 1000)

@@ -26,8 +26,8 @@ from tuneloop.core.config import PipelineConfig
 from tuneloop.core.mapping import required_fields
 from tuneloop.core.scrub import scrub
 from tuneloop.core.state import StateLayout
-from tuneloop.tasks.collect import make_source
-from tuneloop.tasks.ledger import load_ledger
+from tuneloop.lib.ledger import load_ledger
+from tuneloop.lib.sources import make_source
 
 LANDED_EVENT = "tuneloop.data.landed"
 log = logging.getLogger("tuneloop.watch")

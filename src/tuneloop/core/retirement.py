@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
 from tuneloop.core.config import RetirementConfig
+from tuneloop.core.lineage import Lineage
 
 PROVIDERS = ("openai", "azure")  # the providers with a table; an OpenAI-compatible endpoint has none
 # What may follow a table entry used as a prefix: a dated or numbered snapshot (gpt-4o -> gpt-4o-2024-08-06) or
@@ -88,15 +89,15 @@ def retirement_of(model: str | None, provider: str | None, config: RetirementCon
     return Retirement(model=model, provider=provider, entry=entry, on=table[entry]) if entry else None
 
 
-def version_retirement(tags: Mapping[str, str | None], config: RetirementConfig,
+def version_retirement(lineage: Lineage, config: RetirementConfig,
                        default_provider: str | None = None) -> Retirement | None:
-    """A registered model version's retirement, from the tags tuneloop registers it with (``backend``,
-    ``fine_tuned_model``, ``base_model``, ``openai_provider``); ``default_provider`` (the config's) when the
-    version does not say. A local adapter never retires."""
-    if tags.get("backend") != "openai":
+    """A registered model version's retirement, from its lineage (backend, fine-tuned and base model,
+    provider); ``default_provider`` (the config's) when the version does not say. A local adapter never
+    retires."""
+    if not lineage.is_api_model:
         return None
-    model = tags.get("fine_tuned_model") or tags.get("base_model")
-    return retirement_of(model, tags.get("openai_provider") or default_provider, config)
+    model = lineage.fine_tuned_model or lineage.base_model or None
+    return retirement_of(model, lineage.openai_provider or default_provider, config)
 
 
 def within_warning(retirement: Retirement | None, config: RetirementConfig, today: date | None = None) -> bool:

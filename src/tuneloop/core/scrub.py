@@ -13,6 +13,7 @@ every record before a handler sees it: the backstop for a message that was not s
 from __future__ import annotations
 
 import logging
+import os
 import re
 from urllib.parse import unquote
 
@@ -111,3 +112,14 @@ def install_log_scrubber() -> None:
     for target in [*loggers, *(h for lg in [logging.getLogger(), *loggers] for h in lg.handlers)]:
         if _FILTER not in target.filters:
             target.addFilter(_FILTER)
+
+
+def redacted_url(url: str) -> str:
+    """The URL without its password, for logs, artifacts and MLflow."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(os.path.expandvars(url)).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparsable SQLAlchemy URL>"

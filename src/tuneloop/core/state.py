@@ -58,6 +58,10 @@ class StateLayout:
         SQLite store in the state folder."""
         return configured or os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
 
+    def artifacts_dir(self, tracking_uri: str) -> Path | None:
+        """Where MLflow keeps artifacts: a local store in the state folder; a tracking server decides itself."""
+        return None if tracking_uri.startswith(("http://", "https://", "databricks")) else self.mlflow_artifacts
+
     @property
     def runs(self) -> Path:
         return self.home / "runs"
@@ -69,6 +73,10 @@ class StateLayout:
     @property
     def datasets(self) -> Path:
         return self.home / "datasets"
+
+    def snapshot(self, version: str) -> Path:
+        """The file of a dataset version."""
+        return self.datasets / f"{version}.jsonl"
 
     @property
     def models(self) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tuneloop.core.config import EvaluateConfig
 from tuneloop.core.records import ModelScore
-from tuneloop.tasks.heldout import HeldOutExample
+from tuneloop.lib.heldout import HeldOutExample
 
 
 def parse_label(text: str, pattern: re.Pattern[str]) -> str | None:

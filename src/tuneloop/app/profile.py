@@ -25,7 +25,7 @@ import orjson
 from tuneloop.core.records import TuneloopError
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet",
-           ".pq": "parquet"}  # what the landing folder reads (tasks.collect.FORMATS)
+           ".pq": "parquet"}  # what the landing folder reads (lib.sources.FORMATS)
 MAX_LABELS = 50  # more distinct values than this is not a label set a person checks by eye
 MAX_LABEL_CHARS = 60
 MAX_MISSING = 0.05  # a field missing more often than this would quarantine more than the gate allows

@@ -21,20 +21,20 @@ from tuneloop.core.generation import generate
 from tuneloop.core.models import adapter_identity, load_causal_lm, load_tokenizer, quiet_libraries
 from tuneloop.core.openai_client import chat_completions
 from tuneloop.core.records import Champion, TrainedModel, TuneloopError
-from tuneloop.tasks.azure_deploy import (
+from tuneloop.lib.azure_deploy import (
     answering_deployment,
     candidate_deployment,
     clear_earlier_candidates,
     deployments_of,
 )
-from tuneloop.tasks.heldout import HeldOutExample
-from tuneloop.tasks.runlog import stage_logger
+from tuneloop.lib.heldout import HeldOutExample
+from tuneloop.lib.runlog import stage_logger
 
 
 def chat_answers(openai: OpenAITrainConfig, model: str, examples: list[HeldOutExample], max_new_tokens: int,
                  warn: Callable[[str], None] | None = None) -> list[str]:
     """An API model's answers; the key from the Prefect Secret block or the environment, as in training."""
-    from tuneloop.tasks.train_openai import api_key
+    from tuneloop.lib.credentials import api_key
 
     return chat_completions(openai, model, [e.prompt for e in examples], max_new_tokens, key=api_key(openai), warn=warn)
 

@@ -15,8 +15,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from tuneloop.core.config import RegisterConfig
 from tuneloop.core.records import DatasetVersion, RawBatch, TuneloopError
+from tuneloop.lib.registry import ModelRegistry, Registered
 
 
 class ConsumedFile(BaseModel):
@@ -124,20 +124,13 @@ class Settings(BaseModel):
     values: dict[str, str]
 
 
-class Registered(BaseModel):
-    """The registry's word on the dataset version a run would train on, with these settings."""
-
-    version: str | None = None  # the newest model version trained on it with these settings, if any
-    complete: bool = True  # False: the run that registered it was killed before it finished (RUNNING in MLflow)
-
-
 def plan_training(ledger: Ledger, new: DatasetVersion | None, datasets_dir: Path, champion: tuple[str | None, str | None],
                   settings: Settings, force: bool = False, registered: Registered | None = None) -> TrainingPlan:
     """``new`` is the snapshot this run wrote (None when nothing new was collected); ``champion`` is the dataset
     version and settings hash the champion was trained with; ``force`` (tuneloop run --retrain) trains anyway;
     ``registered`` is what the registry holds for the version to train on (None: not asked). The ledger alone
     cannot know that a model was deleted, the store replaced, or a run killed after it registered."""
-    from tuneloop.tasks.snapshot import load_snapshot
+    from tuneloop.lib.datasets import load_snapshot
 
     note = ""
     if new is None:
@@ -194,12 +187,10 @@ def plan_training(ledger: Ledger, new: DatasetVersion | None, datasets_dir: Path
 
 
 @task(name="plan-training", cache_policy=NO_CACHE)
-def plan_training_task(ledger: Ledger, new: DatasetVersion | None, datasets_dir: Path, registry: RegisterConfig,
-                       tracking_uri: str, settings: Settings, force: bool = False) -> TrainingPlan:
-    from tuneloop.tasks.register import champion_training, registry_view
-
+def plan_training_task(ledger: Ledger, new: DatasetVersion | None, datasets_dir: Path, registry: ModelRegistry,
+                       settings: Settings, force: bool = False) -> TrainingPlan:
     target = new.version if new is not None else ledger.dataset_version
     if target is None:
         return plan_training(ledger, new, datasets_dir, (None, None), settings, force)
-    return plan_training(ledger, new, datasets_dir, champion_training(registry, tracking_uri), settings, force,
-                         registry_view(registry, tracking_uri, target, settings.hash))
+    return plan_training(ledger, new, datasets_dir, registry.champion_training(), settings, force,
+                         registry.view(target, settings.hash))

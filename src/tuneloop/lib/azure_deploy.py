@@ -27,7 +27,7 @@ from typing import Any
 from tuneloop.core.config import AzureDeploymentsConfig, OpenAITrainConfig, azure_deployment_name
 from tuneloop.core.records import TuneloopError
 from tuneloop.core.scrub import register, scrub
-from tuneloop.tasks.runlog import stage_logger
+from tuneloop.lib.runlog import stage_logger
 
 CANDIDATE_PREFIX = "tuneloop-candidate-"
 FALLBACK_SKU = "Standard"
