@@ -6,7 +6,7 @@ one epoch each, each in its own process (so peak memory is its own):
 
 - ``baseline_padded_trainer``: transformers ``Trainer`` on the peft model, every batch padded to
   ``max_length``, no packing: what a first LoRA script usually does.
-- ``tuneloop``: the real ``tasks.train_local.build_trainer`` (TRL SFTTrainer, best-fit packing into
+- ``tuneloop``: the real ``tuneloop.lib.lora.build_trainer`` (TRL SFTTrainer, best-fit packing into
   padding-free rows of ``max_length`` tokens, loss on assistant tokens), same token slots per batch.
 
 Throughput is non-padding tokens per second (both sides train on the same tokens). On CUDA the model is a
@@ -139,7 +139,7 @@ def run_baseline(workdir: Path, model_dir: Path, max_length: int, batch: int) ->
 def run_ours(workdir: Path, model_dir: Path, max_length: int, batch: int) -> dict:
     from tuneloop.core.config import TrainConfig
     from tuneloop.core.records import ExportedDataset
-    from tuneloop.tasks.train_local import build_trainer
+    from tuneloop.lib.lora import build_trainer
 
     data = workdir / "data.jsonl"
     n = sum(1 for _ in data.open())

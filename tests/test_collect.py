@@ -15,7 +15,8 @@ from tuneloop.core.config import FolderSource, SqlSource, load_config
 from tuneloop.core.records import DatasetVersion, TuneloopError
 from tuneloop.core.scrub import redacted_url
 from tuneloop.lib.ledger import Ledger, commit_ledger, consume, load_ledger
-from tuneloop.lib.sources import LandingFolder, SqlTable, look_back_from, read_chunks
+from tuneloop.lib.readers import read_chunks
+from tuneloop.lib.sources import LandingFolder, SqlTable, look_back_from
 from tuneloop.tasks.collect import describe
 
 REQUIRED = ["text"]

@@ -144,7 +144,8 @@ def steps_saved(key_dir) -> list[int]:
 def test_a_finished_training_without_its_finished_copy_is_not_stepped_again(workspace, tmp_path, overrides):
     """Killed after the last checkpoint was written, before (or while) ``finished`` was: the rerun takes the
     final checkpoint as the result, the one the first run kept, and trains no further step."""
-    from tuneloop.tasks.train_local import FINISHED, train_lora
+    from tuneloop.lib.checkpoints import FINISHED
+    from tuneloop.tasks.train_local import train_lora
 
     root, exported = workspace
     cfg = load_config(DEMO_CONFIG, overrides)
@@ -173,7 +174,8 @@ def test_a_checkpoint_cut_short_by_a_kill_is_removed_and_the_previous_one_resume
                                                                                      damage):
     """``trainer_state.json`` is the last file a checkpoint gets: without it (or with half of it) the checkpoint
     is incomplete, and the run resumes from the one before instead of failing on every later run."""
-    from tuneloop.tasks.train_local import FINISHED, train_lora
+    from tuneloop.lib.checkpoints import FINISHED
+    from tuneloop.tasks.train_local import train_lora
 
     root, exported = workspace
     cfg = load_config(DEMO_CONFIG, ["train.local.max_steps=6", "train.local.eval_every=2",
@@ -207,7 +209,7 @@ def test_a_run_killed_before_its_training_was_marked_finished_trains_no_step_mor
     (home / "landing" / "t.jsonl").write_text("".join((DEMO / "tickets.jsonl").read_text().splitlines(True)[:300]))
     env = {"TUNELOOP_HOME": str(home), "PREFECT_HOME": str(tmp_path / "prefect")}
     args = ("run", "--set", "train.local.max_steps=4", "--set", "evaluate.max_examples=8")
-    run_cli_killed_at("tuneloop.tasks.train_local:_mark_finished", *args, when="before", env=env)
+    run_cli_killed_at("tuneloop.tasks.train_local:mark_finished", *args, when="before", env=env)
     (key_dir,) = (home / "checkpoints").iterdir()
     assert max(steps_saved(key_dir)) == 4 and not (key_dir / "finished").exists()
     best = json.loads((key_dir / "checkpoint-4" / "trainer_state.json").read_text())["best_model_checkpoint"]

@@ -198,3 +198,12 @@ def test_a_stage_importing_a_stage_or_a_cycle_fails_with_the_offending_import(tm
         "import cycle tuneloop.tasks.probe -> tuneloop.tasks.probe_back -> tuneloop.tasks.probe:\n"
         "    probe.py:1: from tuneloop.tasks import probe_back\n"
         "    probe_back.py:1: from tuneloop.tasks import probe"]
+
+
+MAX_MODULE_LINES = 500  # past this a module holds several jobs: split it by job, not by line count
+
+
+def test_no_module_of_the_package_is_over_500_lines():
+    sizes = {module: len(path.read_text().splitlines()) for module, path in package_modules().items()}
+    over = sorted(f"{module}: {n} lines" for module, n in sizes.items() if n > MAX_MODULE_LINES)
+    assert not over, "\n".join(over)

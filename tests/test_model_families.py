@@ -174,7 +174,7 @@ def test_the_families_ship_their_real_marker_less_templates(trained):
 def test_the_loss_is_on_the_answers_and_the_end_of_turn_token_only(trained, export, tmp_path):
     """Decode the supervised tokens of the trainer's own batches: each example's answer and the end-of-turn
     token (with the newline some templates write inside the turn), never the system prompt or the ticket."""
-    from tuneloop.tasks.train_local import build_trainer
+    from tuneloop.lib.lora import build_trainer
 
     family, base, _ = trained
     trainer, tok, _ = build_trainer(export, train_config(base, packing=False, max_steps=1), tmp_path / "m", tmp_path / "c")
@@ -208,8 +208,8 @@ def test_the_export_counts_the_tokens_the_trainer_sees(trained, export, tmp_path
     """ChatTemplateCounter (the export's token stats) renders with the base template; the trainer with TRL's
     training variant: they must tokenize every example to the same length."""
     from tuneloop.core.models import load_tokenizer
+    from tuneloop.lib.lora import build_trainer
     from tuneloop.lib.tokens import ChatTemplateCounter
-    from tuneloop.tasks.train_local import build_trainer
 
     family, base, _ = trained
     trainer, _, _ = build_trainer(export, train_config(base, packing=False, max_steps=1), tmp_path / "m", tmp_path / "c")
@@ -289,7 +289,7 @@ def test_a_template_trl_cannot_patch_is_refused_before_the_model_loads(tmp_path,
     """Llama 3.2's real template (tools, dates, no generation markers, no training variant in TRL) is refused in
     one line that says what to do; with train.local.chat_template naming TRL's Llama 3 training template it
     trains. Gemma 1/2's template rejects the system message: refused too, saying so."""
-    import tuneloop.tasks.train_local as train_local
+    import tuneloop.lib.lora as train_local
     from tuneloop.core.models import load_tokenizer
     from tuneloop.lib.tokens import ChatTemplateCounter
 

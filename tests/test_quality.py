@@ -292,20 +292,20 @@ def test_two_processes_and_shared_chunks_gate_exactly_what_one_process_gates(tmp
 def test_when_the_two_readers_see_different_files_the_gate_stops_and_loses_nothing(tmp_path, monkeypatch):
     """The child re-reads the chunk the parent prepared and checks its fingerprint: a file changed in between
     (here: the parent's read is made to miss a record) stops the gate with a clear error."""
-    import tuneloop.lib.sources as collect
+    import tuneloop.lib.readers as readers
 
     lines = (DEMO / "tickets.jsonl").read_text(encoding="utf-8").splitlines()
     landing = tmp_path / "landing"
     landing.mkdir()
     (landing / "a.jsonl").write_text("\n".join(lines[:40]) + "\n", encoding="utf-8")
-    real = collect.read_chunks
+    real = readers.read_chunks
 
     def one_record_short(raw, source, chunk_size=None):
         for chunk in real(raw, source, chunk_size):
             chunk.rows, chunk.sources, chunk.lines, chunk.raw = chunk.rows[1:], chunk.sources[1:], chunk.lines[1:], chunk.raw[1:]
             yield chunk
 
-    monkeypatch.setattr(collect, "read_chunks", one_record_short)  # the parent's reader only: the child is a new process
+    monkeypatch.setattr(readers, "read_chunks", one_record_short)  # the parent's reader only: the child is a new process
     cfg = load_config(DEMO_CONFIG, ["source.chunk_size=1000", "quality.prepare_in_subprocess=always"])
     with pytest.raises(TuneloopError, match="the landing files changed while the gate read them"):
         gate_folder(landing, cfg, tmp_path / "run")

@@ -145,7 +145,7 @@ def test_a_golden_set_is_evaluated_and_kept_out_of_training(tmp_path):
 
 def test_loss_is_on_assistant_tokens_only(workspace):
     """Decode the supervised tokens of one real batch: the answers, never the ticket or the system prompt."""
-    from tuneloop.tasks.train_local import build_trainer
+    from tuneloop.lib.lora import build_trainer
 
     root, cfg, exported, _ = workspace
     cfg.train.local.max_steps = 1
@@ -164,7 +164,7 @@ def test_packed_examples_share_a_row_but_not_their_attention(workspace):
     """Packing puts several examples in one unpadded row; each must still see only itself."""
     import torch
 
-    from tuneloop.tasks.train_local import build_trainer
+    from tuneloop.lib.lora import build_trainer
 
     root, cfg, exported, _ = workspace
     cfg.train.local.max_steps = 1
@@ -323,7 +323,7 @@ def test_the_budget_follows_the_data_and_the_best_checkpoint_by_validation_loss_
 
     from safetensors.torch import load_file
 
-    from tuneloop.tasks.train_local import build_trainer
+    from tuneloop.lib.lora import build_trainer
 
     root, cfg, exported, _ = workspace
     one_epoch = load_config(DEMO_CONFIG, ["train.local.epochs=1", "train.local.batch_size=4"])

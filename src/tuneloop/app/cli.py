@@ -1,4 +1,8 @@
-"""The ``tuneloop`` command. Heavy libraries load inside commands, so ``--help`` answers at once."""
+"""The ``tuneloop`` command. Heavy libraries load inside commands, so ``--help`` answers at once.
+
+The pipeline commands are here; the registry's (``models``, ``promote``, ``rollback``) are in
+``app/cli_registry.py`` and ``tuneloop scenario`` in ``app/cli_scenario.py``, with what they share in
+``app/cli_common.py``."""
 
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ from typing import Annotated
 
 import typer
 
+from tuneloop.app.cli_common import CONFIG_ENV, ConfigOption, SetOption, fail, registry_of
+from tuneloop.app.cli_registry import app as registry_app
+from tuneloop.app.cli_scenario import scenario_app
 from tuneloop.core.records import TuneloopError
 
 app = typer.Typer(
@@ -19,33 +26,10 @@ app = typer.Typer(
     "export, train, evaluate, register in MLflow, repeat.",
 )
 
-CONFIG_ENV = "TUNELOOP_CONFIG"
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", envvar=CONFIG_ENV,
-                 help=f"pipeline config (YAML); default: ${CONFIG_ENV}, else the packaged demo config "
-                 "(deployments/demo.yaml). `tuneloop init` writes one for your own data", dir_okay=False),
-]
-SetOption = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="override a config key, e.g. --set train.local.max_steps=20 (repeatable)"),
-]
-
 
 @app.callback()
 def _root() -> None:
     """Subcommands below; each reads the pipeline config and the state folder ($TUNELOOP_HOME)."""
-
-
-def fail(message: str, code: int) -> None:
-    """One line on stderr, then exit. The message names paths, columns and values from the data: printed as
-    it is, never read as rich markup."""
-    from rich.console import Console
-    from rich.text import Text
-
-    Console(stderr=True).print(Text.assemble(("error:", "bold red"), " ", message), highlight=False,
-                               soft_wrap=True)
-    raise typer.Exit(code)
 
 
 @app.command()
@@ -253,7 +237,7 @@ def init(
     """Write a starting pipeline for your own data: a config, a quality suite for its columns and a held-out
     file, with the id, label and text fields proposed from a sample. Exit 2: unusable sample or arguments."""
     from tuneloop.app.init import init_project, summary_lines
-    from tuneloop.app.profile import Choices
+    from tuneloop.app.proposal import Choices
 
     if task not in (None, "classification", "generation"):
         fail(f"--task {task}: expected classification or generation", 2)
@@ -342,127 +326,6 @@ def estimate(
     raise typer.Exit(0 if report.ok and refusal is None else 1)
 
 
-def _registry_config(config: Path | None, set_: list[str] | None):
-    """The config and its registry's tracking URI (exit 2 on a bad config)."""
-    from tuneloop.core.state import prepare_state
-
-    state = prepare_state()
-    from tuneloop.core.config import load_config
-
-    try:
-        cfg = load_config(config, set_ or [])
-    except TuneloopError as exc:
-        fail(str(exc), 2)
-    return cfg, state.resolve_tracking_uri(cfg.registry.tracking_uri)
-
-
-def _registry(config: Path | None, set_: list[str] | None):
-    cfg, uri = _registry_config(config, set_)
-    return cfg.registry.model_name, uri
-
-
-def _who() -> str:
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
-
-
-def _score_cell(value: str | None) -> str:
-    """A score tag as three decimals, as the run summary shows it (tags are strings, maybe from older runs)."""
-    try:
-        return f"{float(value):.3f}" if value is not None else ""
-    except ValueError:
-        return value
-
-
-@app.command()
-def models(config: ConfigOption = None, set_: SetOption = None,
-           as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False) -> None:
-    """List the registered versions with their aliases, scores and dataset versions, and when API-backed ones
-    stop answering (a warning line when the champion does within retirement.warn_days)."""
-    cfg, uri = _registry_config(config, set_)
-    name = cfg.registry.model_name
-    from tuneloop.core.retirement import champion_warning, today_utc, version_retirement, within_warning
-    from tuneloop.lib.registry import ModelRegistry
-
-    try:
-        versions = ModelRegistry(uri, name).versions()
-    except TuneloopError as exc:
-        fail(str(exc), 1)
-    today, warning, rows = today_utc(), None, []
-    for v in versions:
-        rows.append(r := v.row())
-        found = version_retirement(v.lineage, cfg.retirement, cfg.train.openai.provider)
-        r["retirement"] = found.as_dict(today) if found else None
-        if "champion" in r["aliases"] and within_warning(found, cfg.retirement, today):
-            warning = champion_warning(r["version"], found, cfg.retirement, today)
-    if as_json:
-        import orjson
-
-        print(orjson.dumps({"model": name, "versions": rows, "retirement_warning": warning}).decode())
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    from tuneloop.core.records import METRIC_TITLES
-
-    # the metrics the versions were registered with: a generation model has no accuracy to show as 0
-    metrics = [m for m in METRIC_TITLES if any(m in r for r in rows)]
-    retiring = any(r["retirement"] for r in rows)  # the column only when an API-backed version has a date
-    width = max(100, int(os.environ.get("COLUMNS", "100")))
-    table = Table(title=f"{name} at {uri}", title_justify="left")
-    for col in ("version", "aliases", *(METRIC_TITLES[m] for m in metrics), "dataset", "backend", "promoted",
-                *(["retires"] if retiring else [])):
-        # the retirement date whole (never "2027-01-…"); on a narrow console, room made from the dataset hash
-        table.add_column(col, min_width=10 if col == "retires" else None,
-                         max_width=8 if col == "dataset" and retiring and width < 120 else None)
-    for r in rows:
-        when = r["retirement"]
-        table.add_row(r["version"], ", ".join(r["aliases"]), *(_score_cell(r.get(m)) for m in metrics),
-                      r["dataset_version"] or "", r["backend"] or "", r["promoted"] or "",
-                      *([f"{when['date']} ({when['relative']})" if when else ""] if retiring else []))
-    console = Console(width=width, markup=False)  # tags, as they are
-    console.print(table)
-    if warning:
-        console.print(f"warning: {warning}", style="bold yellow", highlight=False)
-
-
-@app.command()
-def promote(version: Annotated[str, typer.Argument(help="the model version to make champion")],
-            reason: Annotated[str, typer.Option(help="why, recorded on the version")] = "manual promotion",
-            config: ConfigOption = None, set_: SetOption = None) -> None:
-    """Make VERSION the champion by hand; who and why are recorded as version tags. An Azure fine-tune with
-    train.openai.azure_deployments: the champion's deployment is re-pointed to it first."""
-    cfg, uri = _registry_config(config, set_)
-    name = cfg.registry.model_name
-    from tuneloop.lib.registry import ModelRegistry
-
-    try:
-        previous = ModelRegistry(uri, name).promote(version, _who(), reason, cfg.train.openai)
-    except TuneloopError as exc:
-        fail(str(exc), 1)
-    print(f"{name}: champion is now version {version}" + (f" (was {previous})" if previous else ""))
-
-
-@app.command()
-def rollback(reason: Annotated[str, typer.Option(help="why, recorded on both versions")] = "manual rollback",
-             config: ConfigOption = None, set_: SetOption = None) -> None:
-    """Move the champion back to the version that was champion before it (an Azure fine-tune with
-    train.openai.azure_deployments: the champion's deployment is re-pointed to it first)."""
-    cfg, uri = _registry_config(config, set_)
-    name = cfg.registry.model_name
-    from tuneloop.lib.registry import ModelRegistry
-
-    try:
-        current, previous = ModelRegistry(uri, name).rollback(_who(), reason, cfg.train.openai)
-    except TuneloopError as exc:
-        fail(str(exc), 1)
-    print(f"{name}: champion rolled back from version {current} to version {previous}")
-
-
 @app.command("serve-model")
 def serve_model(config: ConfigOption = None, set_: SetOption = None,
                 host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
@@ -474,7 +337,7 @@ def serve_model(config: ConfigOption = None, set_: SetOption = None,
     GET /v1/models, GET /health): an app using the OpenAI SDK switches by changing its base URL. A promotion or
     rollback is picked up without a restart; each answer names its version. Decoding is greedy."""
 
-    name, uri = _registry(config, set_)
+    name, uri = registry_of(config, set_)
     from tuneloop.app.endpoint import serve_champion
 
     _log_to("tuneloop.endpoint", sys.stderr)
@@ -579,57 +442,8 @@ def notify(webhook: Annotated[str, typer.Option(help="URL that receives a JSON P
     print("automations: " + ", ".join(names) + " -> webhook block tuneloop-notify")
 
 
-scenario_app = typer.Typer(no_args_is_help=True, help="Reproducible scenarios that exercise the whole loop.")
+app.add_typer(registry_app)  # models, promote, rollback: top-level commands
 app.add_typer(scenario_app, name="scenario")
-
-
-@scenario_app.command("drift")
-def scenario_drift(
-    out: Annotated[Path, typer.Option(help="work folder (wiped first): data, state, plot")] = Path(".tuneloop-drift"),
-    weeks: Annotated[int, typer.Option(min=4)] = 6,
-    drift_at: Annotated[int, typer.Option(min=2, help="the week the product launch changes the tickets")] = 3,
-    seed: int = 11,
-    set_: SetOption = None,
-) -> None:
-    """Six weeks of tickets with a launch at week 3: the loop (drift monitor, retrain, promotion gate)
-    against a frozen model. Writes a table, OUT/drift-scenario.png and an MLflow run."""
-    if drift_at >= weeks:
-        fail("--drift-at must be before the last week", 2)
-    out = out.resolve()
-    from tuneloop.app.scenario import fresh_workspace
-
-    fresh_workspace(out)  # before Prefect is imported: it reads its home and timeouts once
-    from rich.console import Console
-    from rich.table import Table
-
-    from tuneloop.app.scenario import log_scenario, plot, run_scenario
-
-    try:
-        outcomes = run_scenario(out, weeks, drift_at, seed, set_ or [])
-    except TuneloopError as exc:
-        fail(str(exc), 1)
-    png = plot(outcomes, drift_at, out / "drift-scenario.png")
-    from tuneloop.core.state import StateLayout
-
-    tracking_uri = StateLayout(out / "home").tracking_uri
-    run_id = log_scenario(outcomes, png, tracking_uri, "lumenfold-scenario")
-    table = Table(title=f"drift scenario: launch at week {drift_at}")
-    for col in ("week", "champion", "accuracy (loop)", "accuracy (frozen)", "drift", "retrain", "promoted"):
-        table.add_column(col, justify="right")
-
-    def f(v):
-        return "-" if v is None else f"{v:.3f}"
-
-    for o in outcomes:
-        table.add_row(str(o.week), f"v{o.champion_version}" if o.champion_version else "-", f(o.champion_accuracy),
-                      f(o.frozen_accuracy), "DRIFT" if o.drift_detected else "-", o.retrain,
-                      f"v{o.promoted_version}" if o.promoted_version else "-")
-    console = Console(width=max(Console().width, 100), markup=False)  # drift reasons name columns and values
-    console.print(table)
-    for o in outcomes:
-        for reason in o.drift_reasons:
-            console.print(f"week {o.week}: {reason}", highlight=False)
-    console.print(f"plot: {png}\nMLflow run {run_id} in {tracking_uri}")
 
 
 def main() -> None:

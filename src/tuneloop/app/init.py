@@ -24,22 +24,24 @@ from pathlib import Path
 import orjson
 
 from tuneloop.app.profile import (
+    Sample,
+    SampleProfile,
+    as_text,
+    profile_records,
+    read_sample,
+    read_sql_sample,
+    timestamp_text,
+)
+from tuneloop.app.proposal import (
     Choices,
     HoldoutSplit,
     Proposal,
-    Sample,
-    SampleProfile,
     Templates,
-    as_text,
     holdout_split,
     length_bound,
-    profile_records,
     propose,
-    read_sample,
-    read_sql_sample,
     suite_for,
     templates_for,
-    timestamp_text,
 )
 from tuneloop.core.records import TuneloopError
 

@@ -264,7 +264,7 @@ def _prepare_in_subprocess(raw: RawBatch, source: SourceConfig, mapping: Mapping
                            queue, skip: int = 0) -> None:
     """Producer process: read and prepare chunks; the first ``skip`` are prepared by the parent while this
     process starts, and only their fingerprints are sent, for the parent to check it read the same."""
-    from tuneloop.lib.sources import read_chunks
+    from tuneloop.lib.readers import read_chunks
 
     try:
         preparer = RecordMapper(mapping, quality)
@@ -278,7 +278,7 @@ def _prepare_in_subprocess(raw: RawBatch, source: SourceConfig, mapping: Mapping
 
 def prepared_chunks(raw: RawBatch, source: SourceConfig, mapping: MappingConfig, quality: QualityConfig,
                     in_subprocess: bool) -> Iterator[PreparedChunk]:
-    from tuneloop.lib.sources import read_chunks
+    from tuneloop.lib.readers import read_chunks
 
     preparer = RecordMapper(mapping, quality)
     if not in_subprocess:

@@ -7,7 +7,7 @@ Two sources, each a small class whose one method, ``collect(ledger)``, says what
 - ``SqlTable``: rows of a table or query past the ledger's watermark, up to the newest at collect time,
   plus rows within ``lookback`` before it that were not consumed yet (committed late, or updated).
 
-Reading is separate (``read_chunks``) so the quality stage can stream a million records in bounded
+Reading is separate (``read_chunks``, in ``lib/readers.py``) so the quality stage can stream a million records in bounded
 memory. A line that cannot be parsed is not dropped: it becomes a quarantine entry with its reason.
 
 The landing folder is a boundary: a symlink leading out of it, or a symlink loop, is refused before
@@ -22,7 +22,6 @@ import codecs
 import csv
 import errno
 import hashlib
-import io
 import math
 import os
 import sys
@@ -36,7 +35,7 @@ from typing import Any
 import orjson
 
 from tuneloop.core.config import FolderSource, SourceConfig, SqlSource
-from tuneloop.core.records import LandingFile, QuarantineEntry, RawBatch, RecordChunk, SqlSlice, TuneloopError
+from tuneloop.core.records import LandingFile, QuarantineEntry, RawBatch, SqlSlice, TuneloopError
 from tuneloop.core.scrub import redacted_url
 from tuneloop.core.state import sha256_file
 from tuneloop.lib.ledger import Ledger
@@ -45,7 +44,6 @@ INCOMPLETE_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet",
            ".pq": "parquet"}
 SNIFF_RECORDS = 100  # a JSONL field absent from all of a file's first records is a mapping error
-NESTING_LIMIT = 254  # orjson writes records again downstream and refuses deeper ones: quarantined at reading
 csv.field_size_limit(sys.maxsize)  # a 10 MB field is a quality problem (quarantine), not a crash
 
 
@@ -58,7 +56,7 @@ def _unreadable_reason(exc: OSError) -> str:
     return f"unreadable: {type(exc).__name__} ({exc.strerror or 'I/O error'})"
 
 
-def _unreadable(path: str, exc: OSError, after: int = 0) -> QuarantineEntry:
+def unreadable_entry(path: str, exc: OSError, after: int = 0) -> QuarantineEntry:
     """A whole file that could not be read: no content hash, so the ledger does not take it as consumed and
     it is collected once readable."""
     reason = _unreadable_reason(exc) + (f" after {after} record(s); the rest was not read" if after else "")
@@ -169,7 +167,7 @@ class LandingFolder:
             try:
                 self._examine(path, now, ledger, batch)
             except OSError as exc:  # listed, then removed or locked: reported, and collected once readable
-                batch.rejected.append(_unreadable(str(path), exc))
+                batch.rejected.append(unreadable_entry(str(path), exc))
         return batch
 
     def _examine(self, path: Path, now: float, ledger: Ledger, batch: RawBatch) -> None:
@@ -213,14 +211,14 @@ class LandingFolder:
         batch.files.append(LandingFile(path=str(path), sha256=digest, size=size, format=fmt))
 
 
-def _engine(source: SqlSource):
+def sql_engine(source: SqlSource):
     from sqlalchemy import create_engine
 
     source.require_driver()  # a missing driver is one line naming what to install, not an ImportError's traceback
     return create_engine(os.path.expandvars(source.url))
 
 
-def _selectable(source: SqlSource):
+def sql_selectable(source: SqlSource):
     from sqlalchemy import column, table, text
 
     if source.table:
@@ -228,13 +226,13 @@ def _selectable(source: SqlSource):
     return text(source.query).columns(column(source.watermark)).subquery("src")
 
 
-def _to_json_value(value: Any) -> Any:
+def sql_to_json_value(value: Any) -> Any:
     if isinstance(value, datetime | date):
         return {"type": "datetime" if isinstance(value, datetime) else "date", "value": value.isoformat()}
     return value
 
 
-def _from_json_value(value: Any) -> Any:
+def sql_from_json_value(value: Any) -> Any:
     if isinstance(value, dict) and value.get("type") == "datetime":
         return datetime.fromisoformat(value["value"])
     if isinstance(value, dict) and value.get("type") == "date":
@@ -285,7 +283,7 @@ def look_back_from(mark: Any, seconds: float) -> Any:
                         "set source.lookback: 0")
 
 
-def _row_values(row: Mapping[str, Any]) -> dict[str, Any]:
+def sql_row_values(row: Mapping[str, Any]) -> dict[str, Any]:
     """A row as the pipeline sees it: dates and times as ISO text."""
     return {k: v.isoformat() if isinstance(v, datetime | date) else v for k, v in row.items()}
 
@@ -297,14 +295,14 @@ def row_digest(row: Mapping[str, Any], watermark: str) -> str:
                                        default=str)).hexdigest()[:16]
 
 
-def _rows_between(conn, src, mark, low: Any, high: Any, chunk_size: int) -> Iterator[dict[str, Any]]:
+def sql_rows_between(conn, src, mark, low: Any, high: Any, chunk_size: int) -> Iterator[dict[str, Any]]:
     from sqlalchemy import literal_column, select
 
     where = ([mark >= low] if low is not None else []) + [mark <= high]
     query = select(literal_column("*")).select_from(src).where(*where).order_by(mark)
     result = conn.execution_options(stream_results=True, yield_per=chunk_size).execute(query).mappings()
     while rows := result.fetchmany(chunk_size):
-        yield from (_row_values(row) for row in rows)
+        yield from (sql_row_values(row) for row in rows)
 
 
 class SqlTable:
@@ -328,25 +326,25 @@ class SqlTable:
         from sqlalchemy import func, select
         from sqlalchemy.exc import SQLAlchemyError
 
-        src = _selectable(self.config)
+        src = sql_selectable(self.config)
         mark, name, size = src.c[self.config.watermark], self.config.watermark, self.config.chunk_size
-        after = _from_json_value(ledger.watermarks.get(self.key))
+        after = sql_from_json_value(ledger.watermarks.get(self.key))
         since = look_back_from(after, self.config.lookback)
         consumed = ledger.recent_rows.get(self.key, [])
         known = set(consumed)
         n_reread = n_known = 0
         window = None
         try:
-            with _engine(self.config).connect() as conn:
+            with sql_engine(self.config).connect() as conn:
                 where = [mark > after] if after is not None else []
                 n_new, newest = conn.execute(select(func.count(), func.max(mark)).select_from(src).where(*where)).one()
                 if after is not None:
-                    for row in _rows_between(conn, src, mark, since, after, size):
+                    for row in sql_rows_between(conn, src, mark, since, after, size):
                         n_reread += 1
                         n_known += row_digest(row, name) in known
                 up_to = newest if n_new else after
                 if n_new or n_reread > n_known:  # the ledger will move: what it must keep from now on
-                    window = sorted({row_digest(row, name) for row in _rows_between(
+                    window = sorted({row_digest(row, name) for row in sql_rows_between(
                         conn, src, mark, look_back_from(up_to, self.config.lookback), up_to, size)})
         except SQLAlchemyError as exc:
             raise TuneloopError(f"source {redacted_url(self.config.url)}: {type(exc).__name__}: "
@@ -354,8 +352,8 @@ class SqlTable:
         return RawBatch(sql=SqlSlice(
             source_key=self.key, url=redacted_url(self.config.url),
             selectable=self.config.table or self.config.query or "", watermark=name,
-            after=_to_json_value(after), up_to=_to_json_value(up_to) if n_new else ledger.watermarks.get(self.key),
-            n_rows=int(n_new) + n_reread - n_known, reread_from=_to_json_value(since) if after is not None else None,
+            after=sql_to_json_value(after), up_to=sql_to_json_value(up_to) if n_new else ledger.watermarks.get(self.key),
+            n_rows=int(n_new) + n_reread - n_known, reread_from=sql_to_json_value(since) if after is not None else None,
             consumed=consumed if n_reread else [], n_reread=n_reread, n_already_consumed=n_known, window=window))
 
 
@@ -364,185 +362,5 @@ def make_source(config: SourceConfig, landing: Path, required: list[str]) -> Lan
 
 
 # ---- reading, in chunks -------------------------------------------------------------------------------
-
-
-def _too_deep(row: dict[str, Any], raw: bytes) -> bool:
-    """Whether a record nests deeper than orjson writes (the gate writes each record again); a line with
-    fewer brackets than the limit cannot, so the common case costs two byte counts."""
-    if raw.count(b"[") + raw.count(b"{") <= NESTING_LIMIT:
-        return False
-    try:
-        orjson.dumps(row, default=str)
-    except orjson.JSONEncodeError:
-        return True
-    return False
-
-
-def _read_jsonl(path: str, chunk_size: int) -> Iterator[RecordChunk]:
-    chunk = RecordChunk()
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # UTF-8 with a BOM is UTF-8
-                raw = raw[len(codecs.BOM_UTF8):]
-            if not raw.strip():
-                continue
-            try:
-                row = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                reason = "not UTF-8" if "utf-8" in str(exc).lower() else f"not valid JSON ({exc})"
-                chunk.unreadable.append(QuarantineEntry(
-                    source=path, line=lineno, reasons=[f"parse: {reason}"],
-                    record=raw.decode("utf-8", errors="replace").rstrip("\r\n")[:10_000]))
-            else:
-                why = (f"expected a JSON object, got {type(row).__name__}" if not isinstance(row, dict)
-                       else f"nested deeper than {NESTING_LIMIT} levels" if _too_deep(row, raw) else None)
-                if why is None:
-                    chunk.add(row, path, lineno, raw)
-                else:
-                    chunk.unreadable.append(QuarantineEntry(
-                        source=path, line=lineno, reasons=[f"parse: {why}"],
-                        record=raw.decode("utf-8", errors="replace").rstrip("\r\n")[:10_000]))
-            if len(chunk) >= chunk_size:
-                yield chunk
-                chunk = RecordChunk()
-    if len(chunk):
-        yield chunk
-
-
-def _has_surrogates(values) -> bool:
-    return any(isinstance(v, str) and any("\udc80" <= ch <= "\udcff" for ch in v) for v in values)
-
-
-def _read_csv(path: str, chunk_size: int) -> Iterator[RecordChunk]:
-    chunk = RecordChunk()
-    with open(path, "rb") as raw_fh:
-        # surrogateescape keeps undecodable bytes visible, so the row (not the file) is rejected
-        fh = io.TextIOWrapper(raw_fh, encoding="utf-8-sig", errors="surrogateescape", newline="")
-        reader = csv.reader(fh, strict=True)  # strict: an unterminated quote is an error, not a field
-        header: list[str] | None = None
-        start = 1
-        while True:
-            try:
-                values = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as exc:
-                chunk.unreadable.append(QuarantineEntry(source=path, line=start, reasons=[f"parse: {exc}"], record=""))
-                start = reader.line_num + 1
-                continue
-            line, start = start, reader.line_num + 1
-            if header is None:
-                header = values
-                continue
-            if not values:
-                continue
-            if len(values) != len(header):
-                chunk.unreadable.append(QuarantineEntry(
-                    source=path, line=line,
-                    reasons=[f"parse: {len(values)} fields, the header has {len(header)}"],
-                    record=",".join(values).encode("utf-8", "surrogateescape").decode("utf-8", "replace")[:10_000]))
-            elif _has_surrogates(values):
-                chunk.unreadable.append(QuarantineEntry(
-                    source=path, line=line, reasons=["parse: not UTF-8"],
-                    record=",".join(values).encode("utf-8", "surrogateescape").decode("utf-8", "replace")[:10_000]))
-            else:
-                chunk.add(dict(zip(header, values, strict=True)), path, line)
-            if len(chunk) >= chunk_size:
-                yield chunk
-                chunk = RecordChunk()
-    if len(chunk):
-        yield chunk
-
-
-def _read_parquet(path: str, chunk_size: int) -> Iterator[RecordChunk]:
-    import pyarrow.parquet as pq
-
-    line = 0
-    try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_size):
-            chunk = RecordChunk()
-            for row in batch.to_pylist():
-                line += 1
-                chunk.add(row, path, line)
-            yield chunk
-    except (FileNotFoundError, PermissionError):  # the file, not its data: read_chunks reports it
-        raise
-    except Exception as exc:  # a corrupt page: the rest of the file is one quarantine entry
-        yield RecordChunk(unreadable=[QuarantineEntry(
-            source=path, line=line + 1, reasons=[f"parse: corrupt Parquet data after row {line} ({exc})"],
-            record="")])
-
-
-def _read_sql(source: SqlSource, sql: SqlSlice, chunk_size: int) -> Iterator[RecordChunk]:
-    """The look-back's rows not consumed yet, then the rows past the watermark: the two parts collect counted."""
-    from sqlalchemy import literal_column, select
-
-    src = _selectable(source)
-    mark = src.c[source.watermark]
-    after, up_to = _from_json_value(sql.after), _from_json_value(sql.up_to)
-    label = f"sql:{sql.url}/{sql.selectable}"
-    line = 0
-    chunk = RecordChunk()
-    with _engine(source).connect() as conn:
-        if sql.reread_from is not None and sql.n_reread:
-            known = set(sql.consumed)
-            for row in _rows_between(conn, src, mark, _from_json_value(sql.reread_from), after, chunk_size):
-                if known and row_digest(row, source.watermark) in known:
-                    continue
-                line += 1
-                chunk.add(row, label, line)
-                if len(chunk) >= chunk_size:
-                    yield chunk
-                    chunk = RecordChunk()
-        query = select(literal_column("*")).select_from(src).where(
-            *([mark > after] if after is not None else []), mark <= up_to).order_by(mark)
-        result = conn.execution_options(stream_results=True, yield_per=chunk_size).execute(query).mappings()
-        while rows := result.fetchmany(chunk_size):
-            for row in rows:
-                line += 1
-                chunk.add(_row_values(row), label, line)
-                if len(chunk) >= chunk_size:
-                    yield chunk
-                    chunk = RecordChunk()
-    if len(chunk):
-        yield chunk
-
-
-READERS = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}
-
-
-def _read_file(f: LandingFile, chunk_size: int) -> Iterator[RecordChunk]:
-    """One file's chunks. A file removed or locked since collect listed it ends as a quarantine entry (after
-    the records already read), not as an error that stops the run."""
-    n_read = 0
-    try:
-        for chunk in READERS[f.format](f.path, chunk_size):
-            n_read += len(chunk)
-            yield chunk
-    except OSError as exc:
-        yield RecordChunk(unreadable=[_unreadable(f.path, exc, after=n_read)])
-
-
-def read_chunks(raw: RawBatch, source: SourceConfig, chunk_size: int | None = None) -> Iterator[RecordChunk]:
-    """Every new record of the batch, chunk by chunk; whole-file rejections come first."""
-    size = chunk_size or source.chunk_size
-    if raw.rejected:
-        yield RecordChunk(unreadable=list(raw.rejected))
-    # Small files are read into shared chunks: each chunk costs the gate two suite runs (~0.3 s of Great
-    # Expectations' fixed cost each), so a folder of a thousand small drops must not mean a thousand chunks.
-    pending = RecordChunk()
-    for f in raw.files:
-        for chunk in _read_file(f, size):
-            if not len(pending):
-                pending = chunk
-            else:
-                pending.merge(chunk)
-            if len(pending) >= size:
-                yield pending
-                pending = RecordChunk()
-    if len(pending):
-        yield pending
-    if raw.sql is not None and raw.sql.n_rows and isinstance(source, SqlSource):
-        yield from _read_sql(source, raw.sql, size)
 
 
