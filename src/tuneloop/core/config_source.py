@@ -19,16 +19,6 @@ from pydantic import (
 )
 
 from tuneloop.core.config_base import ConfigPath, SecretUrl, Strict
-from tuneloop.core.config_train import (  # noqa: F401 - re-exported: every section is importable from here
-    AzureDeploymentsConfig,
-    LocalTrainConfig,
-    LoraSettings,
-    OpenAIModelSpec,
-    OpenAITrainConfig,
-    TinyBaseConfig,
-    TrainConfig,
-    azure_deployment_name,
-)
 from tuneloop.core.records import TuneloopError
 from tuneloop.core.scrub import redact_url, scrub
 
