@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from tuneloop.core.config import PipelineConfig, load_config
+from tuneloop.core.config import PipelineConfig, TrainConfig, load_config
 from tuneloop.core.mapping import required_fields
 from tuneloop.core.records import RetrainResult
 from tuneloop.core.state import prepare_state, run_lock
@@ -56,7 +56,7 @@ def cancel_openai_jobs(flow, flow_run, state) -> None:
     if isinstance(config, str):
         config = load_config(config, flow_run.parameters.get("overrides") or [])
     config = PipelineConfig.model_validate(config) if isinstance(config, dict) else config
-    if config is None or config.train.backend != "openai":
+    if config is None or not config.train.uses_api:
         return
     from tuneloop.tasks.train_openai import cancel_jobs_of_flow_run
 
@@ -64,6 +64,23 @@ def cancel_openai_jobs(flow, flow_run, state) -> None:
     logging.getLogger("tuneloop").warning(
         f"flow run cancelled: cancelled OpenAI fine-tuning job(s) {', '.join(cancelled)}" if cancelled
         else "flow run cancelled: no unfinished OpenAI fine-tuning job to cancel")
+
+
+def trainer_for(train: TrainConfig):
+    """The backend that trains this run: the OpenAI API, a ``gpu`` work pool's worker, or this process. Each
+    is called the same way (export, training config, run context, adapter to continue) and returns the
+    ``TrainedModel`` of its kind."""
+    if train.uses_api:
+        from tuneloop.tasks.train_openai import train_openai_task
+
+        return train_openai_task
+    if train.on_pool:
+        from tuneloop.tasks.train_pool import train_on_pool_task
+
+        return train_on_pool_task
+    from tuneloop.flows.train_local import train_inline
+
+    return train_inline
 
 
 def started_name() -> str:
@@ -140,25 +157,10 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
                                config.quality.min_examples)
         enforce_budget(exported.estimate, config.train.max_cost_usd)
         init_adapter, warm_from = None, None
-        if config.train.backend == "local" and config.train.local.init_from == "champion":
+        if config.train.warm_starts:
             warm_from = find_champion_task(ctx.registry, run_dir / "warm-start")
             init_adapter = warm_start_task(warm_from, config.train, state.models)
-        if config.train.backend == "openai":
-            from tuneloop.tasks.train_openai import train_openai_task
-
-            training = train_openai_task(exported, config.train, state.home, run_dir / "openai", run_id,
-                                         config.config_hash(), return_state=True)
-        elif config.train.local.placement == "pool":
-            from tuneloop.tasks.train_pool import train_on_pool_task
-
-            training = train_on_pool_task(exported, config.train, ctx, config.registry.experiment, init_adapter,
-                                          return_state=True)
-        else:
-            from tuneloop.flows.train_local import train_local
-
-            # in-process, its result needs no persisting (a pool's run persists it: the caller reads it from afar)
-            training = train_local.with_options(persist_result=False)(
-                exported, config.train, run_dir, init_adapter=init_adapter, return_state=True)
+        training = trainer_for(config.train)(exported, config.train, ctx, init_adapter, return_state=True)
         trained, upstream = handed_on(training)
         if init_adapter is not None:
             trained = trained.model_copy(update={"warm_start_from": warm_from.version})

@@ -13,8 +13,9 @@ from pathlib import Path
 from prefect import flow
 
 from tuneloop.core.config import TrainConfig
-from tuneloop.core.records import ExportedDataset, TrainedModel
+from tuneloop.core.records import ExportedDataset, LocalAdapter
 from tuneloop.core.state import prepare_state
+from tuneloop.lib.run_context import RunContext
 from tuneloop.tasks.train_local import train_task
 from tuneloop.tasks.train_pool import fetch_export_task, fetch_init_adapter_task, publish_training_task
 
@@ -35,7 +36,7 @@ def run_name() -> str:
 @flow(name="train-local", flow_run_name=run_name, persist_result=True, result_serializer="json")
 def train_local(exported: ExportedDataset, train: TrainConfig, out_dir: Path | None = None,
                 tracking_uri: str | None = None, training_run_id: str | None = None,
-                init_adapter: Path | None = None, warm_start: bool = False) -> TrainedModel:
+                init_adapter: Path | None = None, warm_start: bool = False) -> LocalAdapter:
     """Train a LoRA adapter on the export (or continue ``init_adapter``); with a training run, fetch the
     export (and with ``warm_start`` the adapter to continue) from it and publish the result to it."""
     state = prepare_state()
@@ -48,3 +49,11 @@ def train_local(exported: ExportedDataset, train: TrainConfig, out_dir: Path | N
         init_adapter = fetch_init_adapter_task(tracking_uri, training_run_id, work)
     trained = train_task(exported, train, state.models, work, state.home / "checkpoints", init_adapter)
     return publish_training_task(trained, tracking_uri, training_run_id)
+
+
+def train_inline(exported: ExportedDataset, train: TrainConfig, ctx: RunContext, init_adapter: Path | None = None,
+                 **options):
+    """The backends' one signature, for training in this process: the ``train-local`` flow as a subflow (its
+    own run in the UI). Its result needs no persisting: the caller has it in memory."""
+    return train_local.with_options(persist_result=False)(exported, train, ctx.run_dir, init_adapter=init_adapter,
+                                                          **options)

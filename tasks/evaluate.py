@@ -88,7 +88,7 @@ def api_retirements(trained: TrainedModel, champion: Champion | None, provider: 
     configured API's, train.openai.provider)."""
     found = {}
     for role, model in (("champion", champion), ("candidate", trained)):
-        if model is not None and model.backend == "openai":
+        if model is not None and model.is_api_model:
             when = retirement_of(model.fine_tuned_model or model.base_model, provider, retirement)
             if when is not None:
                 found[role] = when

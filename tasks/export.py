@@ -53,7 +53,7 @@ def token_plan(train: TrainConfig, models_dir: Path, home: Path | None = None) -
     from tuneloop.core.models import load_tokenizer
     from tuneloop.lib.base_model import resolve_base_model
 
-    if train.backend == "openai":
+    if train.uses_api:
         from tuneloop.lib.tokens import openai_counter
 
         cfg = train.openai

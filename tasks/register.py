@@ -44,7 +44,6 @@ from tuneloop.lib.runlog import stage_logger
 
 def lineage_of(config: PipelineConfig, trained: TrainedModel, flow_run_id: str | None) -> Lineage:
     """What ties the run and the model version to their data, config, code and training job."""
-    api = trained.backend == "openai"
     return Lineage(
         dataset_version=trained.dataset_version, backend=trained.backend, base_model=trained.base_model,
         config_hash=config.config_hash(),
@@ -53,10 +52,7 @@ def lineage_of(config: PipelineConfig, trained: TrainedModel, flow_run_id: str |
         model_digest=model_digest(trained),  # with the two above: one version per trained model, kills or not
         state=state_id(),
         prefect_flow_run_url=prefect_run_url(flow_run_id) if flow_run_id else None,
-        fine_tuned_model=(trained.fine_tuned_model or "") if api else None,
-        openai_job_id=(trained.job_id or "") if api else None,
-        openai_provider=config.train.openai.provider if api else None,
-        training_run_id=trained.training_run_id or None, warm_start_from=trained.warm_start_from or None)
+        **trained.lineage_fields(config.train.openai.provider))
 
 
 def run_tags(config: PipelineConfig, trained: TrainedModel, flow_run_id: str | None) -> dict[str, str]:
@@ -81,7 +77,7 @@ def log_champion_model(client, run_id: str, experiment: str, config: PipelineCon
         report.predictions_path.parent / "pyfunc" / "model", trained.backend, trained.base_model,
         trained.adapter_path, trained.fine_tuned_model, openai_settings, config.mapping.system,
         report.max_new_tokens,
-        deployment=azure.champion_deployment if azure is not None and trained.backend == "openai" else None)
+        deployment=azure.champion_deployment if azure is not None and trained.is_api_model else None)
     model = client.create_logged_model(experiment, name="model", source_run_id=run_id, model_type="tuneloop-champion",
                                        tags={"dataset_version": trained.dataset_version, "backend": trained.backend},
                                        params={"base_model": trained.base_model})
@@ -104,7 +100,7 @@ def settle_deployments(config: PipelineConfig, trained: TrainedModel, decision: 
     from tuneloop.lib.azure_deploy import deployments_of, settle_candidate
 
     azure = deployments_of(config.train.openai)
-    if azure is None or trained.backend != "openai" or not trained.fine_tuned_model:
+    if azure is None or not trained.fine_tuned_model:  # a local adapter has none
         return
     try:
         settle_candidate(azure, trained.fine_tuned_model, trained.job_id, decision.promoted)

@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tuneloop.core.config import TrainConfig
 from tuneloop.core.models import adapter_identity
-from tuneloop.core.records import Champion, ExportedDataset, TrainedModel
+from tuneloop.core.records import Champion, ExportedDataset, LocalAdapter
 from tuneloop.lib.base_model import resolve_base_model
 from tuneloop.lib.checkpoints import finished_training, last_complete_checkpoint, mark_finished
 from tuneloop.lib.lora import train_here, untrained_adapter
@@ -64,7 +64,7 @@ def warm_start_adapter(champion: Champion | None, train: TrainConfig, models_dir
     Retraining from scratch each time spends most steps relearning what the champion knows; continuing from
     the champion spends them on what changed, and keeps one run's luck from undoing the last one's.
     """
-    if train.backend != "local" or train.local.init_from != "champion":
+    if not train.warm_starts:
         return None
     log = stage_logger()
     if champion is None or champion.adapter_path is None:
@@ -81,7 +81,7 @@ def warm_start_adapter(champion: Champion | None, train: TrainConfig, models_dir
 
 
 def train_lora(exported: ExportedDataset, train: TrainConfig, models_dir: Path, out_dir: Path,
-               checkpoints_dir: Path | None = None, init_adapter: Path | None = None) -> TrainedModel:
+               checkpoints_dir: Path | None = None, init_adapter: Path | None = None) -> LocalAdapter:
     """A LoRA adapter trained on the export: a fresh one, or ``init_adapter`` trained further (a warm start)."""
     local = train.local
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ def train_lora(exported: ExportedDataset, train: TrainConfig, models_dir: Path, 
     return trained
 
 
-def loss_summary(trained: TrainedModel) -> str:
+def loss_summary(trained: LocalAdapter) -> str:
     """The last step's loss, and the mean over training beside it, named (one is not the other)."""
     if trained.train_loss is None:
         return "no loss logged"
@@ -114,7 +114,7 @@ def warm_start_task(champion: Champion | None, train: TrainConfig, models_dir: P
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(exported: ExportedDataset, train: TrainConfig, models_dir: Path, out_dir: Path,
-               checkpoints_dir: Path | None = None, init_adapter: Path | None = None) -> TrainedModel:
+               checkpoints_dir: Path | None = None, init_adapter: Path | None = None) -> LocalAdapter:
     trained = train_lora(exported, train, models_dir, out_dir, checkpoints_dir, init_adapter)
     resumed = f" (resumed from step {trained.resumed_from_step})" if trained.resumed_from_step else ""
     get_run_logger().info(f"train: {trained.steps} steps in {trained.train_seconds:.1f}s{resumed}; {loss_summary(trained)}; "

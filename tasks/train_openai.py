@@ -27,9 +27,10 @@ from prefect.cache_policies import NO_CACHE
 
 from tuneloop.core.config import OpenAITrainConfig, TrainConfig
 from tuneloop.core.openai_client import Secrets, call, make_client
-from tuneloop.core.records import ExportedDataset, TrainedModel, TuneloopError
+from tuneloop.core.records import ApiModel, ExportedDataset, TuneloopError
 from tuneloop.core.state import write_atomically
 from tuneloop.lib.credentials import api_key
+from tuneloop.lib.run_context import RunContext
 from tuneloop.lib.runlog import stage_logger
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -187,7 +188,7 @@ def poll_job(client, job, cfg: OpenAITrainConfig, secrets: Secrets,
 def train_openai(exported: ExportedDataset, train: TrainConfig, state_home: Path, out_dir: Path,
                  flow_run_id: str | None = None, config_hash: str = "",
                  on_metrics: Callable[[int, dict[str, float]], None] | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> TrainedModel:
+                 sleep: Callable[[float], None] = time.sleep) -> ApiModel:
     cfg = train.openai
     started = time.perf_counter()
     secret = api_key(cfg)
@@ -232,9 +233,9 @@ def train_openai(exported: ExportedDataset, train: TrainConfig, state_home: Path
                        sleep, warn=_warn)
     (out_dir / "checkpoints.json").write_bytes(orjson.dumps([c.model_dump() for c in checkpoints.data],
                                                             option=orjson.OPT_INDENT_2))
-    return TrainedModel(
-        backend="openai", base_model=cfg.model, fine_tuned_model=job.fine_tuned_model, job_id=job.id,
-        trained_tokens=job.trained_tokens, adapter_path=None, artifacts_dir=out_dir,
+    return ApiModel(
+        base_model=cfg.model, fine_tuned_model=job.fine_tuned_model, job_id=job.id,
+        trained_tokens=job.trained_tokens, artifacts_dir=out_dir,
         dataset_version=exported.dataset_version, steps=history[-1][0] if history else 0,
         train_loss=history[-1][1] if history else None, loss_history=history,
         train_seconds=round(time.perf_counter() - started, 2), step_metrics=step_metrics,
@@ -258,9 +259,10 @@ def cancel_jobs_of_flow_run(cfg: OpenAITrainConfig, flow_run_id: str) -> list[st
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def train_openai_task(exported: ExportedDataset, train: TrainConfig, state_home: Path, out_dir: Path,
-                      flow_run_id: str | None, config_hash: str) -> TrainedModel:
-    trained = train_openai(exported, train, state_home, out_dir, flow_run_id, config_hash)
+def train_openai_task(exported: ExportedDataset, train: TrainConfig, ctx: RunContext,
+                      init_adapter: Path | None = None) -> ApiModel:
+    """The backends' one signature; an API job starts from its base model (``init_adapter`` is a local one's)."""
+    trained = train_openai(exported, train, ctx.state.home, ctx.run_dir / "openai", ctx.run_id, ctx.config_hash)
     get_run_logger().info(f"train: {trained.fine_tuned_model} from job {trained.job_id}, "
                           f"{trained.trained_tokens} trained tokens, "
                           + (f"loss at the last step {trained.train_loss:.4f}" if trained.train_loss is not None

@@ -3,7 +3,7 @@
 
 Nothing crosses machines as a local path: the export goes up as artifacts of a training run, the worker
 downloads them, trains, logs the adapter, loss curve and metrics to that run, and hands back a
-``TrainedModel`` (a persisted Prefect result) that names the run; the caller downloads the adapter.
+``LocalAdapter`` record (a persisted Prefect result) that names the run; the caller downloads the adapter.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tuneloop.core.config import TrainConfig
-from tuneloop.core.records import ExportedDataset, TrainedModel, TuneloopError
+from tuneloop.core.records import ExportedDataset, LocalAdapter, TuneloopError
 from tuneloop.lib.base_model import resolve_base_model
 from tuneloop.lib.registry import LOSS_CURVES, experiment_id, mlflow_client
 from tuneloop.lib.run_context import RunContext
@@ -63,7 +63,7 @@ def fetch_export(exported: ExportedDataset, tracking_uri: str, run_id: str, dst:
     return moved
 
 
-def publish_training(trained: TrainedModel, tracking_uri: str, run_id: str) -> TrainedModel:
+def publish_training(trained: LocalAdapter, tracking_uri: str, run_id: str) -> LocalAdapter:
     """Adapter, loss curve and metrics into the training run; the record handed back names no local path."""
     from mlflow.entities import Metric
 
@@ -82,8 +82,8 @@ def publish_training(trained: TrainedModel, tracking_uri: str, run_id: str) -> T
     return trained.model_copy(update={"adapter_path": None, "artifacts_dir": None, "training_run_id": run_id})
 
 
-def train_on_pool(exported: ExportedDataset, train: TrainConfig, ctx: RunContext, experiment: str,
-                  init_adapter: Path | None = None) -> TrainedModel:
+def train_on_pool(exported: ExportedDataset, train: TrainConfig, ctx: RunContext,
+                  init_adapter: Path | None = None) -> LocalAdapter:
     import mlflow
     from prefect.deployments import run_deployment
 
@@ -93,7 +93,7 @@ def train_on_pool(exported: ExportedDataset, train: TrainConfig, ctx: RunContext
     if tracking_uri.startswith("sqlite:"):
         log.warning("train.local.placement: pool with a SQLite MLflow store works only when the worker shares "
                     "this machine's disk; point registry.tracking_uri at an MLflow server for a remote worker")
-    run_id = start_training_run(exported, tracking_uri, experiment, ctx.artifacts_dir, init_adapter)
+    run_id = start_training_run(exported, tracking_uri, ctx.experiment, ctx.artifacts_dir, init_adapter)
     name = train.local.deployment
     log.info(f"train: starting deployment {name} (MLflow training run {run_id}); waiting for a worker of its pool")
     try:
@@ -109,7 +109,7 @@ def train_on_pool(exported: ExportedDataset, train: TrainConfig, ctx: RunContext
     if state is None or not state.is_completed():
         raise TuneloopError(f"train: flow run {flow_run.name} of {name} ended "
                             f"{state.name if state else 'without a state'}: {state.message if state else ''}")
-    trained = TrainedModel.model_validate(state.result())  # persisted as JSON: read back as a dict
+    trained = LocalAdapter.model_validate(state.result())  # persisted as JSON: read back as a dict
     adapter = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter",
                                                        dst_path=str(run_dir), tracking_uri=tracking_uri))
     training = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="training",
@@ -120,9 +120,9 @@ def train_on_pool(exported: ExportedDataset, train: TrainConfig, ctx: RunContext
 
 
 @task(name="train-on-pool", cache_policy=NO_CACHE)
-def train_on_pool_task(exported: ExportedDataset, train: TrainConfig, ctx: RunContext, experiment: str,
-                       init_adapter: Path | None = None) -> TrainedModel:
-    return train_on_pool(exported, train, ctx, experiment, init_adapter)
+def train_on_pool_task(exported: ExportedDataset, train: TrainConfig, ctx: RunContext,
+                       init_adapter: Path | None = None) -> LocalAdapter:
+    return train_on_pool(exported, train, ctx, init_adapter)
 
 
 @task(name="fetch-export", cache_policy=NO_CACHE)
@@ -131,7 +131,7 @@ def fetch_export_task(exported: ExportedDataset, tracking_uri: str, run_id: str,
 
 
 @task(name="publish-training", cache_policy=NO_CACHE)
-def publish_training_task(trained: TrainedModel, tracking_uri: str, run_id: str) -> TrainedModel:
+def publish_training_task(trained: LocalAdapter, tracking_uri: str, run_id: str) -> LocalAdapter:
     return publish_training(trained, tracking_uri, run_id)
 
 

@@ -13,7 +13,7 @@ from fake_openai import FakeOpenAI, exported_files
 
 from conftest import DEMO, DEMO_CONFIG, ROOT
 from tuneloop.core.config import load_config
-from tuneloop.core.records import TrainedModel, TuneloopError
+from tuneloop.core.records import ApiModel, TuneloopError
 
 TOKEN = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.PLANTED-arm-token.0123456789abcdef"
 KEY = "azure-data-plane-key-PLANTED-0123456789"
@@ -69,9 +69,9 @@ def azure(monkeypatch, home, tmp_path):
         yield arm, api, answers, load_config(DEMO_CONFIG, overrides), overrides
 
 
-def candidate(model: str, job: str) -> TrainedModel:
-    return TrainedModel(backend="openai", base_model=BASE, fine_tuned_model=model, job_id=job, dataset_version=job,
-                        steps=4, train_loss=0.1, train_seconds=1.0)
+def candidate(model: str, job: str) -> ApiModel:
+    return ApiModel(base_model=BASE, fine_tuned_model=model, job_id=job, dataset_version=job,
+                    steps=4, train_loss=0.1, train_seconds=1.0)
 
 
 def evaluate_and_register(cfg, trained, tmp_path, warnings):

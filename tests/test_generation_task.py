@@ -11,8 +11,8 @@ from tuneloop.core.config import load_config
 from tuneloop.core.records import (
     EvalReport,
     ExportedDataset,
+    LocalAdapter,
     PromotionDecision,
-    TrainedModel,
     TuneloopError,
 )
 from tuneloop.lib.heldout import HeldOutExample
@@ -48,7 +48,7 @@ def test_classification_reports_no_exact_match_or_bleu_of_answers_cut_at_the_lab
     exported = ExportedDataset(dataset_version="d", directory=tmp_path, train_path=tmp_path / "t",
                                validation_path=tmp_path / "v", manifest_path=tmp_path / "m", n_train=4,
                                n_validation=1, sha256={})
-    trained = TrainedModel(backend="local", base_model="tiny", dataset_version="d", steps=1, train_loss=None,
+    trained = LocalAdapter(base_model="tiny", dataset_version="d", steps=1, train_loss=None,
                            train_seconds=1.0)
     decision = PromotionDecision(promoted=True, reason="r", baseline="base", delta=0.1, deltas={"accuracy": 0.1})
     logged = {m.key for m in run_metrics(None, exported, trained, report, decision)}

@@ -254,7 +254,7 @@ def test_the_trained_model_stops_at_the_end_of_turn_token(trained):
     evaluate = EvaluateConfig(holdout=Path("unused.jsonl"), max_new_tokens=MAX_NEW_TOKENS, batch_size=8)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(answerers, "generate", recording_generate)
-        texts = answerers.local_answers(result, None, heldout, evaluate, answerers.GenerationCache(None, MAX_NEW_TOKENS))
+        texts = answerers.local_answers(result.base_model, result.adapter_path, None, heldout, evaluate, answerers.GenerationCache(None, MAX_NEW_TOKENS))
     answers = texts["candidate"]
     expected = [h.expected for h in heldout]
     assert [a.strip() for a in answers] == expected  # the label, and nothing after it

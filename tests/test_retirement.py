@@ -175,15 +175,15 @@ def test_the_drift_report_carries_the_champions_retirement_to_markdown_and_mlflo
 
 
 def test_the_evaluation_artifact_has_a_line_for_an_api_champion_and_candidate():
-    from tuneloop.core.records import Champion, EvalReport, ModelScore, TrainedModel
+    from tuneloop.core.records import ApiModel, Champion, EvalReport, ModelScore
     from tuneloop.tasks.evaluate import api_retirements, comparison_markdown
 
     score = ModelScore(accuracy=0.8, n_examples=10, n_unparsed=0)
     report = EvalReport(n_examples=10, base=score, candidate=score, champion=score, champion_version="2",
                         predictions_path=Path("p.jsonl"))
     champion = Champion(version="2", backend="openai", fine_tuned_model=FINE_TUNE, base_model="gpt-4o-mini-2024-07-18")
-    candidate = TrainedModel(backend="openai", base_model="gpt-4.1-2025-04-14", fine_tuned_model="ft:gpt-4.1-2025-04-14:a::b",
-                             dataset_version="d", steps=1, train_loss=None, train_seconds=1.0)
+    candidate = ApiModel(base_model="gpt-4.1-2025-04-14", fine_tuned_model="ft:gpt-4.1-2025-04-14:a::b",
+                         dataset_version="d", steps=1, train_loss=None, train_seconds=1.0)
     config = RetirementConfig()
     text = comparison_markdown(report, api_retirements(candidate, champion, "openai", config), config, TODAY)
     assert f"- champion `{FINE_TUNE}` (openai) shuts down 2027-01-14, in 53 days" in text

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import DEMO_CONFIG, ROOT
 from tuneloop.core.config import load_config
-from tuneloop.core.records import EvalReport, ExportedDataset, ModelScore, TrainedModel
+from tuneloop.core.records import EvalReport, ExportedDataset, LocalAdapter, ModelScore
 from tuneloop.core.state import StateLayout
 from tuneloop.lib.registry import ModelRegistry
 from tuneloop.lib.run_context import RunContext
@@ -71,7 +71,7 @@ def records(tmp_path: Path, accuracy: float):
     exported = ExportedDataset(dataset_version=f"d{accuracy}", directory=run / "export",
                                train_path=run / "export" / "train.jsonl", validation_path=run / "export" / "validation.jsonl",
                                manifest_path=run / "export" / "manifest.json", n_train=1, n_validation=1, sha256={})
-    trained = TrainedModel(backend="local", base_model="tiny", adapter_path=run / "adapter",
+    trained = LocalAdapter(base_model="tiny", adapter_path=run / "adapter",
                            dataset_version=f"d{accuracy}", steps=1, train_loss=0.5, train_seconds=1.0)
     return exported, trained, score
 

@@ -119,7 +119,7 @@ def serve(config_path: Path, overrides: list[str], watch: bool = True, query_sec
     state = prepare_state()
     require_api()
     config, deployments = build_deployments(config_path, overrides)
-    if config.train.backend == "local" and config.train.local.placement == "pool":
+    if config.train.on_pool:
         start_gpu_worker()
     if watch:
         from tuneloop.app.watch import watch as watch_landing

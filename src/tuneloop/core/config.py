@@ -282,7 +282,7 @@ class PipelineConfig(Strict):
     def model_settings(self) -> dict[str, str]:
         """The settings that shape the model and its verdict (training, export, evaluation), as dotted keys."""
         exclude = {**self._NOT_MODEL_SETTINGS, "train": dict(self._NOT_MODEL_SETTINGS["train"])}
-        unused = ("openai",) if self.train.backend == "local" else ("local", "tiny")  # the other backend's settings
+        unused = ("local", "tiny") if self.train.uses_api else ("openai",)  # the other backend's settings
         exclude["train"].update(dict.fromkeys(unused, True))
         if self.train.base_model != "tiny":
             exclude["train"]["tiny"] = True

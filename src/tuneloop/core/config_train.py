@@ -249,3 +249,20 @@ class TrainConfig(Strict):
     tiny: TinyBaseConfig = Field(default_factory=TinyBaseConfig)
     local: LocalTrainConfig = Field(default_factory=LocalTrainConfig)
     openai: OpenAITrainConfig = Field(default_factory=OpenAITrainConfig)
+
+    # The one place ``backend`` is read: every decision that depends on it (which trainer, how to count
+    # tokens, whether to warm-start, which settings shape the model, whether a gpu worker is needed) asks these.
+    @property
+    def uses_api(self) -> bool:
+        """Trained by the fine-tuning API of OpenAI, Azure OpenAI or a compatible endpoint (train.openai)."""
+        return self.backend == "openai"
+
+    @property
+    def on_pool(self) -> bool:
+        """Trained locally on a ``gpu`` work pool's worker (train.local.placement: pool)."""
+        return not self.uses_api and self.local.placement == "pool"
+
+    @property
+    def warm_starts(self) -> bool:
+        """A local adapter that continues the champion's (train.local.init_from: champion)."""
+        return not self.uses_api and self.local.init_from == "champion"

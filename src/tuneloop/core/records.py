@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
@@ -252,32 +252,95 @@ class ExportedDataset(BaseModel):
     reused: bool = False
 
 
-class TrainedModel(BaseModel):
-    """A candidate: which backend made it, from which base, on which data, and how training went."""
+class Trained(BaseModel):
+    """What every candidate says, whichever backend made it: from which base, on which data, how training went.
 
-    backend: Literal["local", "openai"]
+    A candidate is one of two kinds (``TrainedModel``): a LoRA adapter trained here (``LocalAdapter``) or a
+    model an API trained (``ApiModel``). What only one kind has is a field of that kind; the other kind
+    answers None for it (a class constant), so a reader asks the record, never its ``backend`` string.
+    """
+
     base_model: str
-    adapter_path: Path | None = None  # local: the LoRA adapter
-    fine_tuned_model: str | None = None  # openai: the model id the service created
-    job_id: str | None = None
-    trained_tokens: int | None = None
-    artifacts_dir: Path | None = None  # openai: job record, step metrics CSV, checkpoints list
     dataset_version: str
     steps: int
     train_loss: float | None  # at the last logged step: the loss the model ended with
-    mean_train_loss: float | None = None  # local: the mean over the steps this run trained (transformers' training_loss)
-    loss_history: list[tuple[int, float]] = Field(default_factory=list)
     train_seconds: float
+    loss_history: list[tuple[int, float]] = Field(default_factory=list)
     step_metrics: dict[str, list[tuple[int, float]]] = Field(default_factory=dict)  # e.g. valid_loss per step
-    resumed_from_step: int = 0  # local: the checkpoint a rerun continued from
-    tokens_per_second: float | None = None  # local: non-padding tokens trained on per second
-    peak_memory_mb: float | None = None  # local: GPU peak allocation, or the process's peak RSS on CPU
-    devices: int = 1  # local: processes (GPUs) it trained on
-    training_run_id: str | None = None  # local on a work pool: the MLflow run holding the adapter it trained
-    warm_start_from: str | None = None  # local: the champion version whose adapter training continued from
-    epochs: float | None = None  # local: passes over the training split actually made
-    best_step: int | None = None  # local: the checkpoint kept (lowest validation loss)
-    stopped_early: bool = False  # local: early stopping ended training before its budget
+    trained_tokens: int | None = None
+    artifacts_dir: Path | None = None  # the training's own files (loss curve; an API job's record and metrics)
+
+    is_api_model: ClassVar[bool] = False
+    artifacts_name: ClassVar[str] = "training"  # the MLflow artifact folder of ``artifacts_dir``
+
+    def how_trained(self, provider: str | None = None) -> str:
+        raise NotImplementedError
+
+    def figures(self) -> dict[str, float | None]:
+        """How training went, as the ``train/`` metrics of its MLflow run (None: not measured)."""
+        return {"seconds": self.train_seconds, "trained_tokens": self.trained_tokens}
+
+    def lineage_fields(self, provider: str | None = None) -> dict[str, str | None]:
+        """Lineage only this kind of model has (``core.lineage.Lineage`` field names)."""
+        return {}
+
+
+class LocalAdapter(Trained):
+    """A LoRA adapter trained here (in-process, under torchrun, or on a ``gpu`` work pool's worker)."""
+
+    backend: Literal["local"] = "local"
+    adapter_path: Path | None = None  # None only in the record a pool's worker hands back: the adapter is in MLflow
+    mean_train_loss: float | None = None  # the mean over the steps this run trained (transformers' training_loss)
+    resumed_from_step: int = 0  # the checkpoint a rerun continued from
+    tokens_per_second: float | None = None  # non-padding tokens trained on per second
+    peak_memory_mb: float | None = None  # GPU peak allocation, or the process's peak RSS on CPU
+    devices: int = 1  # processes (GPUs) it trained on
+    training_run_id: str | None = None  # on a work pool: the MLflow run holding the adapter it trained
+    warm_start_from: str | None = None  # the champion version whose adapter training continued from
+    epochs: float | None = None  # passes over the training split actually made
+    best_step: int | None = None  # the checkpoint kept (lowest validation loss)
+    stopped_early: bool = False  # early stopping ended training before its budget
+
+    fine_tuned_model: ClassVar[None] = None
+    job_id: ClassVar[None] = None
+
+    def how_trained(self, provider: str | None = None) -> str:
+        return f"LoRA on `{self.base_model}`, {self.steps} steps"
+
+    def figures(self) -> dict[str, float | None]:
+        return {**super().figures(), "tokens_per_second": self.tokens_per_second,
+                "peak_memory_mb": self.peak_memory_mb, "resumed_from_step": self.resumed_from_step}
+
+    def lineage_fields(self, provider: str | None = None) -> dict[str, str | None]:
+        return {"training_run_id": self.training_run_id or None, "warm_start_from": self.warm_start_from or None}
+
+
+class ApiModel(Trained):
+    """A model the fine-tuning API of OpenAI, Azure OpenAI or a compatible endpoint trained."""
+
+    backend: Literal["openai"] = "openai"
+    fine_tuned_model: str | None = None  # the model id the service created
+    job_id: str | None = None
+
+    adapter_path: ClassVar[None] = None
+    mean_train_loss: ClassVar[None] = None
+    warm_start_from: ClassVar[None] = None
+    is_api_model: ClassVar[bool] = True
+    artifacts_name: ClassVar[str] = "openai"  # the job record, step metrics CSV, checkpoints list
+
+    def how_trained(self, provider: str | None = None) -> str:
+        return f"the {provider} fine-tuning API from `{self.base_model}` (`{self.fine_tuned_model}`)"
+
+    def figures(self) -> dict[str, float | None]:
+        return {**super().figures(), "resumed_from_step": 0}  # a job is never resumed: as every release logged it
+
+    def lineage_fields(self, provider: str | None = None) -> dict[str, str | None]:
+        return {"fine_tuned_model": self.fine_tuned_model or "", "openai_job_id": self.job_id or "",
+                "openai_provider": provider}
+
+
+# A candidate, either kind; parsed from JSON by its ``backend`` (TypeAdapter(TrainedModel).validate_json).
+TrainedModel = Annotated[LocalAdapter | ApiModel, Field(discriminator="backend")]
 
 
 class Champion(BaseModel):
@@ -289,6 +352,10 @@ class Champion(BaseModel):
     fine_tuned_model: str | None = None
     base_model: str
     dataset_version: str | None = None
+
+    @property
+    def is_api_model(self) -> bool:
+        return self.backend == "openai"
 
 
 METRIC_TITLES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "exact_match": "exact match",

@@ -4,7 +4,7 @@ Local models share one copy of the base weights: the candidate and a local champ
 loaded side by side, and the base is the same model with adapters disabled. API models answer through
 ``chat.completions`` with the training key. Decoding is greedy, and every answer goes through
 ``GenerationCache``, so no model is asked the same prompt twice, locally or through a paid API. The judge
-is here, not in ``tasks.metrics``, because it is a model answering through an API.
+is here, not in ``lib/metrics.py``, because it is a model answering through an API.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
+from functools import singledispatch
 from pathlib import Path
 
 import orjson
@@ -20,7 +21,7 @@ from tuneloop.core.config import EvaluateConfig, JudgeConfig, OpenAITrainConfig
 from tuneloop.core.generation import generate
 from tuneloop.core.models import adapter_identity, load_causal_lm, load_tokenizer, quiet_libraries
 from tuneloop.core.openai_client import chat_completions
-from tuneloop.core.records import Champion, TrainedModel, TuneloopError
+from tuneloop.core.records import ApiModel, Champion, LocalAdapter, TrainedModel, TuneloopError
 from tuneloop.lib.azure_deploy import (
     answering_deployment,
     candidate_deployment,
@@ -148,14 +149,15 @@ def _append_cache(path: Path, rows: bytes, lock_path: Path) -> None:
             os.close(fd)
 
 
-def local_answers(trained: TrainedModel, champion: Champion | None, heldout: list[HeldOutExample],
+def local_answers(base_model: str, adapter_path: Path, champion: Champion | None, heldout: list[HeldOutExample],
                   evaluate: EvaluateConfig, cache: GenerationCache) -> dict[str, list[str]]:
-    """Base, candidate and a local champion share one copy of the base weights (adapters side by side)."""
+    """Base, an adapter (the candidate) and a local champion share one copy of the base weights (adapters side
+    by side)."""
     from peft import PeftModel
 
-    tokenizer = load_tokenizer(trained.adapter_path)
-    base = load_causal_lm(trained.base_model)
-    model = PeftModel.from_pretrained(base, str(trained.adapter_path), adapter_name="candidate")
+    tokenizer = load_tokenizer(adapter_path)
+    base = load_causal_lm(base_model)
+    model = PeftModel.from_pretrained(base, str(adapter_path), adapter_name="candidate")
     texts: dict[str, list[str]] = {}
 
     def with_adapter(name: str | None):
@@ -167,12 +169,12 @@ def local_answers(trained: TrainedModel, champion: Champion | None, heldout: lis
             return generate(model, tokenizer, examples, evaluate.max_new_tokens, evaluate.batch_size)
         return produce
 
-    texts["base"] = cache.answers(f"base:{trained.base_model}", heldout, with_adapter(None))
-    texts["candidate"] = cache.answers(adapter_identity(trained.base_model, trained.adapter_path), heldout,
+    texts["base"] = cache.answers(f"base:{base_model}", heldout, with_adapter(None))
+    texts["candidate"] = cache.answers(adapter_identity(base_model, adapter_path), heldout,
                                        with_adapter("candidate"))
     if champion is not None and champion.adapter_path is not None and champion.fine_tuned_model is None:
         identity = adapter_identity(champion.base_model, champion.adapter_path)
-        if champion.base_model == trained.base_model:
+        if champion.base_model == base_model:
             def champion_answers(examples):
                 if "champion" not in model.peft_config:
                     model.load_adapter(str(champion.adapter_path), adapter_name="champion")
@@ -189,10 +191,11 @@ def local_answers(trained: TrainedModel, champion: Champion | None, heldout: lis
 def token_counters(trained: TrainedModel, champion: Champion | None) -> list[Callable[[list[str]], list[int]]]:
     """How the answering models count tokens, one counter per kind of tokenizer (for the answer budget)."""
     counters: list[Callable[[list[str]], list[int]]] = []
-    if trained.backend == "local" or (champion is not None and champion.adapter_path is not None):
-        tokenizer = load_tokenizer(trained.adapter_path or champion.adapter_path)
+    adapter = trained.adapter_path or (champion.adapter_path if champion is not None else None)
+    if adapter is not None:
+        tokenizer = load_tokenizer(adapter)
         counters.append(lambda texts: [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
-    if trained.backend == "openai" or (champion is not None and champion.fine_tuned_model):
+    if trained.is_api_model or (champion is not None and champion.fine_tuned_model):
         counters.append(lambda texts: [len(t.encode()) for t in texts])  # an API tokenizer: at most a token a byte
     return counters
 
@@ -201,33 +204,59 @@ def heldout_answers(trained: TrainedModel, champion: Champion | None, heldout: l
                     evaluate: EvaluateConfig, openai: OpenAITrainConfig | None, cache: GenerationCache,
                     warn: Callable[[str], None] | None = None) -> dict[str, list[str]]:
     """Base, candidate and (when there is one) champion answers, each where that model runs: an API model
-    through the API (on Azure with managed deployments, through its deployment: see tasks.azure_deploy), a
-    local adapter on its base model."""
-
-    def api(model: str, role: str | None = None, job_id: str | None = None) -> list[str]:
-        def produce(exs: list[HeldOutExample]) -> list[str]:  # a deployment is made only when answers are missing
-            target = answering_deployment(openai, role, model, job_id, warn) if role else model
-            return chat_answers(openai, target, exs, evaluate.max_new_tokens, warn)
-        return cache.answers(f"openai:{model}", heldout, produce)
-
-    if trained.backend == "openai":
-        azure = deployments_of(openai)
-        if azure is not None:  # what earlier runs left goes before this candidate is deployed
-            clear_earlier_candidates(azure, keep=candidate_deployment(trained.fine_tuned_model, trained.job_id))
-        texts = {"base": api(answering_deployment(openai, "base", trained.base_model)),
-                 "candidate": api(trained.fine_tuned_model, "candidate", trained.job_id)}
-        if champion is not None and champion.adapter_path is not None and champion.fine_tuned_model is None:
-            local = TrainedModel(backend="local", base_model=champion.base_model, adapter_path=champion.adapter_path,
-                                 dataset_version="", steps=0, train_loss=None, train_seconds=0)
-            texts["champion"] = local_answers(local, None, heldout, evaluate, cache)["candidate"]
-    else:
-        quiet_libraries()
-        texts = local_answers(trained, champion, heldout, evaluate, cache)
+    through the API (on Azure with managed deployments, through its deployment: see lib/azure_deploy.py), a
+    local adapter on its base model. How the candidate and its base answer is its kind's (``candidate_answers``)."""
+    api = ApiAnswers(openai, heldout, evaluate, cache, warn)
+    texts = candidate_answers(trained, champion, heldout, evaluate, api)
     if champion is not None and champion.fine_tuned_model:  # an API champion answers through the API
         if openai is None:
             raise TuneloopError(f"evaluate: champion v{champion.version} is {champion.fine_tuned_model}: "
                                 "set train.openai to reach it")
         texts["champion"] = api(champion.fine_tuned_model, "champion")
+    return texts
+
+
+class ApiAnswers:
+    """Answers of a model behind the API, cached; a deployment is made only when answers are missing."""
+
+    def __init__(self, openai: OpenAITrainConfig | None, heldout: list[HeldOutExample], evaluate: EvaluateConfig,
+                 cache: GenerationCache, warn: Callable[[str], None] | None):
+        self.openai, self.heldout, self.evaluate, self.cache, self.warn = openai, heldout, evaluate, cache, warn
+
+    def __call__(self, model: str, role: str | None = None, job_id: str | None = None) -> list[str]:
+        def produce(exs: list[HeldOutExample]) -> list[str]:
+            target = answering_deployment(self.openai, role, model, job_id, self.warn) if role else model
+            return chat_answers(self.openai, target, exs, self.evaluate.max_new_tokens, self.warn)
+        return self.cache.answers(f"openai:{model}", self.heldout, produce)
+
+
+@singledispatch
+def candidate_answers(trained, champion: Champion | None, heldout: list[HeldOutExample], evaluate: EvaluateConfig,
+                      api: ApiAnswers) -> dict[str, list[str]]:
+    """The base's and the candidate's answers (and a local champion's, beside them), as the candidate's kind
+    answers: one implementation per kind of ``TrainedModel``."""
+    raise TypeError(f"no answerer for {type(trained).__name__}")
+
+
+@candidate_answers.register
+def _(trained: LocalAdapter, champion: Champion | None, heldout: list[HeldOutExample], evaluate: EvaluateConfig,
+      api: ApiAnswers) -> dict[str, list[str]]:
+    quiet_libraries()
+    return local_answers(trained.base_model, trained.adapter_path, champion, heldout, evaluate, api.cache)
+
+
+@candidate_answers.register
+def _(trained: ApiModel, champion: Champion | None, heldout: list[HeldOutExample], evaluate: EvaluateConfig,
+      api: ApiAnswers) -> dict[str, list[str]]:
+    azure = deployments_of(api.openai)
+    if azure is not None:  # what earlier runs left goes before this candidate is deployed
+        clear_earlier_candidates(azure, keep=candidate_deployment(trained.fine_tuned_model, trained.job_id))
+    texts = {"base": api(answering_deployment(api.openai, "base", trained.base_model)),
+             "candidate": api(trained.fine_tuned_model, "candidate", trained.job_id)}
+    if champion is not None and champion.adapter_path is not None and champion.fine_tuned_model is None:
+        # a local champion, scored on its own base (no candidate adapter to share it with)
+        texts["champion"] = local_answers(champion.base_model, champion.adapter_path, None, heldout, evaluate,
+                                          api.cache)["candidate"]
     return texts
 
 

@@ -113,9 +113,7 @@ def run_metrics(checked: CheckedBatch | None, exported: ExportedDataset, trained
                 metrics["teacher/estimated_cost_usd"] = d.estimated_cost_usd
     if trained.mean_train_loss is not None:
         metrics["loss/train_mean"] = trained.mean_train_loss  # the mean over training, not where it ended
-    for name, value in (("seconds", trained.train_seconds), ("trained_tokens", trained.trained_tokens),
-                        ("tokens_per_second", trained.tokens_per_second), ("peak_memory_mb", trained.peak_memory_mb),
-                        ("resumed_from_step", trained.resumed_from_step)):
+    for name, value in trained.figures().items():
         if value is not None:
             metrics[f"train/{name}"] = value
     batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
@@ -151,7 +149,7 @@ def log_run_artifacts(client, run_id: str, checked: CheckedBatch | None, exporte
     if trained.adapter_path is not None:
         client.log_artifacts(run_id, str(trained.adapter_path), "adapter")
     if trained.artifacts_dir is not None:  # openai: job record, step metrics, checkpoints; local: loss curve
-        client.log_artifacts(run_id, str(trained.artifacts_dir), "openai" if trained.backend == "openai" else "training")
+        client.log_artifacts(run_id, str(trained.artifacts_dir), trained.artifacts_name)
     client.log_artifact(run_id, str(report.predictions_path), "evaluation")
     client.log_dict(run_id, report.model_dump(mode="json"), "evaluation/report.json")
     client.log_dict(run_id, decision.model_dump(mode="json"), "evaluation/promotion_decision.json")
@@ -190,9 +188,7 @@ def model_digest(trained: TrainedModel) -> str:
 def run_description(config: PipelineConfig, checked: CheckedBatch | None, exported: ExportedDataset,
                     trained: TrainedModel, report: EvalReport, decision: PromotionDecision) -> str:
     """One paragraph for the run's Description: what was trained on what, how it scored, what was decided."""
-    how = (f"LoRA on `{trained.base_model}`, {trained.steps} steps" if trained.backend == "local"
-           else f"the {config.train.openai.provider} fine-tuning API from `{trained.base_model}` "
-                f"(`{trained.fine_tuned_model}`)")
+    how = trained.how_trained(config.train.openai.provider)
     data = (f" (read {checked.n_read}: {checked.n_accepted} accepted, {checked.n_quarantined} quarantined, "
             f"{checked.n_duplicates} duplicates)" if checked is not None else "")
     metric = decision.primary_metric

@@ -2,7 +2,7 @@
 
 A checkpoint folder is whole only once the trainer wrote its ``trainer_state.json`` (last, after the weights,
 optimizer, scheduler and RNG states): one a kill cut short is removed, never resumed from. When training
-ends, its adapter and ``TrainedModel`` record are copied to ``finished`` in one rename, so a rerun of
+ends, its adapter and ``LocalAdapter`` record are copied to ``finished`` in one rename, so a rerun of
 finished training reuses them without stepping again.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import orjson
 
-from tuneloop.core.records import TrainedModel
+from tuneloop.core.records import LocalAdapter
 from tuneloop.lib.runlog import stage_logger
 
 
@@ -104,11 +104,11 @@ def take_ended_checkpoint(trainer, checkpoint: Path) -> bool:
 
 
 
-FINISHED = "finished"  # in a checkpoint folder: the adapter training ended with, and its TrainedModel record
+FINISHED = "finished"  # in a checkpoint folder: the adapter training ended with, and its LocalAdapter record
 
 
 
-def mark_finished(trained: TrainedModel, checkpoint_dir: Path) -> None:
+def mark_finished(trained: LocalAdapter, checkpoint_dir: Path) -> None:
     """Keep the final (best) adapter beside the checkpoints, so a rerun of the same training is a copy, not a
     resume. Written to a temporary folder and renamed into place: a kill leaves no ``finished`` or the whole of
     it (a leftover temporary folder is cleared here and ignored by ``finished_training``)."""
@@ -126,13 +126,13 @@ def mark_finished(trained: TrainedModel, checkpoint_dir: Path) -> None:
 
 
 
-def finished_training(checkpoint_dir: Path, out_dir: Path) -> TrainedModel | None:
+def finished_training(checkpoint_dir: Path, out_dir: Path) -> LocalAdapter | None:
     import shutil
 
     record = checkpoint_dir / FINISHED / "trained.json"
     if not record.is_file():
         return None
-    trained = TrainedModel.model_validate_json(record.read_bytes())
+    trained = LocalAdapter.model_validate_json(record.read_bytes())
     if trained.mean_train_loss is None and trained.loss_history and trained.steps > 0:
         # recorded before the two were told apart: its train_loss was the mean, not the last step's
         trained = trained.model_copy(update={"mean_train_loss": trained.train_loss,

@@ -19,7 +19,7 @@ import orjson
 
 from tuneloop.core.config import TrainConfig
 from tuneloop.core.models import load_causal_lm, load_tokenizer, quiet_libraries
-from tuneloop.core.records import ExportedDataset, TrainedModel, TuneloopError
+from tuneloop.core.records import ExportedDataset, LocalAdapter, TuneloopError
 from tuneloop.lib.base_model import resolve_base_model
 from tuneloop.lib.checkpoints import step_of, take_ended_checkpoint, training_ended
 from tuneloop.lib.runlog import stage_logger
@@ -182,7 +182,7 @@ def loss_curve_png(history: list[tuple[int, float]], path: Path) -> Path | None:
 
 
 def untrained_adapter(exported: ExportedDataset, train: TrainConfig, models_dir: Path, out_dir: Path,
-                       init_adapter: Path | None = None) -> TrainedModel:
+                       init_adapter: Path | None = None) -> LocalAdapter:
     """No training asked for: the adapter is LoRA's initialisation (which leaves the base unchanged), or on a
     warm start the adapter it would have continued."""
     from peft import LoraConfig, get_peft_model
@@ -200,7 +200,7 @@ def untrained_adapter(exported: ExportedDataset, train: TrainConfig, models_dir:
                           target_modules=local.lora.target_modules, task_type="CAUSAL_LM")
         get_peft_model(load_causal_lm(base_source), lora).save_pretrained(adapter_dir)
     load_tokenizer(base_source).save_pretrained(adapter_dir)
-    return TrainedModel(backend="local", base_model=str(base_source), adapter_path=adapter_dir,
+    return LocalAdapter(base_model=str(base_source), adapter_path=adapter_dir,
                         dataset_version=exported.dataset_version, steps=0, train_loss=None,
                         train_seconds=round(time.perf_counter() - started, 2))
 
@@ -256,7 +256,7 @@ def _progress_callback(log, started: float, start_step: int):
 
 def train_here(exported: ExportedDataset, train: TrainConfig, models_dir: Path, out_dir: Path,
                 checkpoint_dir: Path, init_adapter: Path | None = None,
-                resume: Path | None = None) -> TrainedModel | None:
+                resume: Path | None = None) -> LocalAdapter | None:
     """Train in this process (one device, or one rank under torchrun), on from ``resume`` (a whole checkpoint,
     see ``last_complete_checkpoint``); only rank 0 saves and reports."""
     local = train.local
@@ -301,8 +301,7 @@ def train_here(exported: ExportedDataset, train: TrainConfig, models_dir: Path, 
     step_metrics = {"eval_loss": evals} if evals else {}
     if selection:
         step_metrics["best_eval_loss"] = [(selection["best_step"], selection["best_eval_loss"])]
-    return TrainedModel(
-        backend="local",
+    return LocalAdapter(
         base_model=str(base_source),
         adapter_path=adapter_dir,
         artifacts_dir=training_dir,

@@ -24,13 +24,15 @@ class RunContext:
     run_id: str
     registry: ModelRegistry
     started: datetime | None = None  # when the pipeline run started: its MLflow run spans it
+    experiment: str = "tuneloop"  # the MLflow experiment of its runs (register.experiment)
+    config_hash: str = ""  # the whole config's hash: an API training job is keyed by it
 
     @classmethod
     def open(cls, state: StateLayout, config: PipelineConfig, run_dir: Path, run_id: str,
              started: datetime | None = None) -> RunContext:
         uri = state.resolve_tracking_uri(config.registry.tracking_uri)
         return cls(state=state, run_dir=run_dir, run_id=run_id, registry=ModelRegistry(uri, config.registry.model_name),
-                   started=started)
+                   started=started, experiment=config.registry.experiment, config_hash=config.config_hash())
 
     @property
     def tracking_uri(self) -> str:

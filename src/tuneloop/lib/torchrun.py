@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 
 from tuneloop.core.config import TrainConfig
-from tuneloop.core.records import ExportedDataset, TrainedModel, TuneloopError
+from tuneloop.core.records import ExportedDataset, LocalAdapter, TuneloopError
 from tuneloop.lib.base_model import resolve_base_model
 from tuneloop.lib.lora import train_here
 from tuneloop.lib.runlog import stage_logger
@@ -21,7 +21,7 @@ from tuneloop.lib.runlog import stage_logger
 
 def launch_distributed(exported: ExportedDataset, train: TrainConfig, models_dir: Path, out_dir: Path,
                         checkpoint_dir: Path, init_adapter: Path | None = None,
-                        resume: Path | None = None) -> TrainedModel:
+                        resume: Path | None = None) -> LocalAdapter:
     """The same training under torchrun, one process per device; rank 0 writes the result this process reads."""
     import collections
     import subprocess
@@ -63,7 +63,7 @@ def launch_distributed(exported: ExportedDataset, train: TrainConfig, models_dir
         detail = "\n".join(failures or tail)
         raise TuneloopError(f"train: distributed training on {train.local.devices} processes failed "
                             f"(exit {proc.returncode}); last output:\n{detail}")
-    trained = TrainedModel.model_validate_json(result_path.read_bytes())
+    trained = LocalAdapter.model_validate_json(result_path.read_bytes())
     return trained.model_copy(update={"base_model": str(base)})
 
 
