@@ -1,6 +1,6 @@
 """Evaluate: base, champion and candidate answer the same held-out examples in one run, scored the same way.
 
-This stage composes: the answers come from ``tasks.answerers``, the scores from ``tasks.metrics``; here the
+This stage composes: the answers come from ``lib/answerers.py``, the scores from ``lib/metrics.py``; here the
 answer budget is set, and the predictions, worst answers, confusion matrices (classification) and comparison
 table written, each in the task's own metrics.
 """

@@ -1,7 +1,7 @@
 """Export: a dataset version as chat-format JSONL (train + validation), validated, token-counted, costed.
 
 What a paid job consumes is checked here, before upload: every example against the chat format (the
-codes of tasks.chatformat), every token counted with the tokenizer that will train on it, the billed
+codes of lib/chatformat.py), every token counted with the tokenizer that will train on it, the billed
 tokens and the cost estimated. Held-out evaluation examples are removed first and their absence is
 asserted after the split, so a score is never inflated by an example the model was trained on.
 

@@ -82,7 +82,7 @@ def test_file_level_codes_and_too_many_tokens_is_a_warning(tmp_path):
 
 
 def test_the_fast_path_never_passes_what_the_full_check_flags():
-    """example_errors answers [] early for the common shape (tasks/chatformat.py _plain); every variation
+    """example_errors answers [] early for the common shape (lib/chatformat.py _plain); every variation
     of that shape must still get the full check's codes."""
     from tuneloop.lib import chatformat
 

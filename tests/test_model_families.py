@@ -218,7 +218,7 @@ def test_the_export_counts_the_tokens_the_trainer_sees(trained, export, tmp_path
 
 
 def test_the_trained_model_stops_at_the_end_of_turn_token(trained):
-    """Evaluation's answers (tasks/answerers.py, core/generation.py): the fine-tuned model writes the label,
+    """Evaluation's answers (lib/answerers.py, core/generation.py): the fine-tuned model writes the label,
     then the end-of-turn token, and generation stops there although the base's generation config names only
     its end-of-sequence token."""
     import tuneloop.lib.answerers as answerers

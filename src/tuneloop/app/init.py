@@ -9,7 +9,7 @@ Writes into the output folder:
 - ``landing/``: the landing folder (folder source); ``sample.jsonl`` when the sample is a SQL table or Parquet
   (the tiny tokenizer's corpus, and a file ``tuneloop check`` reads).
 
-The proposals come from ``tasks.profile``; this module writes them and checks that what it wrote loads.
+The proposals come from ``app/profile.py`` (measurements) and ``app/proposal.py``; this module writes them and checks that what it wrote loads.
 """
 
 from __future__ import annotations

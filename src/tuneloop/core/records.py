@@ -149,7 +149,7 @@ class ExpectationOutcome(BaseModel):
 
     suite: str
     # unique in its suite, stable across runs, metric-safe: ``expect_column_values_to_not_match_regex.body``, or
-    # with the check's name where type and column repeat (``...body.pii-email``); see tasks/gx.py expectation_keys
+    # with the check's name where type and column repeat (``...body.pii-email``); see lib/gx.py expectation_keys
     key: str
     expectation: str
     column: str | None

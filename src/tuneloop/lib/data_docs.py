@@ -52,7 +52,7 @@ CDN = [
     (re.compile(r"/bootstrap-table@|/bootstrap-datepicker/|/npm/vega|/bootstrap-dark@"), []),
 ]
 LOGO = re.compile(r"https://great-expectations-web-assets\.[^\"')\s]*/[\w.-]+\.png(\?[^\"')\s]*)?")
-# a long value without spaces (cut to SHOWN_CHARS, tasks/gx.py) wraps instead of pushing its row's count, file and
+# a long value without spaces (cut to SHOWN_CHARS, lib/gx.py) wraps instead of pushing its row's count, file and
 # line out of sight
 WRAP = "<style>td { overflow-wrap: anywhere; } th { white-space: nowrap; }</style>\n"
 TAG = re.compile(r'<script\b[^>]*?\bsrc="(?P<src>[^"]+)"[^>]*>\s*</script>|<link\b[^>]*?\bhref="(?P<href>[^"]+)"[^>]*>')

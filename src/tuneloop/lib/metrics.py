@@ -3,7 +3,7 @@
 Pure and offline (no model, no API, no Prefect): each task its own metrics (classification: labels parsed
 from answers, accuracy / macro-F1 / per class, the confusion matrix; generation: exact match / ROUGE-L /
 BLEU of the whole answer), the worst answers, and the answer budget sized from the references. The LLM
-judge is in ``tasks.answerers``: it is a model answering, through a paid API.
+judge is in ``lib/answerers.py``: it is a model answering, through a paid API.
 """
 
 from __future__ import annotations
