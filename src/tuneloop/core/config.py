@@ -32,6 +32,7 @@ from tuneloop.core.config_source import (  # noqa: F401 - re-exported
     file_digest,
 )
 from tuneloop.core.config_train import (  # noqa: F401 - re-exported: every section is importable from here
+    ApiClientConfig,
     AzureDeploymentsConfig,
     LocalTrainConfig,
     LoraSettings,

@@ -1,5 +1,5 @@
 """The training sections of the configuration: the local LoRA backend, the OpenAI/Azure fine-tuning API,
-and the API-client settings the judge and the teacher share with it.
+and the API-client settings (``ApiClientConfig``) the judge, the teacher and the served champion share with it.
 
 Re-exported by ``core.config``: ``from tuneloop.core.config import TrainConfig`` keeps working.
 """
@@ -187,8 +187,9 @@ class AzureDeploymentsConfig(Strict):
 
 
 
-class OpenAITrainConfig(Strict):
-    """The fine-tuning API: OpenAI, Azure OpenAI, or any endpoint that speaks it."""
+class ApiClientConfig(Strict):
+    """How to reach an OpenAI-style endpoint (OpenAI, Azure OpenAI, a compatible server): what training, the
+    judge, the teacher and the served champion share. ``train.openai`` is one, with the training settings."""
 
     provider: Literal["openai", "azure", "compatible"] = "openai"
     base_url: SecretUrl | None = Field(None, description="compatible endpoints; unset: $OPENAI_BASE_URL or OpenAI's")
@@ -198,6 +199,13 @@ class OpenAITrainConfig(Strict):
         None, description="a Prefect Secret block holding the key, used when set")
     azure_endpoint: SecretUrl | None = Field(None, description="https://<resource>.openai.azure.com")
     azure_api_version: str = "2025-04-01-preview"
+    request_retries: int = Field(5, ge=0, description="our own retries of 429/5xx/dropped connections, with backoff")
+    eval_concurrency: int = Field(4, ge=1, description="parallel chat.completions calls when evaluating")
+
+
+class OpenAITrainConfig(ApiClientConfig):
+    """The fine-tuning API: OpenAI, Azure OpenAI, or any endpoint that speaks it."""
+
     model: str = "gpt-4o-mini-2024-07-18"
     suffix: str | None = Field(None, max_length=64)
     seed: int | None = 0
@@ -205,8 +213,6 @@ class OpenAITrainConfig(Strict):
     learning_rate_multiplier: float | Literal["auto"] = "auto"
     poll_seconds: float = Field(15.0, gt=0, description="first poll interval; backs off to 8x while nothing changes")
     max_paused_seconds: float = Field(3600.0, ge=0, description="how long a paused job is waited on before failing")
-    request_retries: int = Field(5, ge=0, description="our own retries of 429/5xx/dropped connections, with backoff")
-    eval_concurrency: int = Field(4, ge=1, description="parallel chat.completions calls when evaluating")
     n_epochs: int | Literal["auto"] = Field(
         "auto", description="'auto' follows OpenAI's default: 3, raised/lowered to keep examples x epochs in 100..25,000")
     models: dict[str, OpenAIModelSpec] = Field(default_factory=_default_openai_models)

@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tuneloop.core.config import OpenAITrainConfig
+from tuneloop.core.config import ApiClientConfig
 from tuneloop.core.records import TuneloopError
 from tuneloop.core.scrub import register, scrub
 
 
-def env_api_key(cfg: OpenAITrainConfig) -> str:
+def env_api_key(cfg: ApiClientConfig) -> str:
     """The key from the environment variable ``cfg.api_key_env``."""
     key = os.environ.get(cfg.api_key_env)
     if not key:  # scrubbed: a key pasted as the variable's name (the config refuses one; a copy built without it)
@@ -30,7 +30,7 @@ def env_api_key(cfg: OpenAITrainConfig) -> str:
     return key
 
 
-def make_client(cfg: OpenAITrainConfig, key: str | None = None):
+def make_client(cfg: ApiClientConfig, key: str | None = None):
     """SDK retries off: ``call`` decides what is safe to repeat. ``key`` None: read from the environment."""
     from openai import AzureOpenAI, OpenAI
 
@@ -87,7 +87,7 @@ def describe_error(exc, secrets: Secrets) -> str:
     return secrets.scrub(" ".join(parts))
 
 
-def call(fn: Callable[[], Any], what: str, cfg: OpenAITrainConfig, secrets: Secrets,
+def call(fn: Callable[[], Any], what: str, cfg: ApiClientConfig, secrets: Secrets,
          sleep: Callable[[float], None] = time.sleep, before_retry: Callable[[], Any] | None = None,
          warn: Callable[[str], None] | None = None) -> Any:
     """One API call with our retries: 429 honours retry-after, 5xx and dropped connections back off,
@@ -123,7 +123,7 @@ def call(fn: Callable[[], Any], what: str, cfg: OpenAITrainConfig, secrets: Secr
     raise TuneloopError(f"{what}: gave up after {cfg.request_retries + 1} tries: {describe_error(last, secrets)}")
 
 
-def chat_completions(cfg: OpenAITrainConfig, model: str, prompts: list[list[dict]], max_tokens: int,
+def chat_completions(cfg: ApiClientConfig, model: str, prompts: list[list[dict]], max_tokens: int,
                      key: str | None = None, warn: Callable[[str], None] | None = None) -> list[str]:
     """Greedy answers of an API model, ``eval_concurrency`` requests at a time, each retried like training
     calls. ``key`` None: read from the environment."""

@@ -64,10 +64,10 @@ class ChampionModel(mlflow.pyfunc.PythonModel):
 
             return generate(self.model, self.tokenizer, [SimpleNamespace(prompt=p) for p in prompts], max_new_tokens,
                             batch_size=16)
-        from tuneloop.core.config import OpenAITrainConfig
+        from tuneloop.core.config import ApiClientConfig
         from tuneloop.core.openai_client import chat_completions
 
-        return chat_completions(OpenAITrainConfig(**self.spec["openai"]), self.api_model, prompts, max_new_tokens)
+        return chat_completions(ApiClientConfig(**self.spec["openai"]), self.api_model, prompts, max_new_tokens)
 
     @property
     def api_model(self) -> str:
@@ -101,10 +101,10 @@ class ChampionModel(mlflow.pyfunc.PythonModel):
     def _answer_chat_by_api(self, messages: list[dict], max_tokens: int) -> ChatAnswer:
         """The fine-tuned API model, called with the provider settings it was trained with; retries and
         key scrubbing as everywhere (core.openai_client.call)."""
-        from tuneloop.core.config import OpenAITrainConfig
+        from tuneloop.core.config import ApiClientConfig
         from tuneloop.core.openai_client import Secrets, call, env_api_key, make_client
 
-        cfg = OpenAITrainConfig(**self.spec["openai"])
+        cfg = ApiClientConfig(**self.spec["openai"])
         key = env_api_key(cfg)
         model = self.api_model
         client = make_client(cfg, key)

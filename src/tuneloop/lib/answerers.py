@@ -17,7 +17,7 @@ from pathlib import Path
 
 import orjson
 
-from tuneloop.core.config import EvaluateConfig, JudgeConfig, OpenAITrainConfig
+from tuneloop.core.config import ApiClientConfig, EvaluateConfig, JudgeConfig, OpenAITrainConfig
 from tuneloop.core.generation import generate
 from tuneloop.core.models import adapter_identity, load_causal_lm, load_tokenizer, quiet_libraries
 from tuneloop.core.openai_client import chat_completions
@@ -264,8 +264,8 @@ def judge_grade(judge: JudgeConfig, examples: list[HeldOutExample], answers: lis
                 warn: Callable[[str], None] | None = None) -> float:
     """Mean grade (1..5 scaled to 0..1) an LLM judge gives the answers against the references; a reply
     without a grade counts as the lowest."""
-    cfg = OpenAITrainConfig(provider="compatible" if judge.base_url else "openai", base_url=judge.base_url,
-                            api_key_env=judge.api_key_env, eval_concurrency=judge.concurrency)
+    cfg = ApiClientConfig(provider="compatible" if judge.base_url else "openai", base_url=judge.base_url,
+                          api_key_env=judge.api_key_env, eval_concurrency=judge.concurrency)
     prompts = []
     for e, a in zip(examples, answers, strict=True):
         question = next((m["content"] for m in reversed(e.prompt) if m["role"] == "user"), "")

@@ -8,13 +8,13 @@ with ``core.scrub`` before any of them logs.
 
 from __future__ import annotations
 
-from tuneloop.core.config import OpenAITrainConfig
+from tuneloop.core.config import ApiClientConfig
 from tuneloop.core.openai_client import env_api_key
 from tuneloop.core.records import TuneloopError
 from tuneloop.core.scrub import register
 
 
-def api_key(cfg: OpenAITrainConfig) -> str:
+def api_key(cfg: ApiClientConfig) -> str:
     """The Prefect Secret block named in the config, else the environment variable."""
     if cfg.api_key_secret_block:
         from prefect.blocks.system import Secret

@@ -152,6 +152,11 @@ def build_trainer(exported: ExportedDataset, train: TrainConfig, models_dir: Pat
         from transformers import EarlyStoppingCallback
 
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=local.early_stopping_patience))
+    from transformers import set_seed
+
+    # The new adapter's initial weights are drawn here, before the Trainer seeds itself: seeded, the same
+    # config trains the same model whatever this process did before (a test suite, a benchmark, a long server)
+    set_seed(local.seed)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=tokenizer, peft_config=None if init_adapter is not None else lora,
                          callbacks=callbacks)
