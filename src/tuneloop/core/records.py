@@ -353,10 +353,6 @@ class Champion(BaseModel):
     base_model: str
     dataset_version: str | None = None
 
-    @property
-    def is_api_model(self) -> bool:
-        return self.backend == "openai"
-
 
 METRIC_TITLES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "exact_match": "exact match",
                  "rouge_l": "ROUGE-L", "bleu": "BLEU", "judge": "judge"}  # every metric, in the order shown

@@ -43,7 +43,8 @@ class ChampionModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         self.spec = json.loads(Path(context.artifacts["spec"]).read_text())
-        if self.spec["backend"] == "local":
+        self.is_local = self.spec["backend"] == "local"  # the one read of the spec's backend
+        if self.is_local:
             from peft import PeftModel
 
             from tuneloop.core.models import load_causal_lm, load_tokenizer
@@ -59,7 +60,7 @@ class ChampionModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
         prompts = self._prompts(model_input)
         max_new_tokens = int((params or {}).get("max_new_tokens", self.spec["max_new_tokens"]))
-        if self.spec["backend"] == "local":
+        if self.is_local:
             from tuneloop.core.generation import generate
 
             return generate(self.model, self.tokenizer, [SimpleNamespace(prompt=p) for p in prompts], max_new_tokens,
@@ -82,7 +83,7 @@ class ChampionModel(mlflow.pyfunc.PythonModel):
         max_tokens = int(max_tokens or self.spec["max_new_tokens"])
         if self.spec.get("system") and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": self.spec["system"]}, *messages]
-        if self.spec["backend"] != "local":
+        if not self.is_local:
             return self._answer_chat_by_api(messages, max_tokens)
         from tuneloop.core.generation import generate
 
