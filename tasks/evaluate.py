@@ -22,16 +22,28 @@ from tuneloop.core.records import METRIC_TITLES, Champion, EvalReport, TrainedMo
 from tuneloop.core.retirement import Retirement, retirement_of, training_closes_note, within_warning
 from tuneloop.lib.answerers import GenerationCache, heldout_answers, judge_grade, token_counters
 from tuneloop.lib.heldout import GOLDEN_PREFIX, HeldOutExample
-from tuneloop.lib.metrics import answer_budget, confusion_png, parse_label, rouge_l, score, worst_examples
+from tuneloop.lib.metrics import (
+    answer_budget,
+    collapse,
+    confusion_png,
+    majority_baseline,
+    parse_label,
+    rouge_l,
+    score,
+    training_labels,
+    worst_examples,
+)
 
 
 def evaluate_models(
     trained: TrainedModel, champion: Champion | None, heldout: list[HeldOutExample],
     evaluate: EvaluateConfig, run_dir: Path, openai: OpenAITrainConfig | None = None,
-    cache_dir: Path | None = None, warn: Callable[[str], None] | None = None,
+    cache_dir: Path | None = None, warn: Callable[[str], None] | None = None, train_path: Path | None = None,
 ) -> EvalReport:
     """Every model answers; each is scored in the task's metrics only, and the files written hold nothing
-    else (a generation run has no labels, no confusion matrix, no per-class table)."""
+    else (a generation run has no labels, no confusion matrix, no per-class table). Classification also
+    scores the majority-class baseline (the most common label of ``train_path``, the exported training
+    split) and says whether the candidate collapsed onto one label."""
     classification = evaluate.task == "classification"
     if classification and any(e.label is None for e in heldout):
         raise TuneloopError("evaluate: held-out examples need a label (mapping.label) for classification; "
@@ -50,7 +62,10 @@ def evaluate_models(
         rows = [{"record_id": e.record_id, "expected": e.label,
                  **{name: {"label": labels[name][i], "text": texts[name][i]} for name in texts}}
                 for i, e in enumerate(heldout)]
+        majority = majority_baseline(training_labels(train_path, pattern), heldout)
+        collapsed = collapse(labels["candidate"], heldout, evaluate.collapse_share)
     else:
+        majority, collapsed = None, None
         judged = ({name: judge_grade(evaluate.judge, heldout, outs, warn) for name, outs in texts.items()}
                   if evaluate.judge else {})
         rouge = {name: [round(r, 4) for r in rouge_l(outs, heldout)] for name, outs in texts.items()}
@@ -75,6 +90,9 @@ def evaluate_models(
         n_golden=sum(e.record_id.startswith(GOLDEN_PREFIX) for e in heldout),
         cached_answers=cache.hits,
         max_new_tokens=evaluate.max_new_tokens,
+        majority=majority[1] if majority else None,
+        majority_label=majority[0] if majority else None,
+        collapse=collapsed,
     )
 
 
@@ -107,13 +125,16 @@ def retirement_lines(retirements: Mapping[str, Retirement], retirement: Retireme
 
 def comparison_markdown(report: EvalReport, retirements: Mapping[str, Retirement] | None = None,
                         retirement: RetirementConfig | None = None, today: date | None = None) -> str:
-    """The Prefect artifact: the task's metrics for the three models, the candidate's worst answers,
+    """The Prefect artifact: the task's metrics for the models and the majority-class baseline, the candidate's
+    worst answers,
     (classification) its per-class table, and when an API-backed champion or candidate stops answering."""
     names = list(report.candidate.metrics)
     classification = report.task == "classification"
     columns = [METRIC_TITLES[m] for m in names] + (["unparsed answers"] if classification else [])
-    rows = [("base", report.base), ("champion" + (f" (v{report.champion_version})" if report.champion_version else ""),
-                                      report.champion), ("candidate", report.candidate)]
+    majority = [(f"majority class (always `{report.majority_label}`)", report.majority)] if report.majority else []
+    rows = [("base", report.base), *majority,
+            ("champion" + (f" (v{report.champion_version})" if report.champion_version else ""), report.champion),
+            ("candidate", report.candidate)]
     lines = [f"## Evaluation on {report.n_examples} held-out examples ({report.task})", "",
              "| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for name, s in rows:
@@ -122,6 +143,8 @@ def comparison_markdown(report: EvalReport, retirements: Mapping[str, Retirement
             continue
         cells = [f"{s.metrics[m]:.3f}" if m in s.metrics else "" for m in names]
         lines.append(f"| {name} | " + " | ".join(cells + ([str(s.n_unparsed)] if classification else [])) + " |")
+    if report.collapse:
+        lines += ["", f"**The candidate collapsed onto one label**: {report.collapse}."]
     worst = report.worst.get("candidate", [])[:5]
     if worst and classification:
         lines += ["", "Candidate's worst answers:", "", "| record | expected | got | answer |", "|---|---|---|---|"]
@@ -144,9 +167,10 @@ def comparison_markdown(report: EvalReport, retirements: Mapping[str, Retirement
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(trained: TrainedModel, champion: Champion | None, heldout: list[HeldOutExample],
                   evaluate: EvaluateConfig, run_dir: Path, openai: OpenAITrainConfig | None = None,
-                  cache_dir: Path | None = None, retirement: RetirementConfig | None = None) -> EvalReport:
+                  cache_dir: Path | None = None, retirement: RetirementConfig | None = None,
+                  train_path: Path | None = None) -> EvalReport:
     report = evaluate_models(trained, champion, heldout, evaluate, run_dir, openai, cache_dir,
-                             warn=get_run_logger().warning)
+                             warn=get_run_logger().warning, train_path=train_path)
     retirements = (api_retirements(trained, champion, (openai or OpenAITrainConfig()).provider, retirement)
                    if retirement else {})
     create_markdown_artifact(comparison_markdown(report, retirements, retirement), key="evaluation",
@@ -156,7 +180,10 @@ def evaluate_task(trained: TrainedModel, champion: Champion | None, heldout: lis
             get_run_logger().warning(f"evaluate: the {role} {when.model} ({when.provider}) {when.describe()}")
     m = evaluate.primary_metric
     champ = f", champion {report.champion.metric(m):.3f}" if report.champion else ""
-    get_run_logger().info(f"evaluate: {m} of base {report.base.metric(m):.3f}{champ}, candidate "
+    majority = f", majority class {report.majority.metric(m):.3f}" if report.majority else ""
+    get_run_logger().info(f"evaluate: {m} of base {report.base.metric(m):.3f}{champ}{majority}, candidate "
                           f"{report.candidate.metric(m):.3f} on {report.n_examples} held-out examples "
                           f"(answers of up to {report.max_new_tokens} tokens)")
+    if report.collapse:
+        get_run_logger().warning(f"evaluate: the candidate collapsed onto one label: {report.collapse}")
     return report

@@ -3,8 +3,9 @@
 Pydantic checks each key's type; this checks what only makes sense together: a regex that must compile,
 templates whose fields the data must have, a label pattern that must read back every label the assistant
 template writes, a suite whose label set must cover the held-out labels, a SQL source whose database driver
-must be installed. A problem found here costs a
-second; found after training, it costs the training. Every problem is one line; all are reported at once.
+must be installed, a local base model that must be found and whose chat template must be trainable (its
+tokenizer is loaded; the weights are not). A problem found here costs a second; found after training, it
+costs the training. Every problem is one line; all are reported at once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import orjson
 from tuneloop.core.config import PipelineConfig
 from tuneloop.core.mapping import fields_of
 from tuneloop.core.records import TuneloopError
+from tuneloop.core.state import StateLayout, tuneloop_home
+from tuneloop.lib.base_model import base_model_problems
 from tuneloop.lib.metrics import parse_label
 
 PLACEHOLDER = "lorem ipsum dolor"  # stands for a field's text when a template is rendered to test the pattern
@@ -125,9 +128,11 @@ def azure_sdk_problem(cfg: PipelineConfig) -> str | None:
             f"{'is' if len(missing) == 1 else 'are'} not installed: pip install 'tuneloop[azure]'")
 
 
-def preflight(cfg: PipelineConfig) -> list[str]:
-    """Every problem of the configuration that can be found before collecting, one line each."""
+def preflight(cfg: PipelineConfig, models_dir: Path | None = None) -> list[str]:
+    """Every problem of the configuration that can be found before collecting, one line each (``models_dir``:
+    where converted base models are cached, the state folder's by default)."""
     problems = _regex_problems(cfg)
+    problems += base_model_problems(cfg.train, models_dir or StateLayout(tuneloop_home()).models)
     if cfg.source.kind == "sql" and (problem := cfg.source.driver_problem()):  # before a connection is tried
         problems.append(problem)
     if problem := azure_sdk_problem(cfg):

@@ -127,6 +127,10 @@ def test_reviews_get_id_label_text_and_a_suite_for_their_columns_that_check_pass
     assert (m.id, m.label, cfg.evaluate.task) == ("review_id", "department", "classification")
     assert m.user == "Title: {title}\n\nReview text: {review_text}"
     assert m.assistant == "department: {department}\n{reply}"  # the reply field follows the label
+    # the label set and the exact answer format, so a base model can answer zero-shot at all
+    assert m.system == ("Read the title and review text and answer with the department on the first line, written "
+                        "exactly as `department: <department>`, where it is one of: " + ", ".join(sorted(DEPARTMENTS))
+                        + "; then write the reply.")
     assert cfg.quality.suite == (out / "expectations" / "records.json").resolve()
     assert cfg.evaluate.holdout == (out / "holdout.jsonl").resolve()
     assert cfg.source.kind == "folder" and cfg.source.landing == (out / "landing").resolve()

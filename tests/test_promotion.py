@@ -168,3 +168,59 @@ def test_metrics_the_config_cannot_compute_are_refused_up_front():
     with pytest.raises(TuneloopError, match="macro_f1 needs labels"):
         load_config(DEMO_CONFIG, ["evaluate.task=generation", "evaluate.guards={macro_f1: 0.1}"])
     assert load_config(DEMO_CONFIG, ["evaluate.task=generation", "evaluate.primary_metric=rouge_l"]).evaluate.task == "generation"
+
+
+def _heldout(labels: list[str]):
+    from tuneloop.lib.heldout import HeldOutExample
+
+    return [HeldOutExample(record_id=str(i), prompt=[{"role": "user", "content": "t"}], expected=f"queue: {lab}",
+                           label=lab) for i, lab in enumerate(labels)]
+
+
+def test_the_majority_class_baseline_is_the_training_splits_most_common_label(tmp_path):
+    """The floor: always answering the training split's most common label, scored on the held-out set."""
+    import json
+    import re
+
+    from tuneloop.lib.metrics import majority_baseline, training_labels
+
+    train = tmp_path / "train.jsonl"
+    answers = ["queue: billing"] * 5 + ["queue: access"] * 3 + ["no label here"]
+    train.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "t"},
+                                                      {"role": "assistant", "content": a}]}) + "\n" for a in answers))
+    labels = training_labels(train, re.compile(r"^queue: (\S+)"))
+    assert labels == ["billing"] * 5 + ["access"] * 3
+    heldout = _heldout(["access"] * 6 + ["billing"] * 4)  # the held-out set's own majority is another label
+    label, scored = majority_baseline(labels, heldout)
+    assert label == "billing" and scored.accuracy == 0.4 and scored.macro_f1 == pytest.approx(0.2857, abs=1e-3)
+    assert majority_baseline([], heldout)[0] == "access"  # no training split: the held-out set's
+
+
+def test_a_candidate_that_answers_one_label_for_nearly_everything_has_collapsed():
+    from tuneloop.lib.metrics import collapse
+
+    heldout = _heldout(["billing"] * 16 + [f"other{i % 6}" for i in range(84)])
+    said = collapse(["billing"] * 99 + ["other1"], heldout, 0.9)
+    assert said == "'billing' for 99 of 100 answers (99%); it is 16% of the references"
+    assert collapse(["billing"] * 85 + ["other1"] * 15, heldout, 0.9) is None  # below the share
+    skewed = _heldout(["billing"] * 95 + ["access"] * 5)
+    assert collapse(["billing"] * 96 + ["access"] * 4, skewed, 0.9) is None  # the data's own prior is no collapse
+    assert collapse(["billing"] * 99 + ["other1"], heldout, None) is None  # not checked
+
+
+def test_a_candidate_must_beat_the_majority_class_and_not_have_collapsed():
+    """The real-model issue's case: 0.17 beats the base's 0.00, but always answering the most common label
+    scores 0.20, and 99 of 100 answers were one label: refused, saying both."""
+    r = report(0.0, 0.17).model_copy(update={"majority": ModelScore(accuracy=0.2, n_examples=100, n_unparsed=0),
+                                             "majority_label": "billing",
+                                             "collapse": "'billing' for 99 of 100 answers (99%); it is 16% of the references"})
+    decision = decide(r)
+    assert not decision.promoted
+    assert "does not beat the majority-class baseline (always 'billing': 0.200)" in decision.reason
+    assert "collapsed onto one label: 'billing' for 99 of 100" in decision.reason
+    assert len(decision.guard_failures) == 2
+    fine = r.model_copy(update={"candidate": ModelScore(accuracy=0.6, n_examples=100, n_unparsed=0), "collapse": None})
+    assert decide(fine).promoted
+    evaluate = EvaluateConfig(holdout="holdout.jsonl")
+    off = decide_promotion(r, evaluate, RegisterConfig(beat_majority=False), False)
+    assert off.promoted and off.guard_failures == []

@@ -327,11 +327,15 @@ def test_the_budget_follows_the_data_and_the_best_checkpoint_by_validation_loss_
     from tuneloop.lib.lora import build_trainer
 
     root, cfg, exported, _ = workspace
-    one_epoch = load_config(DEMO_CONFIG, ["train.local.epochs=1", "train.local.batch_size=4"])
+    one_epoch = load_config(DEMO_CONFIG, ["train.local.epochs=1", "train.local.batch_size=4",
+                                          "train.local.progress_every=7"])
     trainer, _, _ = build_trainer(exported, one_epoch.train, root / "models", tmp_path / "probe")
     rows = len(trainer.train_dataset)
     trained = train_lora(exported, one_epoch.train, root / "models", tmp_path / "one", tmp_path / "ckpt")
     assert trained.steps == math.ceil(rows / 4) and trained.epochs == pytest.approx(1.0, abs=0.01)
+    # the loss of every step (loss/train), so "loss at the last step" is the last step's, whatever progress_every
+    assert [step for step, _ in trained.loss_history] == list(range(1, trained.steps + 1))
+    assert trained.train_loss == trained.loss_history[-1][1] and trained.steps % one_epoch.train.local.progress_every
     evals = trained.step_metrics["eval_loss"]
     assert len(evals) >= 9 and all(v > 0 for _, v in evals)  # ten times over the run
 
@@ -351,7 +355,7 @@ def test_the_budget_follows_the_data_and_the_best_checkpoint_by_validation_loss_
     best_step, best = min(evals, key=lambda e: e[1])
     assert stopped.stopped_early and stopped.steps < 60
     assert stopped.best_step == best_step and stopped.step_metrics["best_eval_loss"] == [(best_step, best)]
-    assert evals[-1][1] >= best and stopped.steps == evals[-1][0]
+    assert not evals[-1][1] < best and stopped.steps == evals[-1][0]  # no better (NaN, diverged, is no better)
     kept = load_file(stopped.adapter_path / "adapter_model.safetensors")
     ckpt = next((tmp_path / "ckpt").glob(f"*/checkpoint-{best_step}"))
     at_best = load_file(ckpt / "adapter_model.safetensors")

@@ -208,6 +208,20 @@ def _title(name: str) -> str:
 
 
 
+MAX_LISTED_LABELS = 60  # beyond this, the system prompt would be mostly a list
+
+
+def _label_set(values: list[str]) -> str:
+    """The label set a base model needs in its prompt to answer zero-shot at all (and a fine-tuned one keeps);
+    braces doubled, since the system message is a template."""
+    values = [v.replace("{", "{{").replace("}", "}}") for v in values]
+    if not values:
+        return "with one of the labels of the data"
+    if len(values) > MAX_LISTED_LABELS:
+        return f"with one of {len(values)} labels, e.g. " + ", ".join(values[:10])
+    return "where it is one of: " + ", ".join(values)
+
+
 @dataclass
 class Templates:
     system: str | None
@@ -231,8 +245,9 @@ def templates_for(proposal: Proposal) -> Templates:
         # \A: the label is the answer's first line; the group runs from its first to its last visible character
         # on that line (labels may hold spaces), with or without re.MULTILINE
         pattern = r"\A\s*" + re.escape(p.label) + r":[ \t]*(\S(?:[^\n]*\S)?)"
-        system = (f"Read the {inputs} and answer with the {_title(p.label).lower()} on the first line"
-                  + (f", then write the {_title(p.answer).lower()}." if p.answer else "."))
+        system = (f"Read the {inputs} and answer with the {_title(p.label).lower()} on the first line, written "
+                  f"exactly as `{p.label}: <{p.label}>`, {_label_set(p.label_values)}"
+                  + (f"; then write the {_title(p.answer).lower()}." if p.answer else "."))
     else:
         assert p.answer
         assistant, pattern = f"{{{p.answer}}}", None

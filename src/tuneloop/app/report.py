@@ -57,7 +57,8 @@ def score_table(report: EvalReport) -> Table:
     table.add_column("model")
     for name in names:
         table.add_column(METRIC_TITLES[name], justify="right")
-    rows = [("base", report.base), (f"previous champion (v{report.champion_version})", report.champion),
+    rows = [("base", report.base), (f"majority class ({report.majority_label})", report.majority),
+            (f"previous champion (v{report.champion_version})", report.champion),
             ("fine-tuned (candidate)", report.candidate)]
     for label, s in rows:
         if s is not None:

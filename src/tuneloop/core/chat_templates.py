@@ -99,10 +99,48 @@ def training_chat_template(tokenizer, base_model: str, option: str | None = None
         try:
             template = get_training_chat_template(tokenizer) or template
         except ValueError:
-            raise TuneloopError(f"{where} has no {{% generation %}} markers and TRL has no training template for "
-                                f"it: {_fix()}") from None
+            recognised = recognise_template(tokenizer, template)
+            if recognised is None:
+                raise TuneloopError(f"{where} has no {{% generation %}} markers, TRL has no training template for "
+                                    f"it, and it renders like none of {', '.join(template_names())}: {_fix()}") from None
+            template = recognised[1]
     check_assistant_mask(tokenizer, template, where, example)
     return template
+
+
+# Conversations a template is compared on: a system message (a model's template may add a default one when
+# there is none, which tells nothing about its format), one and two turns, and the prompt left open for an answer.
+_RECOGNITION_PROBES: list[tuple[list[dict], bool]] = [
+    ([{"role": "system", "content": "You sort tickets."}, {"role": "user", "content": _PROBE_USER},
+      {"role": "assistant", "content": _PROBE_ANSWER}], False),
+    ([{"role": "system", "content": "You sort tickets."}, {"role": "user", "content": _PROBE_USER},
+      {"role": "assistant", "content": _PROBE_ANSWER}, {"role": "user", "content": "And April?"},
+      {"role": "assistant", "content": "queue: billing, too"}], False),
+    ([{"role": "system", "content": "You sort tickets."}, {"role": "user", "content": _PROBE_USER}], True),
+]
+
+
+def recognise_template(tokenizer, template: str) -> tuple[str, str] | None:
+    """The training template (name, text) that writes every probe conversation exactly as ``template`` does, or
+    None: a model's template that TRL does not know by its text (SmolLM2's is ChatML with a default system
+    prompt) still trains without user action when it renders like one tuneloop or TRL has markers for."""
+    from jinja2 import TemplateError
+
+    def render(text: str, messages: list[dict], open_prompt: bool) -> str | None:
+        try:
+            return tokenizer.apply_chat_template(messages, chat_template=text, tokenize=False,
+                                                 add_generation_prompt=open_prompt)
+        except (TemplateError, TypeError, ValueError):
+            return None
+
+    own = [render(template, m, g) for m, g in _RECOGNITION_PROBES]
+    if any(r is None for r in own):
+        return None
+    for name in template_names():
+        candidate = template_from_option(name)
+        if [render(candidate, m, g) for m, g in _RECOGNITION_PROBES] == own:
+            return name, candidate
+    return None
 
 
 def first_conversation(path: Path) -> list[dict] | None:

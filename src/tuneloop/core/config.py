@@ -125,6 +125,9 @@ class EvaluateConfig(Strict):
         "(a cut-off label would be scored wrong), with a warning")
     batch_size: int = Field(64, ge=1)
     max_examples: int | None = Field(None, ge=1)
+    collapse_share: float | None = Field(
+        0.9, gt=0, le=1, description="classification: a candidate answering one label this often (and 25 points "
+        "more often than the references hold it) has collapsed, and is not promoted; null: not checked")
     primary_metric: METRICS = Field(
         "accuracy", description="what a candidate must improve to become champion; one of the task's metrics "
         "(classification: accuracy, macro_f1; generation: exact_match, rouge_l, bleu, judge). Unset: accuracy for "
@@ -192,6 +195,9 @@ class RegisterConfig(Strict):
     promote_when: Literal["better", "at_least_as_good"] = Field(
         "better", description="better: a tie keeps the champion; at_least_as_good: a tie promotes the candidate "
         "(what a migration off an API champion asks: as good, and local). `tuneloop run --migrate` sets it")
+    beat_majority: bool = Field(
+        True, description="classification: a candidate must score better than always answering the training "
+        "split's most common label, and must not have collapsed onto one label (evaluate.collapse_share)")
 
 
 class ScheduleConfig(Strict):

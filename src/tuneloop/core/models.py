@@ -49,11 +49,11 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6.*")
 
 
-def load_tokenizer(source: Path | str):
+def load_tokenizer(source: Path | str, **kwargs):
     """The base model's tokenizer, with a chat template and a pad token guaranteed."""
     from transformers import AutoTokenizer
 
-    tokenizer = _load(AutoTokenizer.from_pretrained, source)
+    tokenizer = _load(lambda s: AutoTokenizer.from_pretrained(s, **kwargs), source)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = CHATML_TEMPLATE
     if tokenizer.pad_token is None:

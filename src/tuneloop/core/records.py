@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 
 class TuneloopError(Exception):
@@ -260,6 +260,9 @@ class Trained(BaseModel):
     answers None for it (a class constant), so a reader asks the record, never its ``backend`` string.
     """
 
+    # a run that diverged has NaN losses: written as NaN and read back as NaN, not as null (which fails to load)
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
     base_model: str
     dataset_version: str
     steps: int
@@ -353,6 +356,11 @@ class Champion(BaseModel):
     base_model: str
     dataset_version: str | None = None
 
+    @property
+    def is_api_model(self) -> bool:
+        """No adapter: the registry found it an API model (Lineage.is_api_model) and fetched its id only."""
+        return self.adapter_path is None
+
 
 METRIC_TITLES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "exact_match": "exact match",
                  "rouge_l": "ROUGE-L", "bleu": "BLEU", "judge": "judge"}  # every metric, in the order shown
@@ -408,6 +416,10 @@ class EvalReport(BaseModel):
     n_golden: int = 0  # of n_examples, how many came from evaluate.golden
     cached_answers: int = 0  # answers taken from the generation cache instead of generated again
     max_new_tokens: int = 8  # the answer budget every model had (evaluate.answer_budget)
+    # classification: always answering the training split's most common label, the floor to clear
+    majority: ModelScore | None = None
+    majority_label: str | None = None
+    collapse: str | None = None  # set when the candidate answers one label for nearly everything (why)
 
 
 class PromotionDecision(BaseModel):

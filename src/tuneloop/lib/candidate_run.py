@@ -88,7 +88,7 @@ def run_metrics(checked: CheckedBatch | None, exported: ExportedDataset, trained
 
     now = int(time.time() * 1000)
     metrics: dict[str, float] = {"eval/promotion_delta": decision.delta}
-    for who in ("base", "candidate", "champion"):  # the task's metrics only
+    for who in ("base", "candidate", "champion", "majority"):  # the task's metrics only
         if (sc := getattr(report, who)) is not None:
             metrics.update({score_metric(who, m): v for m, v in sc.metrics.items()})
     metrics.update({f"promotion_delta/{m}": d for m, d in decision.deltas.items()})
@@ -194,7 +194,9 @@ def run_description(config: PipelineConfig, checked: CheckedBatch | None, export
     metric = decision.primary_metric
     scores = ", ".join(f"{who} {sc.metrics[metric]:.3f}" for who, sc in
                        (("candidate", report.candidate), ("base", report.base),
-                        (f"champion v{report.champion_version}", report.champion)) if sc is not None and metric in sc.metrics)
+                        (f"champion v{report.champion_version}", report.champion),
+                        (f"majority class ({report.majority_label})", report.majority))
+                       if sc is not None and metric in sc.metrics)
     scored = f"On {report.n_examples} held-out examples, {metric}: {scores}. " if scores else ""
     verdict = "Promoted to `champion`" if decision.promoted else "Not promoted"
     return (f"Trained {how} on dataset version `{trained.dataset_version}`: {exported.n_train} training and "

@@ -86,7 +86,7 @@ def build_trainer(exported: ExportedDataset, train: TrainConfig, models_dir: Pat
     local = train.local
     quiet_libraries()
     load_kwargs = _check_quantization(train)
-    base_source = resolve_base_model(train, models_dir)
+    base_source = resolve_base_model(train, models_dir, stage_logger())
     tokenizer = load_tokenizer(base_source)
     from tuneloop.core.chat_templates import first_conversation, training_chat_template
 
@@ -128,8 +128,7 @@ def build_trainer(exported: ExportedDataset, train: TrainConfig, models_dir: Pat
         learning_rate=local.learning_rate,
         warmup_steps=local.warmup_steps if local.max_steps is None else min(local.warmup_steps, local.max_steps),
         lr_scheduler_type="cosine",
-        logging_steps=max(1, local.progress_every if local.max_steps is None
-                          else min(local.progress_every, local.max_steps // 10)),
+        logging_steps=1,  # the loss of every step (loss/train, "loss at the last step"); the log prints fewer
         max_length=local.max_length,
         packing=local.packing,
         packing_strategy="bfd",  # padding-free: packed examples keep their own position ids and attention
@@ -194,7 +193,7 @@ def untrained_adapter(exported: ExportedDataset, train: TrainConfig, models_dir:
 
     local, started = train.local, time.perf_counter()
     quiet_libraries()
-    base_source = resolve_base_model(train, models_dir)
+    base_source = resolve_base_model(train, models_dir, stage_logger())
     adapter_dir = out_dir / "adapter"
     if init_adapter is not None:
         import shutil
@@ -211,8 +210,14 @@ def untrained_adapter(exported: ExportedDataset, train: TrainConfig, models_dir:
 
 
 
-def _progress_callback(log, started: float, start_step: int):
-    """Step, loss, tokens/s and ETA in the run log every few steps; a live bar too when a person is watching."""
+def progress_every(local) -> int:
+    """How many steps apart the run log prints progress: ``progress_every``, or a tenth of a short run."""
+    return max(1, local.progress_every if local.max_steps is None else min(local.progress_every, local.max_steps // 10))
+
+
+def _progress_callback(log, started: float, start_step: int, every: int = 1):
+    """Step, loss, tokens/s and ETA in the run log every ``every`` steps and at the last one (the loss itself is
+    logged every step); a live bar too when a person is watching."""
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
@@ -242,12 +247,14 @@ def _progress_callback(log, started: float, start_step: int):
                 return
             if "loss" not in logs:
                 return
+            if self.bar:
+                self.bar.update(self.task, loss=f"{logs['loss']:.4f}")
+            if state.global_step % every and state.global_step < total:
+                return
             elapsed = max(time.perf_counter() - started, 1e-9)
             rate = (state.global_step - start_step) / elapsed
             eta = max(0.0, (total - state.global_step) / max(rate, 1e-9))
             tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
-            if self.bar:
-                self.bar.update(self.task, loss=f"{logs['loss']:.4f}")
             log.info(f"train: step {state.global_step}/{total} (epoch {state.epoch or 0:.2f}) loss {logs['loss']:.4f} "
                      f"({tokens / elapsed:,.0f} tokens/s, ETA {eta:.0f}s)")
 
@@ -270,7 +277,7 @@ def train_here(exported: ExportedDataset, train: TrainConfig, models_dir: Path, 
     started = time.perf_counter()
     start_step = step_of(resume) if resume else 0
     trainer, tokenizer, base_source = build_trainer(exported, train, models_dir, checkpoint_dir,
-                                                    [_progress_callback(log, started, start_step)], init_adapter)
+                                                    [_progress_callback(log, started, start_step, progress_every(local))], init_adapter)
     train_loss = None
     if resume and training_ended(resume) and take_ended_checkpoint(trainer, resume):
         if trainer.is_world_process_zero():

@@ -9,6 +9,7 @@ judge is in ``lib/answerers.py``: it is a model answering, through a paid API.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -152,3 +153,48 @@ def worst_examples(labels: list[str | None], texts: list[str], heldout: list[Hel
 
 def _user(example: HeldOutExample) -> str:
     return next((m["content"] for m in reversed(example.prompt) if m["role"] == "user"), "")
+
+
+def training_labels(train_path: Path | None, pattern: re.Pattern[str]) -> list[str]:
+    """The labels the training split's answers write (its last assistant message, parsed as answers are)."""
+    import orjson
+
+    if train_path is None or not train_path.is_file():
+        return []
+    labels = []
+    with train_path.open("rb") as fh:
+        for line in fh:
+            if line.strip():
+                messages = orjson.loads(line).get("messages") or []
+                answer = next((m["content"] for m in reversed(messages) if m.get("role") == "assistant"), "")
+                if (label := parse_label(answer, pattern)) is not None:
+                    labels.append(label)
+    return labels
+
+
+def majority_baseline(train_labels: list[str], heldout: list[HeldOutExample]) -> tuple[str, ModelScore] | None:
+    """Always answering the training split's most common label (the held-out set's, without a training split):
+    the floor a classifier must clear before it is called better than guessing."""
+    counts = Counter(train_labels or [e.label for e in heldout if e.label is not None])
+    if not counts:
+        return None
+    label = min(counts, key=lambda k: (-counts[k], k))  # the most common; ties by name, so it is reproducible
+    return label, score([label] * len(heldout), heldout)
+
+
+def collapse(predicted: list[str | None], heldout: list[HeldOutExample], share: float | None) -> str | None:
+    """Why the answers count as collapsed onto one label, or None.
+
+    Collapsed: one label is at least ``share`` of the answers and at least 25 points more than its share of
+    the references (a model that answers 'billing' for 99 of 100 tickets when 16 are billing has learned the
+    prior, not the task; on a set that is 95% 'billing', answering it 95% of the time is not a collapse)."""
+    if share is None or not predicted:
+        return None
+    counts = Counter(predicted)
+    label, n = max(counts.items(), key=lambda kv: (kv[1], str(kv[0])))
+    answered, expected = n / len(predicted), sum(e.label == label for e in heldout) / len(heldout)
+    if answered < share or answered - expected < 0.25:
+        return None
+    shown = "no parsable label" if label is None else repr(label)
+    return (f"{shown} for {n} of {len(predicted)} answers ({answered:.0%}); it is {expected:.0%} of the "
+            f"references")

@@ -26,8 +26,17 @@ def decide_promotion(report: EvalReport, evaluate: EvaluateConfig, register: Reg
     deltas = {m: round(report.candidate.metric(m) - reference.metric(m), 4) for m in names}
     delta = deltas[primary]
     failures = [f"{m} {deltas[m]:+.3f} (allowed -{tol:.3f})" for m, tol in sorted(guards.items()) if deltas[m] < -tol]
+    floors = []  # not guards against the reference: floors any candidate must clear (register.beat_majority)
+    if register.beat_majority and report.majority is not None:
+        floor = report.majority.metric(primary)
+        if report.candidate.metric(primary) <= floor:
+            floors.append(f"{primary} {report.candidate.metric(primary):.3f} does not beat the majority-class "
+                          f"baseline (always {report.majority_label!r}: {floor:.3f})")
+    if register.beat_majority and report.collapse:
+        floors.append(f"collapsed onto one label: {report.collapse}")
     tie_wins = register.promote_when == "at_least_as_good"
-    promoted = (delta >= 0 if tie_wins else delta > 0) and delta >= register.min_improvement and not failures
+    promoted = (delta >= 0 if tie_wins else delta > 0) and delta >= register.min_improvement and not failures \
+        and not floors
     verdict = ("matches or beats" if tie_wins else "beats") if promoted else \
         ("does not match" if tie_wins else "does not beat")
     required = f">= {register.min_improvement:.3f}" if tie_wins else f"> 0 and >= {register.min_improvement:.3f}"
@@ -35,5 +44,7 @@ def decide_promotion(report: EvalReport, evaluate: EvaluateConfig, register: Reg
               f" {reference.metric(primary):.3f} (delta {delta:+.3f}, required {required})")
     if failures:
         reason += "; guard regressed: " + ", ".join(failures)
+    if floors:
+        reason += "; refused: " + "; ".join(floors)
     return PromotionDecision(promoted=promoted, reason=reason, baseline=baseline, delta=delta,
-                             primary_metric=primary, deltas=deltas, guard_failures=failures)
+                             primary_metric=primary, deltas=deltas, guard_failures=failures + floors)

@@ -36,7 +36,7 @@ def launch_distributed(exported: ExportedDataset, train: TrainConfig, models_dir
         raise TuneloopError(f"train.local.devices: {train.local.devices} but this machine has "
                             f"{torch.cuda.device_count()} GPU(s)")
     # Build or check the base once here, so the ranks do not race to build the tiny model or fail one by one.
-    base = resolve_base_model(train, models_dir)
+    base = resolve_base_model(train, models_dir, stage_logger())
     spec = out_dir / "distributed.json"
     result_path = out_dir / "trained.json"
     result_path.unlink(missing_ok=True)
