@@ -18,7 +18,7 @@ from tuneloop.core.config import PipelineConfig, TrainConfig, load_config
 from tuneloop.core.mapping import required_fields
 from tuneloop.core.records import RetrainResult
 from tuneloop.core.state import prepare_state, run_lock
-from tuneloop.lib.heldout import read_evaluation_set
+from tuneloop.lib.heldout import read_evaluation_set, read_fitted_heldout
 from tuneloop.lib.ledger import (
     Settings,
     commit_ledger,
@@ -156,6 +156,8 @@ def retrain(config: PipelineConfig | str, overrides: list[str] | None = None, re
         exported = export_task(dataset, config.export, heldout, state.home / "exports", plan, config.config_hash(),
                                config.quality.min_examples)
         enforce_budget(exported.estimate, config.train.max_cost_usd)
+        if exported.heldout_path is not None:  # held to the training limit, by the same policy
+            heldout = read_fitted_heldout(exported.heldout_path)
         init_adapter, warm_from = None, None
         if config.train.warm_starts:
             warm_from = find_champion_task(ctx.registry, run_dir / "warm-start")

@@ -28,7 +28,7 @@ from tuneloop.core.state import gc_paused, sha256_file, write_atomically
 from tuneloop.lib.chatformat import example_errors
 from tuneloop.lib.datasets import read_examples_in_chunks
 from tuneloop.lib.heldout import HeldOutExample, prompt_keys
-from tuneloop.lib.length import apply_length_policy
+from tuneloop.lib.length import MIN_KEPT_SHARE, apply_length_policy, fit_heldout
 from tuneloop.lib.runlog import stage_logger
 from tuneloop.lib.tokens import ChatTemplateCounter, TokenCounter, estimate_cost, token_stats
 
@@ -232,6 +232,13 @@ def _export(dataset: DatasetVersion, export: ExportConfig, heldout: list[HeldOut
             raise TuneloopError(f"export: only {len(clean)} examples fit the {plan.limit}-token limit "
                                 f"({len(too_long)} set aside as too_many_tokens; quality.min_examples is "
                                 f"{min_examples}); raise the limit")
+    fitted_heldout, n_heldout_trimmed, heldout_too_long = heldout, 0, []
+    if plan is not None and heldout:  # evaluation asks prompts of the length training saw
+        fitted_heldout, n_heldout_trimmed, heldout_too_long = fit_heldout(
+            heldout, lambda m: plan.counter.count([m])[0], plan.limit, export.too_long)
+        if not fitted_heldout:
+            raise TuneloopError(f"export: none of the {len(heldout)} held-out examples fits the {plan.limit}-token "
+                                "limit with its reference answer: raise the limit (train.local.max_length)")
     train, validation = split_examples(clean, export.validation_fraction, f"{export.seed}:{dataset.version}")
     assert_no_heldout({"train": train, "validation": validation}, heldout)
 
@@ -253,6 +260,11 @@ def _export(dataset: DatasetVersion, export: ExportConfig, heldout: list[HeldOut
            "validation.jsonl": write_jsonl(tmp / "validation.jsonl", validation)}
     if too_long:  # accounted for, like the gate's quarantine: with the reason and where the record came from
         (tmp / "too_long.jsonl").write_bytes(b"".join(orjson.dumps(q) + b"\n" for q in too_long))
+    if heldout:
+        (tmp / "heldout.jsonl").write_bytes(b"".join(orjson.dumps(h.model_dump(mode="json")) + b"\n"
+                                                     for h in fitted_heldout))
+    if heldout_too_long:
+        (tmp / "heldout_too_long.jsonl").write_bytes(b"".join(orjson.dumps(q) + b"\n" for q in heldout_too_long))
     manifest = {
         "dataset_version": dataset.version,
         "snapshot": str(dataset.path),
@@ -261,7 +273,11 @@ def _export(dataset: DatasetVersion, export: ExportConfig, heldout: list[HeldOut
         "split_seed": export.seed,
         "validation_fraction": export.validation_fraction,
         "counts": {"train": len(train), "validation": len(validation), "heldout_overlaps_removed": overlaps,
-                   "prompt_trimmed": n_trimmed, "too_many_tokens": len(too_long)},
+                   "prompt_trimmed": n_trimmed, "too_many_tokens": len(too_long),
+                   "too_many_tokens_no_room": fitted.no_room if fitted else 0,
+                   "too_many_tokens_below_floor": fitted.below_floor if fitted else 0,
+                   "heldout": len(fitted_heldout), "heldout_prompt_trimmed": n_heldout_trimmed,
+                   "heldout_too_many_tokens": len(heldout_too_long)},
         "too_long": export.too_long,
         "labels": {name: dict(sorted(Counter(e.label for e in part if e.label is not None).items()))
                    for name, part in (("train", train), ("validation", validation))},
@@ -280,6 +296,9 @@ def _export(dataset: DatasetVersion, export: ExportConfig, heldout: list[HeldOut
         validation_path=directory / "validation.jsonl", manifest_path=directory / "manifest.json",
         n_train=len(train), n_validation=len(validation), sha256=sha, n_heldout_overlaps=overlaps,
         n_prompt_trimmed=n_trimmed, n_too_long=len(too_long), token_stats=stats, estimate=estimate,
+        n_too_long_no_room=fitted.no_room if fitted else 0, n_too_long_below_floor=fitted.below_floor if fitted else 0,
+        heldout_path=directory / "heldout.jsonl" if heldout else None, n_heldout=len(fitted_heldout),
+        n_heldout_trimmed=n_heldout_trimmed, n_heldout_too_long=len(heldout_too_long),
     )
     write_atomically(directory / "export.json", exported.model_dump_json(indent=2).encode())  # last: the export is done
     return exported
@@ -291,9 +310,18 @@ def manifest_summary(exported: ExportedDataset) -> str:
              f" examples ({exported.n_heldout_overlaps} held-out overlaps removed) in {exported.directory}"
              + (" [reused]" if exported.reused else "")]
     if exported.n_prompt_trimmed or exported.n_too_long:
+        why = [f"{n} {what}" for n, what in ((exported.n_too_long_no_room, "whose system message and answer alone "
+                                              "do not fit"),
+                                             (exported.n_too_long_below_floor, "whose prompt would be trimmed below "
+                                              f"the floor ({MIN_KEPT_SHARE:.0%} of it)")) if n]
         lines.append(f"  over the token limit: {exported.n_prompt_trimmed} prompts trimmed in the middle (answers "
                      f"kept whole), {exported.n_too_long} examples set aside as too_many_tokens"
-                     + (f" ({exported.directory / 'too_long.jsonl'})" if exported.n_too_long else ""))
+                     + (f" ({', '.join(why)})" if why else "")
+                     + (f" in {exported.directory / 'too_long.jsonl'}" if exported.n_too_long else ""))
+    if exported.n_heldout_trimmed or exported.n_heldout_too_long:
+        lines.append(f"  held-out, held to the same limit: {exported.n_heldout} evaluated, "
+                     f"{exported.n_heldout_trimmed} prompts trimmed, {exported.n_heldout_too_long} set aside"
+                     + (f" ({exported.directory / 'heldout_too_long.jsonl'})" if exported.n_heldout_too_long else ""))
     for name, s in exported.token_stats.items():
         over = f", {s.n_over_limit} over the {s.limit}-token limit" if s.limit else ""
         lines.append(f"  {name} tokens ({s.counted_with}): total {s.total:,}, min {s.min}, p50 {s.p50},"

@@ -129,7 +129,8 @@ def test_the_champion_answers_through_the_openai_sdk_and_a_promotion_is_served_w
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         assert [m.id for m in client.models.list()] == [NAME]
 
-        raw = client.chat.completions.with_raw_response.create(model=NAME, messages=[{"role": "user", "content": TICKET}])
+        ticket = [{"role": "user", "content": TICKET}]
+        raw = client.chat.completions.with_raw_response.create(model=NAME, messages=ticket, max_tokens=MAX_NEW_TOKENS)
         reply = raw.parse()
         assert raw.headers["x-tuneloop-model-version"] == "1"
         assert reply.system_fingerprint == f"{NAME}@champion:v1" and reply.model == NAME
@@ -138,6 +139,26 @@ def test_the_champion_answers_through_the_openai_sdk_and_a_promotion_is_served_w
         assert usage.prompt_tokens > 0 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
         assert 0 < usage.completion_tokens <= MAX_NEW_TOKENS  # the budget the version was evaluated with
         assert reply.choices[0].finish_reason == ("length" if usage.completion_tokens == MAX_NEW_TOKENS else "stop")
+        # no max_tokens: the server's default (512, capped by the context left), not the evaluation budget
+        long = client.chat.completions.create(model=NAME, messages=ticket)
+        direct = v1.unwrap_python_model().answer_chat([{"role": "system", "content": SYSTEM}, *ticket], None, 512)
+        assert long.choices[0].message.content == direct.text and long.usage.completion_tokens == direct.completion_tokens
+        assert long.usage.completion_tokens > MAX_NEW_TOKENS and long.choices[0].message.content.startswith(own["1"])
+
+        # stream=True: OpenAI's server-sent events, read by the SDK; the same answer, piece by piece
+        chunks = list(client.chat.completions.create(model=NAME, messages=ticket, max_tokens=MAX_NEW_TOKENS,
+                                                     stream=True, stream_options={"include_usage": True}))
+        assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == own["1"]
+        assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # in pieces, not one blob
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+            reply.choices[0].finish_reason]
+        assert chunks[-1].usage.completion_tokens == usage.completion_tokens and chunks[-1].choices == []
+        assert {c.system_fingerprint for c in chunks} == {f"{NAME}@champion:v1"}
+        stop = own["1"][4:6]  # a stop sequence inside the answer: the stream ends before it, as OpenAI's does
+        stopped = client.chat.completions.create(model=NAME, messages=ticket, max_tokens=MAX_NEW_TOKENS, stream=True,
+                                                 stop=[stop])
+        assert "".join(c.choices[0].delta.content or "" for c in stopped) == own["1"][:own["1"].find(stop)]
         cut = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": TICKET}], max_tokens=1)
         assert (cut.usage.completion_tokens, cut.choices[0].finish_reason) == (1, "length")
         assert cut.usage.prompt_tokens == usage.prompt_tokens
@@ -151,9 +172,9 @@ def test_the_champion_answers_through_the_openai_sdk_and_a_promotion_is_served_w
         assert mine.usage.prompt_tokens != reply.usage.prompt_tokens
         assert mine.choices[0].finish_reason == terse_v1.finish_reason
 
-        with pytest.raises(openai.BadRequestError, match="stream: streaming is not supported") as refused:
-            client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": TICKET}], stream=True)
-        assert refused.value.status_code == 400 and refused.value.body["param"] == "stream"
+        with pytest.raises(openai.BadRequestError, match="maximum context length is 512 tokens") as refused:
+            client.chat.completions.create(model=NAME, messages=ticket, max_tokens=600, stream=True)
+        assert refused.value.status_code == 400  # refused before the first event, as a whole answer would be
         with pytest.raises(openai.NotFoundError, match="The model `gpt-4o-mini` does not exist") as unknown:
             client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": TICKET}])
         assert unknown.value.body["code"] == "model_not_found"
@@ -169,8 +190,8 @@ def test_the_champion_answers_through_the_openai_sdk_and_a_promotion_is_served_w
         registry_client.set_registered_model_alias(NAME, "champion", "2")
         deadline = time.monotonic() + 30
         while True:
-            raw = client.chat.completions.with_raw_response.create(model=NAME,
-                                                                   messages=[{"role": "user", "content": TICKET}])
+            raw = client.chat.completions.with_raw_response.create(model=NAME, messages=ticket,
+                                                                   max_tokens=MAX_NEW_TOKENS)
             if raw.headers["x-tuneloop-model-version"] == "2" or time.monotonic() > deadline:
                 break
             assert raw.parse().choices[0].message.content == own["1"]  # until the swap, v1 answers whole
@@ -186,7 +207,7 @@ def test_the_champion_answers_through_the_openai_sdk_and_a_promotion_is_served_w
         deadline = time.monotonic() + 30
         while "v3 (@champion) failed to load, still serving v2" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
-        raw = client.chat.completions.with_raw_response.create(model=NAME, messages=[{"role": "user", "content": TICKET}])
+        raw = client.chat.completions.with_raw_response.create(model=NAME, messages=ticket, max_tokens=MAX_NEW_TOKENS)
         assert raw.headers["x-tuneloop-model-version"] == "2" and raw.parse().choices[0].message.content == own["2"]
         assert proc.poll() is None  # never restarted
     finally:

@@ -173,6 +173,92 @@ def test_an_example_over_the_token_limit_never_loses_its_answer(tmp_path, policy
     assert manifest["counts"]["prompt_trimmed"] == exported.n_prompt_trimmed
 
 
+def test_a_prompt_is_never_trimmed_to_nothing_and_each_set_aside_example_says_why(tmp_path):
+    """The real-model issue's case: a long system message and a small max_length cut user messages down to
+    "[...]", and they were trained on; and 'the system message and the answer alone do not fit' was said of
+    examples it was not true of. Now: trimmed only while a floor of the prompt survives, else set aside saying
+    so; 'do not fit' only when it is true; the counts in the manifest and the summary."""
+    import orjson
+
+    from tuneloop.core.records import DatasetVersion
+    from tuneloop.lib.length import ENOUGH_KEPT_CHARS, MIN_KEPT_SHARE
+    from tuneloop.tasks.export import manifest_summary, token_plan
+
+    cfg = load_config(DEMO_CONFIG, ["train.local.max_length=128"])
+    plan = token_plan(cfg.train, tmp_path / "models")
+    ticket = "The sync folder on my laptop stopped after the update, and the invoice page is blank again. " * 2
+    system = "Route the ticket."
+    while plan.counter.count([[{"role": "system", "content": system + " Be brief."}, {"role": "user", "content": "[...]"},
+                               {"role": "assistant", "content": "queue: billing"}]])[0] <= 122:
+        system += " Be brief."  # until it leaves the ticket at most 6 tokens of the 128
+    rows = []
+    for i, (sys_msg, user, answer) in enumerate([
+            (system, ticket, "queue: billing"),                       # fits only as a sliver of the ticket
+            ("Route it.", ticket * 12, "queue: billing"),              # long, trimmed, plenty kept
+            ("Route it.", ticket, "queue: billing " + "again " * 150),  # the answer alone is over the limit
+            ("Route it.", "short ticket", "queue: billing")]):         # fits as it is
+        rows.append({"messages": [{"role": "system", "content": sys_msg}, {"role": "user", "content": user},
+                                  {"role": "assistant", "content": answer}], "label": "billing",
+                     "record_id": f"r{i}", "source": "in.jsonl", "line": i + 1, "content_hash": f"{i:064x}"})
+    path = tmp_path / "snap.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    exported = export_chat_jsonl(DatasetVersion(version="floor", path=path, n_examples=4), ExportConfig(), [],
+                                 tmp_path / "exports", plan)
+    written = {json.loads(line)["messages"][1]["content"] for p in (exported.train_path, exported.validation_path)
+               for line in p.read_text().splitlines()}
+    assert "[...]" not in written and not any(len(w.replace("[...]", "").strip()) < 10 for w in written)
+    set_aside = {q["record_id"]: q["detail"] for q in map(json.loads, (exported.directory / "too_long.jsonl")
+                                                          .read_text().splitlines())}
+    assert set(set_aside) == {"r0", "r2"} and exported.n_prompt_trimmed == 1 and len(written) == 2
+    assert set_aside["r0"].endswith(f"trimming the user message to fit would keep less than {MIN_KEPT_SHARE:.0%} of "
+                                    f"it (or {ENOUGH_KEPT_CHARS} characters): raise train.local.max_length")
+    assert set_aside["r2"].endswith("the system message and the answer alone do not fit")
+    assert "do not fit" not in set_aside["r0"]
+    counts = json.loads(exported.manifest_path.read_text())["counts"]
+    assert (counts["too_many_tokens"], counts["too_many_tokens_no_room"], counts["too_many_tokens_below_floor"]) \
+        == (2, 1, 1)
+    assert ("2 examples set aside as too_many_tokens (1 whose system message and answer alone do not fit, 1 whose "
+            "prompt would be trimmed below the floor (25% of it))") in manifest_summary(exported)
+    trimmed = next(w for w in written if "[...]" in w)
+    # the most that fits is kept, not a guess far below it: a dozen characters more would not fit
+    from tuneloop.lib.length import _cut
+
+    kept = len(trimmed) - len(" [...] ")
+    more = [*rows[1]["messages"][:1], {"role": "user", "content": _cut(ticket * 12, kept + 12)}, rows[1]["messages"][2]]
+    assert plan.counter.count([more])[0] > 128 and kept > 2 * ENOUGH_KEPT_CHARS
+
+
+def test_held_out_prompts_are_held_to_the_training_limit_by_the_same_policy(tmp_path):
+    """Training saw at most max_length tokens; evaluation asked prompts of 350. Now the held-out set is fitted
+    with its reference answer as training examples are: trimmed, or left out of evaluation and counted."""
+    from tuneloop.lib.heldout import HeldOutExample, read_fitted_heldout
+    from tuneloop.tasks.export import manifest_summary, token_plan
+
+    cfg = load_config(DEMO_CONFIG, ["train.local.max_length=128"])
+    plan = token_plan(cfg.train, tmp_path / "models")
+    dataset, _ = _long_snapshot(tmp_path)
+    long_ticket = "START " + "the invoice page is blank again and the sync stopped " * 40 + " END"
+
+    def held(i: int, user: str, expected: str = "queue: access") -> HeldOutExample:
+        return HeldOutExample(record_id=f"h{i}", prompt=[{"role": "system", "content": "Route the ticket."},
+                                                         {"role": "user", "content": user}],
+                              expected=expected, label="access", content_hash=f"{i:064x}")
+
+    heldout = [held(0, long_ticket), held(1, "my password reset mail never arrives"),
+               held(2, "short", "queue: access " + "and more " * 200)]
+    exported = export_chat_jsonl(dataset, ExportConfig(), heldout, tmp_path / "exports", plan)
+    fitted = read_fitted_heldout(exported.heldout_path)
+    assert [h.record_id for h in fitted] == ["h0", "h1"]  # h2's reference alone is over the limit
+    for h in fitted:
+        assert plan.counter.count([[*h.prompt, {"role": "assistant", "content": h.expected}]])[0] <= 128
+    assert fitted[0].prompt[1]["content"].startswith("START") and fitted[0].prompt[1]["content"].endswith("END")
+    assert "[...]" in fitted[0].prompt[1]["content"] and fitted[1] == heldout[1]
+    assert (exported.n_heldout, exported.n_heldout_trimmed, exported.n_heldout_too_long) == (2, 1, 1)
+    counts = json.loads(exported.manifest_path.read_text())["counts"]
+    assert (counts["heldout"], counts["heldout_prompt_trimmed"], counts["heldout_too_many_tokens"]) == (2, 1, 1)
+    assert "held-out, held to the same limit: 2 evaluated, 1 prompts trimmed, 1 set aside" in manifest_summary(exported)
+
+
 def test_counted_on_a_second_thread_each_example_keeps_its_own_count_after_held_out_removal(checked, tmp_path,
                                                                                             monkeypatch):
     """The export counts chunks of the snapshot while parsing the next (tasks/export.py) and realigns the counts

@@ -30,3 +30,20 @@ def test_snapshot_accumulates_dedups_against_the_previous_version_and_replaces_u
 
     same_again = write_snapshot(batch(tmp_path, "c", rows[:5]), tmp_path / "datasets", first.version)
     assert same_again.version == first.version and same_again.n_added == 0
+
+
+def test_records_merged_by_mapped_content_are_counted_and_named(tmp_path):
+    """The real-model issue saw 699 accepted and '691 new (0 already present, 0 replaced)': 8 records whose
+    mapped example equalled another's were merged without a word. Now every accepted record is accounted for."""
+    from tuneloop.tasks.snapshot import snapshot_summary
+
+    rows = [json.loads(line) for line in (DEMO / "tickets.jsonl").read_text().splitlines()[:12]]
+    twins = [{**rows[i], "ticket_id": f"{rows[i]['ticket_id']}-again"} for i in (2, 5)]  # other id, same example
+    checked = batch(tmp_path, "a", rows + twins)
+    assert checked.n_accepted == 14 and checked.n_duplicates == 0  # the gate saw two different records
+    d = write_snapshot(checked, tmp_path / "datasets")
+    assert (d.n_added, d.n_merged, d.n_examples) == (12, 2, 12)
+    assert d.merged == [(f"{rows[i]['ticket_id']}-again", rows[i]["ticket_id"]) for i in (2, 5)]
+    line = snapshot_summary(d, checked.n_accepted)
+    assert "Accepted 14 = 12 new + 0 already present + 2 merged" in line
+    assert f"{rows[2]['ticket_id']}-again = {rows[2]['ticket_id']}" in line

@@ -332,7 +332,9 @@ def serve_model(config: ConfigOption = None, set_: SetOption = None,
                 port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
                 alias: Annotated[str, typer.Option(help="the registered model's alias to serve")] = "champion",
                 poll_seconds: Annotated[float, typer.Option(min=0.1, help="how often the alias is checked for a "
-                                                            "new version")] = 5.0) -> None:
+                                                            "new version")] = 5.0,
+                max_tokens: Annotated[int, typer.Option(min=1, help="the most a request without max_tokens is "
+                                                        "answered with (capped by the context left)")] = 512) -> None:
     """Serve the registered model at ALIAS behind an OpenAI-compatible API (POST /v1/chat/completions,
     GET /v1/models, GET /health): an app using the OpenAI SDK switches by changing its base URL. A promotion or
     rollback is picked up without a restart; each answer names its version. Decoding is greedy."""
@@ -342,7 +344,7 @@ def serve_model(config: ConfigOption = None, set_: SetOption = None,
 
     _log_to("tuneloop.endpoint", sys.stderr)
     try:
-        serve_champion(uri, name, alias=alias, host=host, port=port, poll_seconds=poll_seconds)
+        serve_champion(uri, name, alias=alias, host=host, port=port, poll_seconds=poll_seconds, max_tokens=max_tokens)
     except TuneloopError as exc:
         fail(str(exc), 1)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the server stopped cleanly first

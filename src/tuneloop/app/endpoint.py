@@ -9,9 +9,13 @@ answer names its version (``system_fingerprint`` ``NAME@ALIAS:vN``, header ``x-t
 
 Decoding is greedy, as in evaluation, so an answer is what the version was scored on: ``temperature`` and
 ``top_p`` are accepted and ignored; ``stop`` is honoured (the answer ends before it); one choice per request
-(``n`` 1), no streaming, no tools or logprobs. Errors use OpenAI's JSON
-shape, so the SDK raises its usual exceptions (400 ``BadRequestError``, 404 ``NotFoundError``, 503 when no
-version is loaded).
+(``n`` 1), no tools or logprobs. ``stream: true`` answers in server-sent events as OpenAI's do (chunks of
+``chat.completion.chunk``, then ``data: [DONE]``; ``stream_options.include_usage`` adds the usage chunk), so
+the SDK's ``stream=True`` reads it. A request without ``max_tokens`` may answer up to the server's
+``max_tokens`` (``tuneloop serve-model --max-tokens``, 512), capped by the context left after the prompt: a
+serving default, not the few tokens the version was evaluated with. Errors use OpenAI's JSON shape, so the
+SDK raises its usual exceptions (400 ``BadRequestError``, 404 ``NotFoundError``, 503 when no version is
+loaded).
 """
 
 from __future__ import annotations
@@ -57,9 +61,27 @@ class ServedVersion:
     def fingerprint(self) -> str:
         return f"{self.name}@{self.alias}:v{self.version}"
 
-    def answer(self, messages: list[dict], max_tokens: int | None):
+    def answer(self, messages: list[dict], max_tokens: int | None, default_max_tokens: int | None = None):
         with self.lock:
-            return self.champion.answer_chat(messages, max_tokens)
+            return self.champion.answer_chat(messages, max_tokens, default_max_tokens)
+
+    def stream(self, messages: list[dict], max_tokens: int | None, default_max_tokens: int | None = None):
+        """The answer in pieces, then the whole ChatAnswer. The lock is taken now, so a refusal (ChatRefused)
+        is raised here, before any event is sent, and held until the last piece is read."""
+        self.lock.acquire()
+        try:
+            pieces = self.champion.stream_chat(messages, max_tokens, default_max_tokens)
+        except BaseException:
+            self.lock.release()
+            raise
+
+        def locked():
+            try:
+                yield from pieces
+            finally:
+                self.lock.release()
+
+        return locked()
 
 
 class AliasFollower:
@@ -195,6 +217,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(None, ge=1)
     stream: bool | None = None
+    stream_options: dict[str, Any] | None = None  # include_usage: a last chunk with the usage
     temperature: float | None = Field(None, ge=0, le=2)  # accepted; decoding is greedy
     top_p: float | None = Field(None, ge=0, le=1)  # accepted; decoding is greedy
     stop: str | list[str] | None = None  # honoured: the answer ends before the first of them, as OpenAI's does
@@ -223,9 +246,6 @@ def parse_chat(body: Any) -> ChatRequest:
         first = exc.errors()[0]
         where = _param(first["loc"])
         raise RequestRefused(400, f"{where}: {first['msg']}" if where else first["msg"], where or None) from None
-    if chat.stream:
-        raise RequestRefused(400, "stream: streaming is not supported by this endpoint; send stream=false (the "
-                             "default) and read the whole answer", "stream", "unsupported_parameter")
     if chat.n not in (None, 1):
         raise RequestRefused(400, f"n: only 1 choice per request is supported (decoding is greedy, so more "
                              f"would be copies), got {chat.n}", "n", "unsupported_parameter")
@@ -253,13 +273,43 @@ def chat_messages(chat: ChatRequest) -> list[dict]:
 
 
 # ---- the ASGI app ------------------------------------------------------------------------------------------
-def create_app(follower: AliasFollower):
-    """The Starlette app answering for whichever version ``follower`` holds at the time of each request."""
+DEFAULT_MAX_TOKENS = 512  # what a request without max_tokens may be answered with (capped by the context)
+
+
+class StopCutter:
+    """Text pieces in, text pieces out, ending before the first stop sequence: the last few characters are
+    held back until they cannot be the start of one (a stop may arrive split across pieces)."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.buffer, self.stopped = "", False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        self.buffer += piece
+        cut = min((self.buffer.find(s) for s in self.stops if s in self.buffer), default=-1)
+        if cut >= 0:
+            self.stopped, out, self.buffer = True, self.buffer[:cut], ""
+            return out
+        ready = len(self.buffer) - self.hold
+        out, self.buffer = (self.buffer[:ready], self.buffer[ready:]) if ready > 0 else ("", self.buffer)
+        return out
+
+    def flush(self) -> str:
+        out, self.buffer = ("" if self.stopped else self.buffer), ""
+        return out
+
+
+def create_app(follower: AliasFollower, max_tokens: int = DEFAULT_MAX_TOKENS):
+    """The Starlette app answering for whichever version ``follower`` holds at the time of each request;
+    ``max_tokens``: the most a request without its own may be answered with."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
-    from starlette.responses import JSONResponse
+    from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
     from tuneloop.core.serving import ChatRefused
@@ -291,8 +341,18 @@ def create_app(follower: AliasFollower):
             messages = chat_messages(chat)
         except RequestRefused as exc:
             return error(exc.status, exc.message, exc.param, exc.code)
+        asked = chat.max_completion_tokens or chat.max_tokens
+        stops = [chat.stop] if isinstance(chat.stop, str) else (chat.stop or [])
+        if chat.stream:
+            try:
+                pieces = await run_in_threadpool(served.stream, messages, asked, max_tokens)
+            except ChatRefused as exc:
+                return error(400, str(exc), "messages", "context_length_exceeded")
+            usage = bool((chat.stream_options or {}).get("include_usage"))
+            return StreamingResponse(sse_events(served, pieces, StopCutter(stops), usage), media_type="text/event-stream",
+                                     headers={VERSION_HEADER: served.version, "cache-control": "no-cache"})
         try:
-            answer = await run_in_threadpool(served.answer, messages, chat.max_completion_tokens or chat.max_tokens)
+            answer = await run_in_threadpool(served.answer, messages, asked, max_tokens)
         except ChatRefused as exc:
             return error(400, str(exc), "messages", "context_length_exceeded")
         except TuneloopError as exc:  # an API-trained champion's service failed: already one scrubbed line
@@ -300,7 +360,6 @@ def create_app(follower: AliasFollower):
         except Exception as exc:
             log.exception(f"{served.fingerprint} failed to answer")
             return error(500, f"{served.fingerprint} failed to answer: {type(exc).__name__}: {scrub(str(exc))}")
-        stops = [chat.stop] if isinstance(chat.stop, str) else (chat.stop or [])
         cut = min((answer.text.find(s) for s in stops if s and s in answer.text), default=-1)
         if cut >= 0:  # an app that sends stop sequences must not get text past them
             answer = replace(answer, text=answer.text[:cut], finish_reason="stop")
@@ -312,6 +371,40 @@ def create_app(follower: AliasFollower):
             "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
                       "total_tokens": answer.prompt_tokens + answer.completion_tokens},
         }, headers={VERSION_HEADER: served.version})
+
+    def sse_events(served: ServedVersion, pieces, cutter: StopCutter, usage: bool):
+        """OpenAI's stream: a chunk with the role, one per piece of text, one with the finish reason, the usage
+        chunk when asked, ``[DONE]``. A failure mid-answer ends the stream with an error event (the status
+        line is already sent)."""
+        import json as _json
+
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": follower.name, "system_fingerprint": served.fingerprint}
+
+        def event(delta: dict, finish: str | None = None, **extra) -> str:
+            chunk = {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                     **extra}
+            return f"data: {_json.dumps(chunk)}\n\n"
+
+        yield event({"role": "assistant", "content": ""})
+        final = None
+        try:
+            for piece in pieces:
+                if not isinstance(piece, str):
+                    final = piece
+                elif text := cutter.feed(piece):
+                    yield event({"content": text})
+        except Exception as exc:  # noqa: BLE001 - the client is told, the log keeps the stack
+            log.exception(f"{served.fingerprint} failed while streaming")
+            yield f"data: {_json.dumps({'error': {'message': scrub(str(exc)), 'type': 'server_error'}})}\n\n"
+            return
+        if text := cutter.flush():
+            yield event({"content": text})
+        finish = "stop" if cutter.stopped else (final.finish_reason if final else "stop")
+        yield event({}, finish)
+        if usage and final is not None:
+            yield (f"data: {_json.dumps({**head, 'choices': [], 'usage': {'prompt_tokens': final.prompt_tokens, 'completion_tokens': final.completion_tokens, 'total_tokens': final.prompt_tokens + final.completion_tokens}})}\n\n")
+        yield "data: [DONE]\n\n"
 
     def model_card() -> dict:
         served = follower.current
@@ -360,7 +453,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve_champion(tracking_uri: str, name: str, alias: str = "champion", host: str = "127.0.0.1",
-                   port: int = 8000, poll_seconds: float = 5.0) -> None:
+                   port: int = 8000, poll_seconds: float = 5.0, max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
     """``tuneloop serve-model``: listen, load the version at the alias, answer until stopped (Ctrl-C/SIGTERM),
     following the alias every ``poll_seconds``. Startup problems raise TuneloopError before anything answers."""
     import uvicorn
@@ -383,7 +476,7 @@ def serve_champion(tracking_uri: str, name: str, alias: str = "champion", host: 
                 shown = f"[{host}]" if ":" in host else host
                 log.info(f"OpenAI-compatible API on http://{shown}:{sock.getsockname()[1]}/v1 (model {name!r}; "
                          f"following @{alias} every {poll_seconds:g}s)")
-                config = uvicorn.Config(create_app(follower), log_level="warning", lifespan="off",
+                config = uvicorn.Config(create_app(follower, max_tokens), log_level="warning", lifespan="off",
                                         timeout_graceful_shutdown=10)
                 uvicorn.Server(config).run(sockets=[sock])
             finally:

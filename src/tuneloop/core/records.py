@@ -200,6 +200,10 @@ class DatasetVersion(BaseModel):
     n_added: int = 0
     n_already_present: int = 0
     n_replaced: int = 0
+    # accepted records whose mapped example equals another accepted one's (other id or raw fields, same
+    # prompt and answer): one is kept. (merged record id, kept record id), the first MERGES_NAMED of them
+    n_merged: int = 0
+    merged: list[tuple[str, str]] = Field(default_factory=list)
 
 
 class TokenStats(BaseModel):
@@ -247,6 +251,13 @@ class ExportedDataset(BaseModel):
     n_heldout_overlaps: int = 0
     n_prompt_trimmed: int = 0  # over the token limit: the middle of the prompt cut, the answer whole
     n_too_long: int = 0  # over the token limit and set aside (too_long.jsonl, reason too_many_tokens)
+    n_too_long_no_room: int = 0  # of n_too_long: the system message and the answer alone are over the limit
+    n_too_long_below_floor: int = 0  # of n_too_long: fitting would keep too little of the prompt
+    # the held-out set held to the same limit and policy (heldout.jsonl: the prompts evaluation asks)
+    heldout_path: Path | None = None
+    n_heldout: int = 0
+    n_heldout_trimmed: int = 0
+    n_heldout_too_long: int = 0  # not evaluated: they could not be made to fit (heldout_too_long.jsonl)
     token_stats: dict[str, TokenStats] = Field(default_factory=dict)
     estimate: CostEstimate | None = None
     reused: bool = False

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -75,29 +76,92 @@ class ChampionModel(mlflow.pyfunc.PythonModel):
         """What the API is asked for: the Azure deployment the champion answers through, else the model id."""
         return self.spec.get("deployment") or self.spec["fine_tuned_model"]
 
-    def answer_chat(self, messages: list[dict], max_tokens: int | None = None) -> ChatAnswer:
+    def answer_chat(self, messages: list[dict], max_tokens: int | None = None,
+                    default_max_tokens: int | None = None) -> ChatAnswer:
         """Answer a whole chat as an app sends it to an OpenAI model (``{"role", "content": str}`` messages):
         the chat's own system message if it has one, else the model's; greedy, with the code evaluation
-        scored. ``max_tokens`` None: the budget the version was evaluated with. A local model's token counts
-        are its tokenizer's (the end-of-turn token not counted); an API model's, the service's."""
-        max_tokens = int(max_tokens or self.spec["max_new_tokens"])
+        scored. ``max_tokens`` None: ``default_max_tokens`` (a server's default, capped by the context left
+        after the prompt), else the budget the version was evaluated with. A local model's token counts are its
+        tokenizer's (the end-of-turn token not counted); an API model's, the service's."""
+        *_, final = self.stream_chat(messages, max_tokens, default_max_tokens)
+        return final
+
+    def stream_chat(self, messages: list[dict], max_tokens: int | None = None,
+                    default_max_tokens: int | None = None) -> Iterator[str | ChatAnswer]:
+        """``answer_chat`` as it is written: the text in pieces as the model generates them, then the whole
+        ``ChatAnswer``. Raises ChatRefused before the first piece when the chat cannot be answered as asked.
+        An API-trained model's answer comes as one piece (it is asked without streaming, with its retries)."""
+        messages, max_tokens, prompt = self._prepared(messages, max_tokens, default_max_tokens)
+        if not self.is_local:
+            return self._one_piece(self._answer_chat_by_api(messages, max_tokens))
+        return self._stream_local(prompt, max_tokens)
+
+    def _prepared(self, messages: list[dict], max_tokens: int | None, default_max_tokens: int | None):
         if self.spec.get("system") and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": self.spec["system"]}, *messages]
         if not self.is_local:
-            return self._answer_chat_by_api(messages, max_tokens)
-        from tuneloop.core.generation import generate
-
+            return messages, int(max_tokens or default_max_tokens or self.spec["max_new_tokens"]), None
         rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prompt_tokens = len(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        prompt = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
         context = getattr(self.model.config, "max_position_embeddings", None)
-        if context and prompt_tokens + max_tokens > context:
+        if max_tokens is None and default_max_tokens is not None:  # the server's default: whatever room is left
+            max_tokens = min(default_max_tokens, context - len(prompt)) if context else default_max_tokens
+            if max_tokens < 1:
+                raise ChatRefused(f"this model's maximum context length is {context} tokens and the messages take "
+                                  f"{len(prompt)}: shorten the messages")
+        max_tokens = int(max_tokens or self.spec["max_new_tokens"])
+        if context and len(prompt) + max_tokens > context:
             raise ChatRefused(f"this model's maximum context length is {context} tokens; the messages take "
-                              f"{prompt_tokens} and max_tokens asks for {max_tokens}: shorten the messages or "
+                              f"{len(prompt)} and max_tokens asks for {max_tokens}: shorten the messages or "
                               "lower max_tokens")
-        lengths: list[int] = []
-        text = generate(self.model, self.tokenizer, [SimpleNamespace(prompt=messages)], max_tokens, batch_size=1,
-                        lengths=lengths)[0]
-        return ChatAnswer(text, prompt_tokens, lengths[0], "length" if lengths[0] >= max_tokens else "stop")
+        return messages, max_tokens, prompt
+
+    @staticmethod
+    def _one_piece(answer: ChatAnswer) -> Iterator[str | ChatAnswer]:
+        if answer.text:
+            yield answer.text
+        yield answer
+
+    def _stream_local(self, prompt: list[int], max_tokens: int) -> Iterator[str | ChatAnswer]:
+        """Greedy generation on a second thread, its text read as it comes (transformers' TextIteratorStreamer);
+        the same stop tokens and decoding as ``core.generation.generate``, so the answer is the same."""
+        import threading
+
+        import torch
+        from transformers import TextIteratorStreamer
+
+        from tuneloop.core.chat_templates import stop_token_ids
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = stop_token_ids(self.tokenizer, self.model)
+        ids = torch.tensor([prompt], device=self.model.device)
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    result["out"] = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                        max_new_tokens=max_tokens, do_sample=False, use_cache=True,
+                                                        pad_token_id=self.tokenizer.pad_token_id, eos_token_id=stop,
+                                                        streamer=streamer)
+            except BaseException as exc:  # noqa: BLE001 - handed to the reader, which raises it
+                result["error"] = exc
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="tuneloop-generate", daemon=True)
+        self.model.eval()
+        worker.start()
+        pieces = []
+        for piece in streamer:
+            if piece:
+                pieces.append(piece)
+                yield piece
+        worker.join()
+        if "error" in result:
+            raise result["error"]
+        new = result["out"][0, len(prompt):].tolist()
+        used = next((n for n, t in enumerate(new) if t in stop), len(new))
+        yield ChatAnswer("".join(pieces), len(prompt), used, "length" if used >= max_tokens else "stop")
 
     def _answer_chat_by_api(self, messages: list[dict], max_tokens: int) -> ChatAnswer:
         """The fine-tuned API model, called with the provider settings it was trained with; retries and

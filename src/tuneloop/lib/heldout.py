@@ -87,3 +87,8 @@ def read_heldout(path: Path, mapping: MappingConfig, limit: int | None = None,
     prepared = mapper.prepare(chunk)
     return [heldout_example(ChatExample.model_validate_json(line), f"{path}:{lineno}")
             for line, lineno in zip(prepared.examples, prepared.lines, strict=True)]
+
+
+def read_fitted_heldout(path: Path) -> list[HeldOutExample]:
+    """The held-out set as the export held it to the training limit (heldout.jsonl): what evaluation asks."""
+    return [HeldOutExample.model_validate(orjson.loads(line)) for line in path.read_bytes().splitlines() if line.strip()]
