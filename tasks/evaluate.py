@@ -21,6 +21,7 @@ from tuneloop.core.config import EvaluateConfig, OpenAITrainConfig, RetirementCo
 from tuneloop.core.records import METRIC_TITLES, Champion, EvalReport, TrainedModel, TuneloopError
 from tuneloop.core.retirement import Retirement, retirement_of, training_closes_note, within_warning
 from tuneloop.lib.answerers import GenerationCache, heldout_answers, judge_grade, token_counters
+from tuneloop.lib.fewshot import prompted_baseline
 from tuneloop.lib.heldout import GOLDEN_PREFIX, HeldOutExample
 from tuneloop.lib.metrics import (
     answer_budget,
@@ -52,7 +53,8 @@ def evaluate_models(
     budget = answer_budget(heldout, evaluate, pattern, token_counters(trained, champion), warn)
     evaluate = evaluate.model_copy(update={"max_new_tokens": budget})
     cache = GenerationCache(cache_dir, evaluate.max_new_tokens, warn)
-    texts = heldout_answers(trained, champion, heldout, evaluate, openai, cache, warn)
+    baseline = prompted_baseline(train_path, evaluate.few_shot, evaluate.task, pattern)
+    texts = heldout_answers(trained, champion, heldout, evaluate, openai, cache, warn, baseline)
     if classification:
         labels = {name: [parse_label(t, pattern) for t in outs] for name, outs in texts.items()}
         for name, predicted in labels.items():
@@ -84,6 +86,8 @@ def evaluate_models(
         base=scores["base"],
         candidate=scores["candidate"],
         champion=scores.get("champion"),
+        prompted=scores.get("prompted"),
+        n_shots=len(baseline.shots) if baseline is not None and "prompted" in texts else 0,
         champion_version=champion.version if champion else None,
         predictions_path=predictions_path,
         worst=errors,
@@ -132,7 +136,8 @@ def comparison_markdown(report: EvalReport, retirements: Mapping[str, Retirement
     classification = report.task == "classification"
     columns = [METRIC_TITLES[m] for m in names] + (["unparsed answers"] if classification else [])
     majority = [(f"majority class (always `{report.majority_label}`)", report.majority)] if report.majority else []
-    rows = [("base", report.base), *majority,
+    prompted = [(f"prompted base ({report.n_shots} examples in the prompt)", report.prompted)] if report.prompted else []
+    rows = [("base", report.base), *prompted, *majority,
             ("champion" + (f" (v{report.champion_version})" if report.champion_version else ""), report.champion),
             ("candidate", report.candidate)]
     lines = [f"## Evaluation on {report.n_examples} held-out examples ({report.task})", "",
@@ -181,6 +186,7 @@ def evaluate_task(trained: TrainedModel, champion: Champion | None, heldout: lis
     m = evaluate.primary_metric
     champ = f", champion {report.champion.metric(m):.3f}" if report.champion else ""
     majority = f", majority class {report.majority.metric(m):.3f}" if report.majority else ""
+    majority += f", prompted base {report.prompted.metric(m):.3f}" if report.prompted else ""
     get_run_logger().info(f"evaluate: {m} of base {report.base.metric(m):.3f}{champ}{majority}, candidate "
                           f"{report.candidate.metric(m):.3f} on {report.n_examples} held-out examples "
                           f"(answers of up to {report.max_new_tokens} tokens)")

@@ -224,3 +224,45 @@ def test_a_candidate_must_beat_the_majority_class_and_not_have_collapsed():
     evaluate = EvaluateConfig(holdout="holdout.jsonl")
     off = decide_promotion(r, evaluate, RegisterConfig(beat_majority=False), False)
     assert off.promoted and off.guard_failures == []
+
+
+def test_the_prompted_baseline_shows_each_label_once_with_its_answer_cut_at_the_label(tmp_path):
+    """lib/fewshot.py: the shortest example of each label, most common labels first, answers cut where the
+    scored part ends; the label set in the system message; shots dropped from the end until it fits."""
+    import json
+    import re
+
+    from tuneloop.lib.fewshot import prompted_baseline
+
+    rows = [("billing", "charged twice for March", "Sorry, refunded."), ("billing", "refund", "Done."),
+            ("access", "cannot log in since the reset, please help", "Reset link sent."),
+            ("billing", "invoice missing from the portal", "Attached."), ("sync", "files stuck", "Restart it.")]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"messages": [{"role": "system", "content": "Route it."},
+                                                      {"role": "user", "content": u},
+                                                      {"role": "assistant", "content": f"queue: {lab}\n{a}"}]}) + "\n"
+                             for lab, u, a in rows))
+    baseline = prompted_baseline(train, 4, "classification", re.compile(r"^queue: (\S+)", re.M))
+    assert baseline.labels == ["access", "billing", "sync"]
+    assert [s[0]["content"] for s in baseline.shots] == ["refund", "cannot log in since the reset, please help",
+                                                         "files stuck", "charged twice for March"]
+    assert [s[-1]["content"] for s in baseline.shots] == ["queue: billing", "queue: access", "queue: sync",
+                                                          "queue: billing"]
+    held = _heldout(["access"])[0].model_copy(update={"prompt": [{"role": "system", "content": "Route it."},
+                                                                 {"role": "user", "content": "locked out"}]})
+    (asked,) = baseline.prompts([held], fits=lambda messages: len(messages) <= 6)  # room for 2 shots
+    assert asked.prompt[0] == {"role": "system", "content": "Route it.\n\nAnswer with one of these labels: access, "
+                                                            "billing, sync."}
+    assert [m["content"] for m in asked.prompt[1:]] == ["refund", "queue: billing",
+                                                        "cannot log in since the reset, please help", "queue: access",
+                                                        "locked out"]
+    assert prompted_baseline(train, 0, "classification", re.compile(r"^queue: (\S+)", re.M)) is None
+
+
+def test_a_candidate_must_beat_the_prompted_base_model():
+    r = report(0.0, 0.5).model_copy(update={"prompted": ModelScore(accuracy=0.6, n_examples=100, n_unparsed=0),
+                                            "n_shots": 4})
+    decision = decide(r)
+    assert not decision.promoted
+    assert "does not beat the prompted base model (4 solved examples in its prompt: 0.600)" in decision.reason
+    assert decide(r.model_copy(update={"candidate": ModelScore(accuracy=0.7, n_examples=100, n_unparsed=0)})).promoted

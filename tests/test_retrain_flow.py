@@ -115,6 +115,10 @@ def test_retrain_registers_promotes_and_a_worse_run_leaves_the_champion(prefect_
     run = client.get_run(first.model_version.run_id)
     assert run.data.metrics["eval/candidate_accuracy"] == first.report.candidate.accuracy
     assert run.data.metrics["eval/base_accuracy"] == first.report.base.accuracy
+    # the floors it had to clear: the base prompted with solved examples and the label set, the majority class
+    assert first.report.n_shots == 4 and run.data.metrics["eval/prompted_accuracy"] == first.report.prompted.accuracy
+    assert run.data.metrics["eval/majority_accuracy"] == first.report.majority.accuracy < first.report.candidate.accuracy
+    assert first.report.majority_label and first.report.collapse is None
     assert run.data.tags["dataset_version"] == first.dataset_version
     assert len(client.get_metric_history(run.info.run_id, "loss/train")) >= 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

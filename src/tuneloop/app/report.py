@@ -57,7 +57,9 @@ def score_table(report: EvalReport) -> Table:
     table.add_column("model")
     for name in names:
         table.add_column(METRIC_TITLES[name], justify="right")
-    rows = [("base", report.base), (f"majority class ({report.majority_label})", report.majority),
+    rows = [("base (zero-shot)" if report.prompted else "base", report.base),
+            (f"prompted base ({report.n_shots}-shot)", report.prompted),
+            (f"majority class ({report.majority_label})", report.majority),
             (f"previous champion (v{report.champion_version})", report.champion),
             ("fine-tuned (candidate)", report.candidate)]
     for label, s in rows:

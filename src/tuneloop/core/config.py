@@ -125,6 +125,10 @@ class EvaluateConfig(Strict):
         "(a cut-off label would be scored wrong), with a warning")
     batch_size: int = Field(64, ge=1)
     max_examples: int | None = Field(None, ge=1)
+    few_shot: int = Field(
+        4, ge=0, le=32, description="the prompted baseline: the base model asked with k solved examples from the "
+        "training split (and, for classification, the label set) in its prompt; a candidate must beat it. "
+        "0: not scored. Local backends only (through an API, every run would pay for it again)")
     collapse_share: float | None = Field(
         0.9, gt=0, le=1, description="classification: a candidate answering one label this often (and 25 points "
         "more often than the references hold it) has collapsed, and is not promoted; null: not checked")
@@ -195,6 +199,9 @@ class RegisterConfig(Strict):
     promote_when: Literal["better", "at_least_as_good"] = Field(
         "better", description="better: a tie keeps the champion; at_least_as_good: a tie promotes the candidate "
         "(what a migration off an API champion asks: as good, and local). `tuneloop run --migrate` sets it")
+    beat_prompted: bool = Field(
+        True, description="a candidate must score better than the base model prompted with solved examples "
+        "(evaluate.few_shot): fine-tuning that does not beat prompting is not better")
     beat_majority: bool = Field(
         True, description="classification: a candidate must score better than always answering the training "
         "split's most common label, and must not have collapsed onto one label (evaluate.collapse_share)")

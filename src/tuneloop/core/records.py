@@ -429,6 +429,9 @@ class EvalReport(BaseModel):
     max_new_tokens: int = 8  # the answer budget every model had (evaluate.answer_budget)
     # classification: always answering the training split's most common label, the floor to clear
     majority: ModelScore | None = None
+    # the base model asked with the label set and evaluate.few_shot solved training examples (lib/fewshot.py)
+    prompted: ModelScore | None = None
+    n_shots: int = 0
     majority_label: str | None = None
     collapse: str | None = None  # set when the candidate answers one label for nearly everything (why)
 

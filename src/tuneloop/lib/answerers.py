@@ -28,6 +28,7 @@ from tuneloop.lib.azure_deploy import (
     clear_earlier_candidates,
     deployments_of,
 )
+from tuneloop.lib.fewshot import PromptedBaseline
 from tuneloop.lib.heldout import HeldOutExample
 from tuneloop.lib.runlog import stage_logger
 
@@ -150,9 +151,10 @@ def _append_cache(path: Path, rows: bytes, lock_path: Path) -> None:
 
 
 def local_answers(base_model: str, adapter_path: Path, champion: Champion | None, heldout: list[HeldOutExample],
-                  evaluate: EvaluateConfig, cache: GenerationCache) -> dict[str, list[str]]:
+                  evaluate: EvaluateConfig, cache: GenerationCache,
+                  baseline: PromptedBaseline | None = None) -> dict[str, list[str]]:
     """Base, an adapter (the candidate) and a local champion share one copy of the base weights (adapters side
-    by side)."""
+    by side); ``baseline``: the base asked with the label set and solved examples too (``prompted``)."""
     from peft import PeftModel
 
     tokenizer = load_tokenizer(adapter_path)
@@ -170,6 +172,14 @@ def local_answers(base_model: str, adapter_path: Path, champion: Champion | None
         return produce
 
     texts["base"] = cache.answers(f"base:{base_model}", heldout, with_adapter(None))
+    if baseline is not None:
+        context = getattr(base.config, "max_position_embeddings", None) or 10**9
+
+        def fits(messages: list[dict]) -> bool:
+            rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return len(tokenizer(rendered, add_special_tokens=False)["input_ids"]) + evaluate.max_new_tokens <= context
+
+        texts["prompted"] = cache.answers(f"base:{base_model}", baseline.prompts(heldout, fits), with_adapter(None))
     texts["candidate"] = cache.answers(adapter_identity(base_model, adapter_path), heldout,
                                        with_adapter("candidate"))
     if champion is not None and champion.adapter_path is not None and champion.fine_tuned_model is None:
@@ -202,12 +212,13 @@ def token_counters(trained: TrainedModel, champion: Champion | None) -> list[Cal
 
 def heldout_answers(trained: TrainedModel, champion: Champion | None, heldout: list[HeldOutExample],
                     evaluate: EvaluateConfig, openai: OpenAITrainConfig | None, cache: GenerationCache,
-                    warn: Callable[[str], None] | None = None) -> dict[str, list[str]]:
+                    warn: Callable[[str], None] | None = None,
+                    baseline: PromptedBaseline | None = None) -> dict[str, list[str]]:
     """Base, candidate and (when there is one) champion answers, each where that model runs: an API model
     through the API (on Azure with managed deployments, through its deployment: see lib/azure_deploy.py), a
     local adapter on its base model. How the candidate and its base answer is its kind's (``candidate_answers``)."""
     api = ApiAnswers(openai, heldout, evaluate, cache, warn)
-    texts = candidate_answers(trained, champion, heldout, evaluate, api)
+    texts = candidate_answers(trained, champion, heldout, evaluate, api, baseline)
     if champion is not None and champion.fine_tuned_model:  # an API champion answers through the API
         if openai is None:
             raise TuneloopError(f"evaluate: champion v{champion.version} is {champion.fine_tuned_model}: "
@@ -232,22 +243,23 @@ class ApiAnswers:
 
 @singledispatch
 def candidate_answers(trained, champion: Champion | None, heldout: list[HeldOutExample], evaluate: EvaluateConfig,
-                      api: ApiAnswers) -> dict[str, list[str]]:
-    """The base's and the candidate's answers (and a local champion's, beside them), as the candidate's kind
-    answers: one implementation per kind of ``TrainedModel``."""
+                      api: ApiAnswers, baseline: PromptedBaseline | None = None) -> dict[str, list[str]]:
+    """The base's and the candidate's answers (and a local champion's, and the prompted baseline's, beside
+    them), as the candidate's kind answers: one implementation per kind of ``TrainedModel``."""
     raise TypeError(f"no answerer for {type(trained).__name__}")
 
 
 @candidate_answers.register
 def _(trained: LocalAdapter, champion: Champion | None, heldout: list[HeldOutExample], evaluate: EvaluateConfig,
-      api: ApiAnswers) -> dict[str, list[str]]:
+      api: ApiAnswers, baseline: PromptedBaseline | None = None) -> dict[str, list[str]]:
     quiet_libraries()
-    return local_answers(trained.base_model, trained.adapter_path, champion, heldout, evaluate, api.cache)
+    return local_answers(trained.base_model, trained.adapter_path, champion, heldout, evaluate, api.cache, baseline)
 
 
 @candidate_answers.register
 def _(trained: ApiModel, champion: Champion | None, heldout: list[HeldOutExample], evaluate: EvaluateConfig,
-      api: ApiAnswers) -> dict[str, list[str]]:
+      api: ApiAnswers, baseline: PromptedBaseline | None = None) -> dict[str, list[str]]:
+    # no prompted baseline here: each held-out example asked again with shots is paid for, per run
     azure = deployments_of(api.openai)
     if azure is not None:  # what earlier runs left goes before this candidate is deployed
         clear_earlier_candidates(azure, keep=candidate_deployment(trained.fine_tuned_model, trained.job_id))

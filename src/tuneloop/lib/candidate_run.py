@@ -88,7 +88,7 @@ def run_metrics(checked: CheckedBatch | None, exported: ExportedDataset, trained
 
     now = int(time.time() * 1000)
     metrics: dict[str, float] = {"eval/promotion_delta": decision.delta}
-    for who in ("base", "candidate", "champion", "majority"):  # the task's metrics only
+    for who in ("base", "candidate", "champion", "majority", "prompted"):  # the task's metrics only
         if (sc := getattr(report, who)) is not None:
             metrics.update({score_metric(who, m): v for m, v in sc.metrics.items()})
     metrics.update({f"promotion_delta/{m}": d for m, d in decision.deltas.items()})
@@ -195,7 +195,8 @@ def run_description(config: PipelineConfig, checked: CheckedBatch | None, export
     scores = ", ".join(f"{who} {sc.metrics[metric]:.3f}" for who, sc in
                        (("candidate", report.candidate), ("base", report.base),
                         (f"champion v{report.champion_version}", report.champion),
-                        (f"majority class ({report.majority_label})", report.majority))
+                        (f"majority class ({report.majority_label})", report.majority),
+                        (f"prompted base ({report.n_shots}-shot)", report.prompted))
                        if sc is not None and metric in sc.metrics)
     scored = f"On {report.n_examples} held-out examples, {metric}: {scores}. " if scores else ""
     verdict = "Promoted to `champion`" if decision.promoted else "Not promoted"

@@ -32,6 +32,11 @@ def decide_promotion(report: EvalReport, evaluate: EvaluateConfig, register: Reg
         if report.candidate.metric(primary) <= floor:
             floors.append(f"{primary} {report.candidate.metric(primary):.3f} does not beat the majority-class "
                           f"baseline (always {report.majority_label!r}: {floor:.3f})")
+    if register.beat_prompted and report.prompted is not None:
+        floor = report.prompted.metric(primary)
+        if report.candidate.metric(primary) <= floor:
+            floors.append(f"{primary} {report.candidate.metric(primary):.3f} does not beat the prompted base model "
+                          f"({report.n_shots} solved examples in its prompt: {floor:.3f})")
     if register.beat_majority and report.collapse:
         floors.append(f"collapsed onto one label: {report.collapse}")
     tie_wins = register.promote_when == "at_least_as_good"
