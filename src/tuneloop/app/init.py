@@ -257,7 +257,8 @@ def render_config(*, name: str, sample_ref: str, command_sample: str, out_ref: s
               f"    corpus: [{_s(corpus)}]    # the tiny tokenizer is trained on this text",
               "    vocab_size: 1024", "    hidden_size: 128", "    initializer_range: 0.1", "    num_layers: 2",
               f"    max_position_embeddings: {max(512, tokens)}", "  local:",
-              "    batch_size: 4", "    learning_rate: 0.003"]
+              "    batch_size: 4",
+              "    learning_rate: 0.003    # the tiny model's; with a pretrained base_model delete it (default 5e-4)"]
     _comment(lines, f"check: tokens per training example, from the sample's 99th-percentile example (~{chars} "
              f"characters at ~{CHARS_PER_TOKEN} characters a token for the tiny tokenizer; a real model's is nearer "
              "4). The training budget, LoRA and the rest: README \"Training locally\"", 4)

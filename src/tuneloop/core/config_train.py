@@ -38,6 +38,10 @@ class LoraSettings(Strict):
 
 
 
+TINY_LEARNING_RATE = 2e-3  # a random model learns the format and the labels from scratch
+PRETRAINED_LEARNING_RATE = 5e-4  # LoRA on a real instruct model: the sweep in README "A real model"
+
+
 class LocalTrainConfig(Strict):
     epochs: float = Field(
         3.0, gt=0, description="passes over the training split: the budget grows with the data. Early stopping on "
@@ -45,7 +49,10 @@ class LocalTrainConfig(Strict):
     max_steps: int | None = Field(
         None, ge=0, description="optimizer steps instead of epochs (an override); 0 saves the untrained adapter (= base)")
     batch_size: int = Field(16, ge=1)
-    learning_rate: float = Field(2e-3, gt=0)
+    learning_rate: float | None = Field(
+        None, gt=0, description="unset: by the base model, 2e-3 for the tiny random one (it starts from nothing), "
+        "5e-4 for a pretrained one (2e-3 collapses a real model onto one label; README "
+        "\"A real model\")")
     warmup_steps: int = Field(10, ge=0)
     max_length: int = Field(
         256, ge=16, description="tokens per training example (and packed row); longer examples are handled by "
@@ -267,6 +274,13 @@ class TrainConfig(Strict):
     def on_pool(self) -> bool:
         """Trained locally on a ``gpu`` work pool's worker (train.local.placement: pool)."""
         return not self.uses_api and self.local.placement == "pool"
+
+    @property
+    def learning_rate(self) -> float:
+        """train.local.learning_rate, or the default for this kind of base model."""
+        if self.local.learning_rate is not None:
+            return self.local.learning_rate
+        return TINY_LEARNING_RATE if self.base_model == "tiny" else PRETRAINED_LEARNING_RATE
 
     @property
     def warm_starts(self) -> bool:

@@ -66,6 +66,8 @@ def run_params(config: PipelineConfig, report: EvalReport) -> dict[str, str]:
     """The whole config, flattened to dotted names, with the answer budget used and no password."""
     params = flatten(config.model_dump(mode="json", by_alias=True))
     params["evaluate.max_new_tokens"] = str(report.max_new_tokens)  # the budget used, also when sized from the data
+    if not config.train.uses_api:  # the rate used, also when it is the base model's default
+        params["train.local.learning_rate"] = str(config.train.learning_rate)
     if "source.url" in params:  # a SQLAlchemy URL may carry a password
         from tuneloop.core.scrub import redacted_url
 
