@@ -47,7 +47,7 @@ class TokenPlan:
         return hashlib.sha256(f"{self.counter.name}|{self.limit}|{self.model}|{paid}".encode()).hexdigest()[:8]
 
 
-def token_plan(train: TrainConfig, models_dir: Path, home: Path | None = None) -> TokenPlan:
+def token_plan(train: TrainConfig, models_dir: Path, home: Path | None = None, log=None) -> TokenPlan:
     """Count as the backend will: OpenAI models with tiktoken against the model's context and price;
     the local backend with its base model's tokenizer and chat template (the trainer's view)."""
     from tuneloop.core.models import load_tokenizer
@@ -60,7 +60,7 @@ def token_plan(train: TrainConfig, models_dir: Path, home: Path | None = None) -
         counter = openai_counter(cfg.model, cfg, home or models_dir.parent)
         return TokenPlan(counter=counter, limit=cfg.spec().context_tokens, openai=cfg, model=cfg.model)
 
-    source = resolve_base_model(train, models_dir)
+    source = resolve_base_model(train, models_dir, log)  # a GGUF base is converted here, first, with its progress
     counter = ChatTemplateCounter(load_tokenizer(source), str(train.base_model), train.local.chat_template)
     return TokenPlan(counter=counter, limit=train.local.max_length)
 
@@ -345,4 +345,4 @@ def export_task(dataset: DatasetVersion, export: ExportConfig, heldout: list[Hel
 
 @task(name="token-plan", cache_policy=NO_CACHE)
 def token_plan_task(train: TrainConfig, models_dir: Path, home: Path | None = None) -> TokenPlan:
-    return token_plan(train, models_dir, home)
+    return token_plan(train, models_dir, home, get_run_logger())

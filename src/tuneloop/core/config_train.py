@@ -39,7 +39,7 @@ class LoraSettings(Strict):
 
 
 TINY_LEARNING_RATE = 2e-3  # a random model learns the format and the labels from scratch
-PRETRAINED_LEARNING_RATE = 5e-4  # LoRA on a real instruct model: the sweep in README "A real model"
+PRETRAINED_LEARNING_RATE = 5e-4  # LoRA on a real instruct model; README "A real model" says what the sweep found
 
 
 class LocalTrainConfig(Strict):
@@ -51,8 +51,7 @@ class LocalTrainConfig(Strict):
     batch_size: int = Field(16, ge=1)
     learning_rate: float | None = Field(
         None, gt=0, description="unset: by the base model, 2e-3 for the tiny random one (it starts from nothing), "
-        "5e-4 for a pretrained one (2e-3 collapses a real model onto one label; README "
-        "\"A real model\")")
+        "5e-4 for a pretrained one (README \"A real model\": the sweep so far)")
     warmup_steps: int = Field(10, ge=0)
     max_length: int = Field(
         256, ge=16, description="tokens per training example (and packed row); longer examples are handled by "

@@ -278,10 +278,6 @@ def train_here(exported: ExportedDataset, train: TrainConfig, models_dir: Path, 
     start_step = step_of(resume) if resume else 0
     trainer, tokenizer, base_source = build_trainer(exported, train, models_dir, checkpoint_dir,
                                                     [_progress_callback(log, started, start_step, progress_every(local))], init_adapter)
-    if train.base_model != "tiny" and train.learning_rate >= 1e-3 and trainer.is_world_process_zero():
-        log.warning(f"train: learning rate {train.learning_rate:g} on a pretrained base model: rates this high suit "
-                    "the tiny random model; a real one tends to collapse onto one answer (unset "
-                    "train.local.learning_rate for the pretrained default)")
     train_loss = None
     if resume and training_ended(resume) and take_ended_checkpoint(trainer, resume):
         if trainer.is_world_process_zero():
