@@ -136,6 +136,11 @@ def main() -> None:
     for dataset in args.datasets:
         data = dataset_file(dataset, work, args.records)
         for task in args.tasks:
+            if dataset == "docstrings" and task == "generation":  # a summary needs a rest to be written from
+                rows = [line for line in data.read_text(encoding="utf-8").splitlines(True)
+                        if json.loads(line)["details"].strip()]
+                data = work / "docstrings-with-details.jsonl"
+                data.write_text("".join(rows), encoding="utf-8")
             for seed in args.seeds:
                 r = one_run(work, data, dataset, task, seed, args)
                 results.setdefault((dataset, task), []).append(r)
