@@ -179,7 +179,7 @@ def evaluate_task(trained: TrainedModel, champion: Champion | None, heldout: lis
     retirements = (api_retirements(trained, champion, (openai or OpenAITrainConfig()).provider, retirement)
                    if retirement else {})
     create_markdown_artifact(comparison_markdown(report, retirements, retirement), key="evaluation",
-                             description="base vs champion vs candidate")
+                             description="base, its prompted and majority-class baselines, champion, candidate")
     for role, when in retirements.items():
         if within_warning(when, retirement):
             get_run_logger().warning(f"evaluate: the {role} {when.model} ({when.provider}) {when.describe()}")
