@@ -113,3 +113,49 @@ def test_preflight_refuses_a_base_model_that_cannot_train_before_any_work(tiny_g
     assert problem.startswith(f"base model {plain}'s chat template has no {{% generation %}} markers")
     # the user's way out, named in the message, passes
     assert not [p for p in preflight(_config(str(plain), "train.local.chat_template=chatml"), models) if "template" in p]
+
+
+def test_init_with_a_base_model_measures_max_length_with_its_tokenizer_and_refuses_one_that_cannot_train(
+        tiny_gguf, tmp_path):
+    """A pretrained base model's tokens per character are not the tiny tokenizer's: init counts the sample's
+    examples with the model's own tokenizer and chat template, and writes the pretrained defaults."""
+    import json
+    import math
+
+    from typer.testing import CliRunner
+
+    from tuneloop.app.cli import app
+    from tuneloop.core.mapping import render_messages
+
+    _, _, gguf = tiny_gguf
+    words = "where is my invoice for march the refund of order arrived late".split()
+    rows = [{"ticket": f"T{i}", "issue": " ".join(words[(i + k) % len(words)] for k in range(3 + (i * 7) % 90)),
+             "team": ["billing", "shipping", "accounts"][i % 3]} for i in range(200)]
+    sample = tmp_path / "sample.jsonl"
+    sample.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+    def init(out, *extra):
+        result = CliRunner().invoke(app, ["init", str(sample), "--out", str(out), "--label", "team", *extra])
+        return result.exit_code, result.stdout + (result.stderr or "")
+
+    rc, text = init(tmp_path / "p", "--base-model", str(gguf))
+    assert rc == 0, text
+    cfg = load_config(tmp_path / "p" / "tuneloop.yaml")
+    assert cfg.train.base_model == str(gguf.resolve())
+    assert cfg.train.local.learning_rate is None and cfg.train.learning_rate == 5e-4
+    assert "tiny:" not in (tmp_path / "p" / "tuneloop.yaml").read_text()
+    # the same count, made independently: the written mapping rendered, the model's tokenizer counting
+    tokenizer = load_tokenizer(gguf.parent, gguf_file=gguf.name)
+    counts = sorted(len(tokenizer(tokenizer.apply_chat_template(render_messages(cfg.mapping, r), tokenize=False),
+                                  add_special_tokens=False)["input_ids"]) for r in rows)
+    p99 = counts[int(0.99 * len(counts))]
+    assert p99 > 128 and cfg.train.local.max_length == 64 * math.ceil(p99 / 64)
+    assert f"max_length {cfg.train.local.max_length} (99th percentile {p99} tokens of 200 examples" in text
+
+    plain = tmp_path / "plain-model"
+    _tokenizer_with(PLAIN_TEMPLATE, tiny_gguf).save_pretrained(plain)
+    rc, text = init(tmp_path / "q", "--base-model", str(plain))
+    assert rc == 2 and "Traceback" not in text and "chat template has no {% generation %} markers" in text
+    assert not (tmp_path / "q" / "tuneloop.yaml").exists()  # refused before anything is written
+    rc, text = init(tmp_path / "r", "--base-model", "nobody/no-such-model")
+    assert rc == 2 and "Traceback" not in text and "HF_HUB_OFFLINE" in text, text

