@@ -65,9 +65,17 @@ def token_plan(train: TrainConfig, models_dir: Path, home: Path | None = None, l
     return TokenPlan(counter=counter, limit=train.local.max_length)
 
 
-def split_examples(examples: list[ChatExample], fraction: float, seed: str) -> tuple[list, list]:
+def validation_size(n: int, fraction: float, minimum: int = 1) -> int:
+    """``fraction`` of the examples, raised to ``minimum`` where a quarter of them allows it."""
+    return max(round(n * fraction), min(minimum, n // 4), 1 if n > 1 else 0)
+
+
+def split_examples(examples: list[ChatExample], fraction: float, seed: str,
+                   minimum: int = 1) -> tuple[list, list]:
     """Deterministic for a dataset version and seed whatever order the examples came in; stratified by
-    label, so a rare queue is in both splits, with at least one validation example overall."""
+    label, so a rare queue is in both splits; at least ``validation_size`` validation examples overall."""
+    want = validation_size(len(examples), fraction, minimum)
+    fraction = max(fraction, want / len(examples)) if examples else fraction
     groups: dict[str, list[ChatExample]] = defaultdict(list)
     for e in examples:
         groups[e.label or ""].append(e)
@@ -79,7 +87,7 @@ def split_examples(examples: list[ChatExample], fraction: float, seed: str) -> t
         n_val = round(len(ordered) * fraction) if len(ordered) > 1 else 0
         validation += ordered[:n_val]
         train += ordered[n_val:]
-    if not validation and len(train) > 1:
+    while len(validation) < want and len(train) > 1:  # per-label rounding fell short: the rest from training
         validation.append(train.pop())
     return train, validation
 
@@ -239,7 +247,8 @@ def _export(dataset: DatasetVersion, export: ExportConfig, heldout: list[HeldOut
         if not fitted_heldout:
             raise TuneloopError(f"export: none of the {len(heldout)} held-out examples fits the {plan.limit}-token "
                                 "limit with its reference answer: raise the limit (train.local.max_length)")
-    train, validation = split_examples(clean, export.validation_fraction, f"{export.seed}:{dataset.version}")
+    train, validation = split_examples(clean, export.validation_fraction, f"{export.seed}:{dataset.version}",
+                                       export.min_validation)
     assert_no_heldout({"train": train, "validation": validation}, heldout)
 
     stats: dict[str, TokenStats] = {}
@@ -272,6 +281,7 @@ def _export(dataset: DatasetVersion, export: ExportConfig, heldout: list[HeldOut
         "config_hash": config_hash,
         "split_seed": export.seed,
         "validation_fraction": export.validation_fraction,
+        "min_validation": export.min_validation,
         "counts": {"train": len(train), "validation": len(validation), "heldout_overlaps_removed": overlaps,
                    "prompt_trimmed": n_trimmed, "too_many_tokens": len(too_long),
                    "too_many_tokens_no_room": fitted.no_room if fitted else 0,

@@ -324,3 +324,33 @@ def test_an_example_the_counter_cannot_read_is_named_by_the_format_check_not_a_t
     plan = TokenPlan(counter=openai_counter(openai.model, openai, tmp_path), limit=1000, openai=openai, model=openai.model)
     with pytest.raises(TuneloopError, match=r"in.jsonl:2 \(r1\): missing_content"):
         export_chat_jsonl(DatasetVersion(version="v1", path=path, n_examples=3), ExportConfig(), [], tmp_path / "e", plan)
+
+
+def _examples(n: int, labels: int = 4):
+    from tuneloop.core.records import ChatExample
+
+    return [ChatExample(messages=[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+                        label=f"l{i % labels}", record_id=str(i), source="s.jsonl", line=i + 1,
+                        content_hash=hashlib.sha256(str(i).encode()).hexdigest()) for i in range(n)]
+
+
+@pytest.mark.parametrize(("n", "expected"), [(150, 37), (400, 50), (2400, 240), (12, 4), (3, 1)])
+def test_the_validation_split_is_big_enough_to_stop_on_where_the_data_allows(n, expected):
+    """A tenth of 150 examples is 15: a validation loss that moves with which 15, so early stopping and the
+    best checkpoint would follow noise. export.min_validation (50) raises it, up to about a quarter of the data
+    (each label keeps its share: 12 examples of 4 labels give one of each)."""
+    from tuneloop.tasks.export import split_examples
+
+    train, validation = split_examples(_examples(n), 0.1, "0:v", ExportConfig().min_validation)
+    assert len(validation) == expected and len(train) + len(validation) == n
+    assert {e.label for e in validation} == {e.label for e in _examples(n)} if n >= 12 else True  # stratified
+    assert not {e.record_id for e in train} & {e.record_id for e in validation}
+
+
+def test_too_few_validation_examples_train_the_whole_budget_and_say_why():
+    from tuneloop.lib.lora import early_stopping
+
+    assert early_stopping(3, 50) == (3, None)
+    assert early_stopping(None, 5) == (None, None)
+    patience, note = early_stopping(3, 12)
+    assert patience is None and "12 validation examples are too few to stop on" in note

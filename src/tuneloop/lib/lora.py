@@ -10,6 +10,7 @@ train; this module trains.
 from __future__ import annotations
 
 import hashlib
+import os
 import resource
 import sys
 import time
@@ -72,6 +73,19 @@ def _distributed_args(local, use_cuda: bool) -> dict:
                                  "cpu_ram_efficient_loading": True, "state_dict_type": "SHARDED_STATE_DICT"}}
     return args
 
+
+
+MIN_VALIDATION_TO_STOP = 20  # below this many validation examples, the loss moves with the sample, not the model
+
+
+def early_stopping(patience: int | None, n_validation: int) -> tuple[int | None, str | None]:
+    """The patience to train with, and why it is off: a validation set too small to stop on (export's
+    ``min_validation`` makes it bigger where the data allows)."""
+    if patience and 0 < n_validation < MIN_VALIDATION_TO_STOP:
+        return None, (f"no early stopping: {n_validation} validation examples are too few to stop on (fewer than "
+                      f"{MIN_VALIDATION_TO_STOP}); training runs its whole budget, and the best checkpoint by "
+                      "validation loss is still kept")
+    return patience, None
 
 
 def build_trainer(exported: ExportedDataset, train: TrainConfig, models_dir: Path, checkpoint_dir: Path,
@@ -147,10 +161,13 @@ def build_trainer(exported: ExportedDataset, train: TrainConfig, models_dir: Pat
         **_distributed_args(local, use_cuda),
     )
     callbacks = list(callbacks or [])
-    if eval_dataset is not None and local.early_stopping_patience:
+    patience, note = early_stopping(local.early_stopping_patience, len(validation))
+    if note and int(os.environ.get("RANK", "0")) == 0:
+        stage_logger().info(f"train: {note}")
+    if eval_dataset is not None and patience:
         from transformers import EarlyStoppingCallback
 
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=local.early_stopping_patience))
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=patience))
     from transformers import set_seed
 
     # The new adapter's initial weights are drawn here, before the Trainer seeds itself: seeded, the same
