@@ -87,7 +87,8 @@ def evaluate_models(
         candidate=scores["candidate"],
         champion=scores.get("champion"),
         prompted=scores.get("prompted"),
-        n_shots=len(baseline.shots) if baseline is not None and "prompted" in texts else 0,
+        n_shots=max(baseline.used, default=0) if baseline is not None and "prompted" in texts else 0,
+        n_shots_min=min(baseline.used, default=0) if baseline is not None and "prompted" in texts else None,
         champion_version=champion.version if champion else None,
         predictions_path=predictions_path,
         worst=errors,
@@ -136,7 +137,9 @@ def comparison_markdown(report: EvalReport, retirements: Mapping[str, Retirement
     classification = report.task == "classification"
     columns = [METRIC_TITLES[m] for m in names] + (["unparsed answers"] if classification else [])
     majority = [(f"majority class (always `{report.majority_label}`)", report.majority)] if report.majority else []
-    prompted = [(f"prompted base ({report.n_shots} examples in the prompt)", report.prompted)] if report.prompted else []
+    shots = (f"{report.n_shots}" if report.shots == f"{report.n_shots}-shot"
+             else f"{report.n_shots_min} to {report.n_shots}: long prompts had room for fewer")
+    prompted = [(f"prompted base ({shots} examples in the prompt)", report.prompted)] if report.prompted else []
     rows = [("base", report.base), *prompted, *majority,
             ("champion" + (f" (v{report.champion_version})" if report.champion_version else ""), report.champion),
             ("candidate", report.candidate)]

@@ -256,6 +256,12 @@ def test_the_prompted_baseline_shows_each_label_once_with_its_answer_cut_at_the_
     assert [m["content"] for m in asked.prompt[1:]] == ["refund", "queue: billing",
                                                         "cannot log in since the reset, please help", "queue: access",
                                                         "locked out"]
+    assert baseline.used == [2]  # the label says what was asked: not "4-shot" when only 2 fit
+    roomy = held.model_copy(update={"record_id": "roomy", "prompt": [held.prompt[0], {"role": "user", "content": "x"}]})
+    baseline.prompts([held, roomy], fits=lambda messages: len(messages) <= 6 or messages[-1]["content"] == "x")
+    assert baseline.used == [2, 4]
+    shown = report(0.0, 0.5).model_copy(update={"n_shots": 4, "n_shots_min": 2})
+    assert shown.shots == "2-4-shot" and report(0.0, 0.5).model_copy(update={"n_shots": 4}).shots == "4-shot"
     assert prompted_baseline(train, 0, "classification", re.compile(r"^queue: (\S+)", re.M)) is None
 
 

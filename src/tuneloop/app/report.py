@@ -58,7 +58,7 @@ def score_table(report: EvalReport) -> Table:
     for name in names:
         table.add_column(METRIC_TITLES[name], justify="right")
     rows = [("base (zero-shot)" if report.prompted else "base", report.base),
-            (f"prompted base ({report.n_shots}-shot)", report.prompted),
+            (f"prompted base ({report.shots})", report.prompted),
             (f"majority class ({report.majority_label})", report.majority),
             (f"previous champion (v{report.champion_version})", report.champion),
             ("fine-tuned (candidate)", report.candidate)]

@@ -431,7 +431,15 @@ class EvalReport(BaseModel):
     majority: ModelScore | None = None
     # the base model asked with the label set and evaluate.few_shot solved training examples (lib/fewshot.py)
     prompted: ModelScore | None = None
-    n_shots: int = 0
+    n_shots: int = 0  # the most any example was asked with
+    n_shots_min: int | None = None  # the fewest (shots are dropped until a long prompt fits); unset: n_shots
+
+    @property
+    def shots(self) -> str:
+        """``4-shot``, or ``2-4-shot`` when some prompts had room for fewer."""
+        fewest = self.n_shots if self.n_shots_min is None else self.n_shots_min
+        return f"{self.n_shots}-shot" if fewest == self.n_shots else f"{fewest}-{self.n_shots}-shot"
+
     majority_label: str | None = None
     collapse: str | None = None  # set when the candidate answers one label for nearly everything (why)
 

@@ -198,7 +198,7 @@ def run_description(config: PipelineConfig, checked: CheckedBatch | None, export
                        (("candidate", report.candidate), ("base", report.base),
                         (f"champion v{report.champion_version}", report.champion),
                         (f"majority class ({report.majority_label})", report.majority),
-                        (f"prompted base ({report.n_shots}-shot)", report.prompted))
+                        (f"prompted base ({report.shots})", report.prompted))
                        if sc is not None and metric in sc.metrics)
     scored = f"On {report.n_examples} held-out examples, {metric}: {scores}. " if scores else ""
     verdict = "Promoted to `champion`" if decision.promoted else "Not promoted"

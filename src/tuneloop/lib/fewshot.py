@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -27,10 +27,11 @@ MAX_LISTED_LABELS = 60
 class PromptedBaseline:
     shots: list[list[dict]]  # each: the example's turns without its system message, the answer last
     labels: list[str]  # classification: the training split's label set, named in the system message
+    used: list[int] = field(default_factory=list)  # shots each example was asked with, by the last prompts()
 
     def prompts(self, heldout: list[HeldOutExample], fits: Callable[[list[dict]], bool]) -> list[HeldOutExample]:
-        """Each held-out example asked with the label set and as many shots as fit."""
-        out = []
+        """Each held-out example asked with the label set and as many shots as fit (counted in ``used``)."""
+        out, used = [], []
         for example in heldout:
             system = [m for m in example.prompt[:1] if m.get("role") == "system"]
             rest = example.prompt[len(system):]
@@ -47,7 +48,10 @@ class PromptedBaseline:
                     break
                 shots.pop()
             out.append(example.model_copy(update={"prompt": prompt}))
+            used.append(len(shots))
+        self.used[:] = used
         return out
+
 
 
 def _conversations(train_path: Path) -> list[list[dict]]:

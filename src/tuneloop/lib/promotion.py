@@ -36,7 +36,7 @@ def decide_promotion(report: EvalReport, evaluate: EvaluateConfig, register: Reg
         floor = report.prompted.metric(primary)
         if report.candidate.metric(primary) <= floor:
             floors.append(f"{primary} {report.candidate.metric(primary):.3f} does not beat the prompted base model "
-                          f"({report.n_shots} solved examples in its prompt: {floor:.3f})")
+                          f"({report.shots.removesuffix('-shot')} solved examples in its prompt: {floor:.3f})")
     if register.beat_majority and report.collapse:
         floors.append(f"collapsed onto one label: {report.collapse}")
     tie_wins = register.promote_when == "at_least_as_good"
