@@ -78,6 +78,11 @@ class LocalTrainConfig(Strict):
     early_stopping_patience: int | None = Field(
         3, ge=1, description="stop after this many evaluations without a lower validation loss; unset: never stop early")
     gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="on a CPU, the frozen base weights' dtype (the LoRA weights and the optimizer stay fp32): "
+        "auto is bf16 for a pretrained base model where the CPU has bf16 units (AVX512-BF16 or AMX, read from its "
+        "flags), else fp32 (and fp32 for the tiny model, too small to gain); bf16 forces it. On CUDA, auto and "
+        "bf16 train in bf16 mixed precision where the GPU supports it")
     quantization: Literal["none", "4bit"] = Field("none", description="4bit: QLoRA through bitsandbytes (CUDA only)")
     devices: int = Field(1, ge=1, description="processes (GPUs) to train on; >1 launches torchrun, one per device")
     distributed: Literal["ddp", "fsdp"] = Field(
