@@ -2,9 +2,8 @@
 process (one device, or one rank under torchrun).
 
 Loss is on assistant tokens only (the chat template marks them with generation blocks), so the model
-learns to answer, not to echo tickets. On a CPU the frozen base weights are bf16 where the CPU has bf16
-units and the base is a pretrained model (``lib/precision.py``), fp32 otherwise; the adapter and optimizer
-are fp32. On CUDA, bf16 mixed precision where the GPU supports it. The local-training stage (``tasks/train_local.py``) decides where and whether to
+learns to answer, not to echo tickets. On a machine without CUDA it trains in fp32 on the CPU; bf16 where
+the GPU supports it. The local-training stage (``tasks/train_local.py``) decides where and whether to
 train; this module trains.
 """
 
@@ -24,7 +23,6 @@ from tuneloop.core.models import load_causal_lm, load_tokenizer, quiet_libraries
 from tuneloop.core.records import ExportedDataset, LocalAdapter, TuneloopError
 from tuneloop.lib.base_model import resolve_base_model
 from tuneloop.lib.checkpoints import step_of, take_ended_checkpoint, training_ended
-from tuneloop.lib.precision import frozen_dtype
 from tuneloop.lib.runlog import stage_logger
 
 
@@ -111,13 +109,6 @@ def build_trainer(exported: ExportedDataset, train: TrainConfig, models_dir: Pat
                                                      first_conversation(exported.train_path))
     if local.attn_implementation:
         load_kwargs["attn_implementation"] = local.attn_implementation
-    use_cuda = torch.cuda.is_available()
-    dtype, why = frozen_dtype(train, use_cuda)
-    if not use_cuda and "quantization_config" not in load_kwargs:
-        load_kwargs["dtype"] = getattr(torch, dtype)
-        if int(os.environ.get("RANK", "0")) == 0:
-            stage_logger().info(f"train: frozen base weights in {dtype} ({why}); LoRA weights and optimizer in "
-                                "float32")
     model = load_causal_lm(base_source, **load_kwargs)
     if init_adapter is not None:  # a warm start: the champion's adapter, trained further
         from peft import PeftModel
@@ -125,13 +116,12 @@ def build_trainer(exported: ExportedDataset, train: TrainConfig, models_dir: Pat
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     lora = LoraConfig(r=local.lora.r, lora_alpha=local.lora.alpha, lora_dropout=local.lora.dropout,
                       target_modules=local.lora.target_modules, task_type="CAUSAL_LM")
-    # TRL's padding-free batches are one flattened sequence. Flash attention's varlen kernels cost what the
-    # examples cost; sdpa/eager would build a dense mask over the whole flattened batch (quadratic in batch x
-    # max_length). So for them the packed rows stay rows (PackedRows): a [rows, max_length] batch whose
-    # position ids restart at each example, from which transformers builds a block-diagonal causal mask per row.
-    # Up to ROW_TOKENS tokens a micro-batch; the rest of the batch by gradient accumulation.
+    use_cuda = torch.cuda.is_available()
+    # Padding-free batches are one flattened sequence. Flash attention's varlen kernels cost what the examples
+    # cost; sdpa/eager build a dense mask over the whole flattened batch (quadratic in batch x max_length),
+    # so there each micro-batch is one packed row and the batch is reached by gradient accumulation.
     varlen = (local.attn_implementation or "").startswith(("flash_attention", "kernels-community/flash"))
-    rows = local.batch_size if (varlen or not local.packing) else micro_rows(local.batch_size, local.max_length)
+    rows = local.batch_size if (varlen or not local.packing) else 1
     train_dataset = Dataset.from_list(_read_messages(exported.train_path))
     if len(train_dataset) == 0:
         raise TuneloopError(f"train: {exported.train_path} holds no examples")
@@ -187,36 +177,7 @@ def build_trainer(exported: ExportedDataset, train: TrainConfig, models_dir: Pat
                          processing_class=tokenizer, peft_config=None if init_adapter is not None else lora,
                          callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # our progress log says the same, once, in the run log
-    if local.packing and not varlen:
-        trainer.data_collator = PackedRows(tokenizer.pad_token_id)
     return trainer, tokenizer, base_source
-
-
-ROW_TOKENS = 4096  # tokens per micro-batch on the row path: large GEMMs, activations within a laptop's memory
-
-
-def micro_rows(batch_size: int, max_length: int) -> int:
-    """Packed rows per forward pass: the most that fit ROW_TOKENS and divide the batch (at least one)."""
-    cap = max(1, ROW_TOKENS // max_length)
-    return max(d for d in range(1, batch_size + 1) if batch_size % d == 0 and d <= cap)
-
-
-class PackedRows:
-    """Packed rows as a [rows, length] batch: each example's position ids start at 0, there is no attention
-    mask (so transformers masks each example to itself, from the position ids), and the first token of each
-    example is not a target (it would be predicted from the example before it)."""
-
-    def __init__(self, pad_token_id: int):
-        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-        self._pad = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=False,
-                                                    return_position_ids=True)
-
-    def __call__(self, examples: list[dict]) -> dict:
-        batch = self._pad(examples)
-        batch.pop("attention_mask", None)
-        batch["labels"][batch["position_ids"] == 0] = -100
-        return batch
 
 
 
