@@ -1,5 +1,5 @@
 """The frozen base weights train in bf16 only on a CPU with bf16 units, the adapter and optimizer stay fp32, and
-the loss follows fp32's within a tolerance."""
+the loss follows fp32's within 1%."""
 
 from __future__ import annotations
 
@@ -56,5 +56,5 @@ def test_bf16_frozen_weights_keep_an_fp32_adapter_and_follow_the_fp32_loss(tmp_p
     assert len(losses["fp32"]) == len(losses["bf16"]) == 6
     print("per-step loss, fp32:", losses["fp32"], "bf16:", losses["bf16"])
     for a, b in zip(losses["fp32"], losses["bf16"], strict=True):
-        assert abs(a - b) <= 0.03 * a, (losses["fp32"], losses["bf16"])
+        assert abs(a - b) <= 0.01 * a, (losses["fp32"], losses["bf16"])  # seen: within 0.2%
     assert losses["bf16"][-1] < losses["bf16"][0]  # and it learns

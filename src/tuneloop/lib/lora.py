@@ -2,8 +2,9 @@
 process (one device, or one rank under torchrun).
 
 Loss is on assistant tokens only (the chat template marks them with generation blocks), so the model
-learns to answer, not to echo tickets. On a machine without CUDA it trains in fp32 on the CPU; bf16 where
-the GPU supports it. The local-training stage (``tasks/train_local.py``) decides where and whether to
+learns to answer, not to echo tickets. On a CPU the frozen base weights are bf16 where the CPU has bf16
+units and the base is a pretrained model (``lib/precision.py``), fp32 otherwise; the adapter and optimizer
+are fp32. On CUDA, bf16 mixed precision where the GPU supports it. The local-training stage (``tasks/train_local.py``) decides where and whether to
 train; this module trains.
 """
 
@@ -23,6 +24,7 @@ from tuneloop.core.models import load_causal_lm, load_tokenizer, quiet_libraries
 from tuneloop.core.records import ExportedDataset, LocalAdapter, TuneloopError
 from tuneloop.lib.base_model import resolve_base_model
 from tuneloop.lib.checkpoints import step_of, take_ended_checkpoint, training_ended
+from tuneloop.lib.precision import frozen_dtype
 from tuneloop.lib.runlog import stage_logger
 
 
@@ -109,6 +111,13 @@ def build_trainer(exported: ExportedDataset, train: TrainConfig, models_dir: Pat
                                                      first_conversation(exported.train_path))
     if local.attn_implementation:
         load_kwargs["attn_implementation"] = local.attn_implementation
+    use_cuda = torch.cuda.is_available()
+    dtype, why = frozen_dtype(train, use_cuda)
+    if not use_cuda and "quantization_config" not in load_kwargs:
+        load_kwargs["dtype"] = getattr(torch, dtype)
+        if int(os.environ.get("RANK", "0")) == 0:
+            stage_logger().info(f"train: frozen base weights in {dtype} ({why}); LoRA weights and optimizer in "
+                                "float32")
     model = load_causal_lm(base_source, **load_kwargs)
     if init_adapter is not None:  # a warm start: the champion's adapter, trained further
         from peft import PeftModel
@@ -116,7 +125,6 @@ def build_trainer(exported: ExportedDataset, train: TrainConfig, models_dir: Pat
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     lora = LoraConfig(r=local.lora.r, lora_alpha=local.lora.alpha, lora_dropout=local.lora.dropout,
                       target_modules=local.lora.target_modules, task_type="CAUSAL_LM")
-    use_cuda = torch.cuda.is_available()
     # Padding-free batches are one flattened sequence. Flash attention's varlen kernels cost what the examples
     # cost; sdpa/eager build a dense mask over the whole flattened batch (quadratic in batch x max_length),
     # so there each micro-batch is one packed row and the batch is reached by gradient accumulation.
