@@ -137,9 +137,9 @@ def comparison_markdown(report: EvalReport, retirements: Mapping[str, Retirement
     classification = report.task == "classification"
     columns = [METRIC_TITLES[m] for m in names] + (["unparsed answers"] if classification else [])
     majority = [(f"majority class (always `{report.majority_label}`)", report.majority)] if report.majority else []
-    shots = (f"{report.n_shots}" if report.shots == f"{report.n_shots}-shot"
-             else f"{report.n_shots_min} to {report.n_shots}: long prompts had room for fewer")
-    prompted = [(f"prompted base ({shots} examples in the prompt)", report.prompted)] if report.prompted else []
+    shots = (f"{report.n_shots} examples in the prompt" if report.shots == f"{report.n_shots}-shot" else
+             f"{report.n_shots_min} to {report.n_shots} examples in the prompt; long prompts had room for fewer")
+    prompted = [(f"prompted base ({shots})", report.prompted)] if report.prompted else []
     rows = [("base", report.base), *prompted, *majority,
             ("champion" + (f" (v{report.champion_version})" if report.champion_version else ""), report.champion),
             ("candidate", report.candidate)]

@@ -73,22 +73,31 @@ def validation_size(n: int, fraction: float, minimum: int = 1) -> int:
 def split_examples(examples: list[ChatExample], fraction: float, seed: str,
                    minimum: int = 1) -> tuple[list, list]:
     """Deterministic for a dataset version and seed whatever order the examples came in; stratified by
-    label, so a rare queue is in both splits; at least ``validation_size`` validation examples overall."""
-    want = validation_size(len(examples), fraction, minimum)
-    fraction = max(fraction, want / len(examples)) if examples else fraction
+    label, so a rare queue is in both splits (a label's last example always trains); at least one validation
+    example, and ``validation_size`` when ``minimum`` raised it (topped up from the largest labels)."""
+    n = len(examples)
+    want = validation_size(n, fraction, minimum)
+    raised = want > round(n * fraction)
+    fraction = max(fraction, want / n) if n else fraction
     groups: dict[str, list[ChatExample]] = defaultdict(list)
     for e in examples:
         groups[e.label or ""].append(e)
-    train: list[ChatExample] = []
-    validation: list[ChatExample] = []
+    split: dict[str, int] = {}
     for label in sorted(groups):
         ordered = sorted(groups[label], key=lambda e: e.content_hash)
         random.Random(f"{seed}:{label}").shuffle(ordered)
-        n_val = round(len(ordered) * fraction) if len(ordered) > 1 else 0
-        validation += ordered[:n_val]
-        train += ordered[n_val:]
-    while len(validation) < want and len(train) > 1:  # per-label rounding fell short: the rest from training
-        validation.append(train.pop())
+        groups[label] = ordered
+        split[label] = min(round(len(ordered) * fraction), len(ordered) - 1)
+    target = want if raised else min(1, want)
+    while sum(split.values()) < target:  # rounding fell short: one more from the label with most left to train
+        label = max(sorted(groups), key=lambda lab: len(groups[lab]) - split[lab])
+        if len(groups[label]) - split[label] < 2:
+            break  # every label is down to its last training example: fewer validation examples, not a lost label
+        split[label] += 1
+    if not any(split.values()) and n > 1:  # every label is a single example: one still validates, as always
+        split[max(sorted(groups), key=lambda lab: len(groups[lab]))] = 1
+    train = [e for label in sorted(groups) for e in groups[label][split[label]:]]
+    validation = [e for label in sorted(groups) for e in groups[label][:split[label]]]
     return train, validation
 
 

@@ -157,5 +157,11 @@ def test_init_with_a_base_model_measures_max_length_with_its_tokenizer_and_refus
     rc, text = init(tmp_path / "q", "--base-model", str(plain))
     assert rc == 2 and "Traceback" not in text and "chat template has no {% generation %} markers" in text
     assert not (tmp_path / "q" / "tuneloop.yaml").exists()  # refused before anything is written
+    no_system = tmp_path / "no-system-model"  # trainable (generation markers) but refuses a system message
+    _tokenizer_with("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                    "{% endif %}" + CHATML_TEMPLATE, tiny_gguf).save_pretrained(no_system)
+    rc, text = init(tmp_path / "s", "--base-model", str(no_system))
+    assert rc == 2 and "Traceback" not in text and "cannot render an example" in text, text
+    assert not (tmp_path / "s" / "tuneloop.yaml").exists()
     rc, text = init(tmp_path / "r", "--base-model", "nobody/no-such-model")
     assert rc == 2 and "Traceback" not in text and "HF_HUB_OFFLINE" in text, text

@@ -354,3 +354,16 @@ def test_too_few_validation_examples_train_the_whole_budget_and_say_why():
     assert early_stopping(None, 5) == (None, None)
     patience, note = early_stopping(3, 12)
     assert patience is None and "12 validation examples are too few to stop on" in note
+
+
+@pytest.mark.parametrize("labels", [lambda i: f"l{i % 100}", lambda i: "big" if i < 120 else f"rare{i}",
+                                    lambda i: f"l{i % 30}"], ids=["100x2", "long-tail", "30x5"])
+def test_raising_the_validation_split_never_takes_a_labels_last_training_example(labels):
+    from tuneloop.core.records import ChatExample
+    from tuneloop.tasks.export import split_examples, validation_size
+
+    examples = [ChatExample(messages=[], label=labels(i), record_id=str(i), source="s.jsonl", line=i + 1,
+                            content_hash=hashlib.sha256(str(i).encode()).hexdigest()) for i in range(160)]
+    train, validation = split_examples(examples, 0.1, "0:v", 50)
+    assert {e.label for e in train} == {e.label for e in examples}  # every label still trains
+    assert len(validation) == validation_size(160, 0.1, 50) == 40 and len(train) + len(validation) == 160

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import orjson
 
+from tuneloop.app.base_length import MeasuredLength, base_tokenizer, measured_max_length
 from tuneloop.app.profile import (
     Sample,
     SampleProfile,
@@ -54,15 +55,6 @@ CHARS_PER_TOKEN = 3  # a 1,024-token byte-level BPE (the tiny model) on English 
 PASSWORD_ENV = "TUNELOOP_DB_PASSWORD"
 _PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 _YAML_WORDS = {"yes", "no", "true", "false", "null", "on", "off", "y", "n", "~"}
-
-
-@dataclass
-class MeasuredLength:
-    """max_length measured with the base model's own tokenizer and chat template, not estimated."""
-    max_length: int
-    p99: int  # tokens of the 99th-percentile example
-    longest: int
-    n: int  # examples measured
 
 
 @dataclass
@@ -155,67 +147,6 @@ def _max_length(profile: SampleProfile, proposal: Proposal, templates: Templates
         chars = literal + sum(cols[c].p99 for c in [*proposal.text, proposal.answer, proposal.label] if c)
     tokens = chars / CHARS_PER_TOKEN + 16  # role markers of three messages
     return int(min(2048, max(128, 64 * -(-tokens // 64)))), chars
-
-
-MEASURE_ROWS = 2000  # sample records rendered and tokenized to size max_length for a real base model
-
-
-def base_tokenizer(base_model: str):
-    """The tokenizer of ``--base-model`` (hub id in the cache, folder, GGUF file or package resource), loaded
-    offline-safe; a template that cannot be trained is refused here, as preflight would refuse it later."""
-    from tuneloop.core.chat_templates import training_chat_template
-    from tuneloop.core.models import load_tokenizer
-    from tuneloop.lib.base_model import gguf_support_problem, is_gguf, locate_gguf
-
-    if is_gguf(base_model):
-        gguf = locate_gguf(base_model)
-        if problem := gguf_support_problem():
-            raise TuneloopError(problem)
-        tokenizer = load_tokenizer(gguf.parent, gguf_file=gguf.name)
-    else:
-        tokenizer = load_tokenizer(base_model)
-    training_chat_template(tokenizer, base_model, None)
-    return tokenizer
-
-
-def _example_messages(row: dict, proposal: Proposal, templates: Templates) -> list[dict] | None:
-    """The chat example a sample record becomes (None: a field the mapping reads is missing)."""
-    if proposal.messages:
-        value = row.get(proposal.messages)
-        if isinstance(value, str):
-            try:
-                value = orjson.loads(value)
-            except orjson.JSONDecodeError:
-                return None
-        ok = isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) for m in value)
-        return [{"role": m.get("role", "user"), "content": m["content"]} for m in value] if ok else None
-    names = [n for n in [*proposal.text, proposal.answer, proposal.label] if n]
-    fields = {n: as_text(row.get(n)) for n in names}
-    if any(not v for v in fields.values()):
-        return None
-    messages = [{"role": "system", "content": templates.system}] if templates.system else []
-    return messages + [{"role": "user", "content": (templates.user or "").format(**fields)},
-                       {"role": "assistant", "content": (templates.assistant or "").format(**fields)}]
-
-
-def measured_max_length(rows: list[dict], proposal: Proposal, templates: Templates, tokenizer) -> MeasuredLength:
-    """Tokens per training example: the sample's longest-but-one-percent example as the base model's chat
-    template renders it, counted by its tokenizer, rounded up to 64 (at least 128, at most 2048). The
-    characters-per-token estimate is off by a third or more between tokenizers; this is not."""
-    texts = []
-    for row in rows[:MEASURE_ROWS]:
-        messages = _example_messages(row, proposal, templates)
-        if messages:
-            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
-    if not texts:
-        raise TuneloopError("no sample record has every field the mapping reads: nothing to measure max_length on")
-    counts = sorted(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
-    p99 = counts[min(len(counts) - 1, int(0.99 * len(counts)))]
-    limit = 2048
-    if isinstance(tokenizer.model_max_length, int) and 128 <= tokenizer.model_max_length < limit:
-        limit = tokenizer.model_max_length
-    return MeasuredLength(int(min(limit, max(128, 64 * -(-p99 // 64)))), p99, counts[-1], len(counts))
 
 
 def _check_label_pattern(rows: list[dict], proposal: Proposal, templates: Templates) -> None:

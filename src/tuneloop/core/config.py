@@ -86,8 +86,9 @@ class QualityConfig(Strict):
 class ExportConfig(Strict):
     validation_fraction: float = Field(0.1, gt=0, lt=0.5)
     min_validation: int = Field(
-        50, ge=1, description="the validation split holds at least this many examples where the data allows (at "
-        "most a quarter of them): the validation loss of a handful of examples is noise, and early stopping and "
+        50, ge=1, description="the validation split holds at least this many examples where the data allows (about "
+        "a quarter of them at most; a label's last example always trains): the validation loss of a handful of "
+        "examples is noise, and early stopping and "
         "the best-checkpoint choice would follow it")
     seed: int = 0
     too_long: Literal["trim_prompt", "quarantine"] = Field(

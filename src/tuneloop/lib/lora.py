@@ -157,7 +157,7 @@ def build_trainer(exported: ExportedDataset, train: TrainConfig, models_dir: Pat
         assistant_only_loss=True,
         seed=local.seed,
         use_cpu=not use_cuda,
-        bf16=use_cuda and torch.cuda.is_bf16_supported(),
+        bf16=use_cuda and torch.cuda.is_bf16_supported() and local.precision != "fp32",
         gradient_checkpointing=local.gradient_checkpointing,
         save_strategy="steps",
         save_steps=every,
