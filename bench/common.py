@@ -25,6 +25,33 @@ def resolve_model(name: str | Path, models_dir: Path | None = None) -> Path:
     return out
 
 
+def demo_examples() -> list[dict]:
+    """The demo tickets as the pipeline renders them (system, user: subject and body; assistant: queue and
+    reply), file order, each ``{"record_id", "messages"}``; the demo file's broken lines on purpose skipped."""
+    import orjson
+
+    from tuneloop.core.config import load_config
+    from tuneloop.core.mapping import RecordMapper
+    from tuneloop.core.records import RecordChunk
+
+    cfg = load_config(ROOT / "deployments" / "demo.yaml")
+    chunk = RecordChunk()
+    for i, line in enumerate((ROOT / "data" / "demo" / "tickets.jsonl").read_bytes().splitlines()):
+        try:
+            row = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            chunk.add(row, "tickets.jsonl", i + 1)
+    out = []
+    for raw in RecordMapper(cfg.mapping, cfg.quality).prepare(chunk).examples:
+        ex = orjson.loads(raw)
+        messages = ex["messages"]
+        if messages and messages[-1]["role"] == "assistant" and all(m["content"] for m in messages):
+            out.append({"record_id": ex["record_id"], "messages": messages})
+    return out
+
+
 def cpu_description() -> str:
     """The CPU model and the flags that decide its speed (AMX, AVX-512, AVX512-BF16), cores and threads."""
     import torch

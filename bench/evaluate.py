@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
 
 
 @dataclass
@@ -46,30 +47,9 @@ class Asked:
 
 def prompts(n: int) -> list[Asked]:
     """The demo's tickets as the pipeline renders them (system + user), of mixed length."""
-    import orjson
+    from common import demo_examples
 
-    from tuneloop.core.config import load_config
-    from tuneloop.core.mapping import RecordMapper
-    from tuneloop.core.records import RecordChunk
-
-    cfg = load_config(ROOT / "deployments" / "demo.yaml")
-    chunk = RecordChunk()
-    for i, line in enumerate((ROOT / "data" / "demo" / "tickets.jsonl").read_bytes().splitlines()):
-        try:
-            row = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue  # the demo file keeps a few broken lines on purpose
-        if isinstance(row, dict):
-            chunk.add(row, "tickets.jsonl", i + 1)
-    prepared = RecordMapper(cfg.mapping, cfg.quality).prepare(chunk)
-    out = []
-    for raw in prepared.examples:
-        ex = orjson.loads(raw)
-        if ex["messages"] and ex["messages"][-1]["role"] == "assistant" and all(m["content"] for m in ex["messages"]):
-            out.append(Asked(record_id=ex["record_id"], prompt=ex["messages"][:-1]))
-        if len(out) == n:
-            break
-    return out
+    return [Asked(record_id=e["record_id"], prompt=e["messages"][:-1]) for e in demo_examples()[:n]]
 
 
 def build_model(folder: Path, hidden: int, layers: int):
@@ -121,13 +101,11 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
 
     import torch
+    from common import cpu_description, resolve_model
 
     from tuneloop.core.generation import generate
     from tuneloop.core.models import load_causal_lm, load_tokenizer
     from tuneloop.lib.answerers import GenerationCache
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import cpu_description, resolve_model
 
     path = resolve_model(args.model) if args.model else build_model(args.workdir, args.hidden, args.layers)
     tokenizer = load_tokenizer(path)

