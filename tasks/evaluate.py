@@ -137,7 +137,7 @@ def comparison_markdown(report: EvalReport, retirements: Mapping[str, Retirement
     classification = report.task == "classification"
     columns = [METRIC_TITLES[m] for m in names] + (["unparsed answers"] if classification else [])
     majority = [(f"majority class (always `{report.majority_label}`)", report.majority)] if report.majority else []
-    shots = (f"{report.n_shots} examples in the prompt" if report.shots == f"{report.n_shots}-shot" else
+    shots = (f"{report.n_shots} examples in the prompt" if report.n_shots_min in (None, report.n_shots) else
              f"{report.n_shots_min} to {report.n_shots} examples in the prompt; long prompts had room for fewer")
     prompted = [(f"prompted base ({shots})", report.prompted)] if report.prompted else []
     rows = [("base", report.base), *prompted, *majority,

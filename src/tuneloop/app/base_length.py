@@ -24,20 +24,13 @@ class MeasuredLength:
 MEASURE_ROWS = 2000  # sample records rendered and tokenized to size max_length for a real base model
 
 
-def base_tokenizer(base_model: str):
-    """The tokenizer of ``--base-model`` (hub id in the cache, folder, GGUF file or package resource), loaded
-    offline-safe; a template that cannot be trained is refused here, as preflight would refuse it later."""
+def trainable_tokenizer(base_model: str):
+    """The tokenizer of ``--base-model``, loaded offline-safe; a template that cannot be trained is refused here,
+    as preflight would refuse it later."""
     from tuneloop.core.chat_templates import training_chat_template
-    from tuneloop.core.models import load_tokenizer
-    from tuneloop.lib.base_model import gguf_support_problem, is_gguf, locate_gguf
+    from tuneloop.lib.base_model import base_tokenizer
 
-    if is_gguf(base_model):
-        gguf = locate_gguf(base_model)
-        if problem := gguf_support_problem():
-            raise TuneloopError(problem)
-        tokenizer = load_tokenizer(gguf.parent, gguf_file=gguf.name)
-    else:
-        tokenizer = load_tokenizer(base_model)
+    tokenizer = base_tokenizer(base_model)
     training_chat_template(tokenizer, base_model, None)
     return tokenizer
 

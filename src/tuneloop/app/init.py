@@ -23,7 +23,7 @@ from pathlib import Path
 
 import orjson
 
-from tuneloop.app.base_length import MeasuredLength, base_tokenizer, measured_max_length
+from tuneloop.app.base_length import MeasuredLength, measured_max_length, trainable_tokenizer
 from tuneloop.app.profile import (
     Sample,
     SampleProfile,
@@ -373,7 +373,7 @@ def init_project(out: Path, sample_path: Path | None = None, *, sql_url: str | N
         local = Path(base_model).expanduser()
         if local.exists():  # written absolute: the config's own relative paths are relative to its folder
             base_model = str(local.resolve())
-        measured = measured_max_length(sample.rows, proposal, templates, base_tokenizer(base_model))
+        measured = measured_max_length(sample.rows, proposal, templates, trainable_tokenizer(base_model))
     missing = [k for k, v in split.per_label.items() if v == 0]
     if missing:
         notes.append(f"labels without a held-out record (too few in the sample): {', '.join(missing)}")

@@ -194,24 +194,30 @@ def convert_gguf(gguf: Path, out: Path, log=None) -> Path:
     return out
 
 
+def base_tokenizer(base_model: str, models_dir: Path | None = None):
+    """A pretrained base model's tokenizer alone, without its weights: a GGUF file's from its converted folder
+    once there is one (else from the file), a folder's or hub id's as is."""
+    from tuneloop.core.models import load_tokenizer
+
+    if not is_gguf(base_model):
+        return load_tokenizer(base_model)
+    gguf = locate_gguf(base_model)
+    if problem := gguf_support_problem():
+        raise TuneloopError(problem)
+    out = converted_gguf_folder(gguf, models_dir) if models_dir is not None else None
+    return load_tokenizer(out) if out is not None and out.is_dir() else load_tokenizer(gguf.parent, gguf_file=gguf.name)
+
+
 def base_model_problems(train: TrainConfig, models_dir: Path) -> list[str]:
     """What would stop a local base model from training, found before collect: a GGUF file that is missing or
     cannot be read, a model that cannot be found offline, a chat template that cannot be trained. Only the
     tokenizer is loaded (from the converted folder once there is one)."""
     from tuneloop.core.chat_templates import training_chat_template
-    from tuneloop.core.models import load_tokenizer
 
     if train.uses_api or train.base_model == TINY:
         return []
     try:
-        if is_gguf(train.base_model):
-            gguf = locate_gguf(train.base_model)
-            if problem := gguf_support_problem():
-                return [problem]
-            out = converted_gguf_folder(gguf, models_dir)
-            tokenizer = load_tokenizer(out) if out.is_dir() else load_tokenizer(gguf.parent, gguf_file=gguf.name)
-        else:
-            tokenizer = load_tokenizer(train.base_model)
+        tokenizer = base_tokenizer(train.base_model, models_dir)
         training_chat_template(tokenizer, train.base_model, train.local.chat_template)
     except TuneloopError as exc:
         return [str(exc)]

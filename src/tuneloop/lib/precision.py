@@ -1,9 +1,9 @@
 """Which dtype the frozen base weights train in on a CPU.
 
 A CPU with bf16 units (AVX512-BF16, AMX) multiplies bf16 matrices several times faster than fp32 ones (on the
-2-core AMD EPYC this was written on: 349 against 102 GFLOPS for a 2048-square GEMM). LoRA trains only the
-adapter, so the frozen base can be stored in bf16 while the adapter's weights, its gradients and AdamW's state
-stay fp32 (PEFT upcasts adapter weights to fp32). A CPU without those units would emulate bf16, slower than
+2-core AMD EPYC this was written on, bench/train.py --model measured 850 against 197 GFLOP/s for a
+2048-square GEMM). LoRA trains only the adapter, so the frozen base can be stored in bf16 while the adapter's
+weights, its gradients and AdamW's state stay fp32 (PEFT upcasts adapter weights to fp32). A CPU without those units would emulate bf16, slower than
 fp32, so the choice is read from the CPU's flags, never assumed.
 """
 
